@@ -1,0 +1,333 @@
+"""The ``deft`` command line (Typer). Commands stay thin: they build a spec and call the library.
+
+Every user mistake ends as one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from .errors import DeftError
+
+# Typer ≥ 0.20 vendors click (its exceptions derive from typer.TyperException); older ones use click.
+USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+ABORTS: tuple[type[BaseException], ...] = (typer.Abort, KeyboardInterrupt)
+try:
+    import click
+
+    USAGE_ERRORS += (click.exceptions.ClickException,)
+    ABORTS += (click.exceptions.Abort,)
+except ImportError:
+    pass
+
+app = typer.Typer(
+    name="deft",
+    help="Fine-tune an unconditional diffusion prior into a posterior sampler for an inverse problem (online DEFT).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+check_app = typer.Typer(help="Exact checks against analytic posteriors.", no_args_is_help=True)
+app.add_typer(check_app, name="check")
+
+# ---------------------------------------------------------------- shared options
+SpecOpt = Annotated[Optional[Path], typer.Option("--spec", help="run spec file (YAML, TOML or JSON); flags override it")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="plain log lines instead of a progress bar")]
+OperatorOpt = Annotated[Optional[str], typer.Option("--operator", help="forward operator (see `deft operators`)")]
+FactorOpt = Annotated[Optional[int], typer.Option("--factor", help="superres: downsampling factor")]
+SigmaOpt = Annotated[Optional[float], typer.Option("--sigma", help="measurement noise std in the [-1, 1] pixel scale")]
+KernelOpt = Annotated[Optional[str], typer.Option("--kernel", help="blur: gaussian, uniform or a kernel image file")]
+KernelStdOpt = Annotated[Optional[float], typer.Option("--kernel-std", help="blur: gaussian kernel std (pixels)")]
+KernelSizeOpt = Annotated[Optional[int], typer.Option("--kernel-size", help="blur: odd kernel size")]
+MaskOpt = Annotated[Optional[str], typer.Option("--mask", help="inpaint: box, random or a mask image (white = observed)")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", help="any operator parameter as key=value (repeatable)")]
+PriorOpt = Annotated[Optional[str], typer.Option("--prior", help="prior folder or shipped name (default: model_weights/petals32)")]
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="petals, flowers102 or folder")]
+DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", help="data folder for flowers102 / folder")]
+
+
+def operator_overrides(
+    operator: str | None,
+    factor: int | None,
+    sigma: float | None,
+    kernel: str | None,
+    kernel_std: float | None,
+    kernel_size: int | None,
+    mask: str | None,
+    param: list[str] | None,
+) -> dict[str, Any]:
+    """Dotted spec overrides for the operator section from the operator flags."""
+    params: dict[str, Any] = {}
+    flags = {"factor": factor, "sigma": sigma, "kernel": kernel, "kernel_std": kernel_std, "kernel_size": kernel_size, "mask": mask}
+    params.update({k: v for k, v in flags.items() if v is not None})
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DeftError(f"--param expects key=value, got '{item}'")
+        try:
+            params[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            params[key.strip().replace("-", "_")] = value
+    return {"operator.name": operator, "operator.params": params or None}
+
+
+def print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- commands
+@app.command("operators")
+def operators_cmd() -> None:
+    """List the registered forward operators, their parameters and defaults, and who provides them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .operators import available
+
+    table = Table(title="deft operators (entry-point group deft.operators)")
+    for col in ("name", "parameters (default)", "provided by"):
+        table.add_column(col)
+    for name, info in sorted(available().items()):
+        if info.error is not None:
+            table.add_row(name, f"[red]broken plugin: {info.error}[/red]", info.distribution or "?")
+            continue
+        fields = info.operator_class.Params.model_fields
+        params = "\n".join(
+            f"{k} = {f.default!r}" + (f"  [dim]{f.description}[/dim]" if f.description else "") for k, f in fields.items()
+        )
+        table.add_row(name, params, info.distribution or "?")
+    Console().print(table)
+
+
+@app.command("degrade")
+def degrade_cmd(
+    image: Annotated[Path, typer.Argument(help="clean image file")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="measurement file (.png, or .safetensors to keep it exact)")],
+    operator: OperatorOpt = "superres",
+    factor: FactorOpt = None,
+    sigma: SigmaOpt = None,
+    kernel: KernelOpt = None,
+    kernel_std: KernelStdOpt = None,
+    kernel_size: KernelSizeOpt = None,
+    mask: MaskOpt = None,
+    param: ParamOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="noise seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing output file")] = False,
+) -> None:
+    """Make a measurement y = A(x) + σ·noise from a clean image."""
+    import torch
+
+    from .images import read_image, save_image
+    from .operators import create
+    from .specs import OperatorSpec, build_spec
+
+    spec = build_spec(OperatorSpec, overrides={k.split(".", 1)[1]: v for k, v in operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param).items()})
+    if output.exists() and not force:
+        raise DeftError(f"{output}: exists (use --force to overwrite)")
+    op = create(spec.name, **spec.params)
+    x = read_image(image)
+    op.measurement_shape(tuple(x.shape))
+    y = op.measure(x[None], generator=torch.Generator().manual_seed(seed))[0]
+    save_image(y, output)
+    typer.echo(f"{output}: {op.describe()} of {image} → {tuple(y.shape)}")
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    spec: SpecOpt = None,
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size")] = None,
+    channels: Annotated[Optional[int], typer.Option("--channels", help="1 (grey) or 3 (RGB)")] = None,
+    model_channels: Annotated[Optional[int], typer.Option("--model-channels", help="UNet base channels")] = None,
+    channel_mult: Annotated[Optional[str], typer.Option("--channel-mult", help="e.g. 1,2,2")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop and save after this wall time")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option("--ema-decay")] = None,
+    sample_every: Annotated[Optional[int], typer.Option("--sample-every")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output prior folder")] = None,
+    name: Annotated[Optional[str], typer.Option("--name")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a UNet prior by denoising score matching (how the shipped prior was made)."""
+    from .checkpoint import read_json
+    from .pretrain import pretrain
+    from .specs import PretrainSpec, build_spec
+
+    mult = parse_ints(channel_mult, "--channel-mult")
+    overrides = {
+        "data.dataset": dataset, "data.root": data_root, "image_size": image_size, "channels": channels,
+        "unet.model_channels": model_channels, "unet.channel_mult": mult, "iterations": iterations,
+        "max_minutes": max_minutes, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+        "sample_every": sample_every, "seed": seed, "device": device, "out": out, "name": name,
+    }
+    base = None
+    if resume:
+        folder = Path(out or PretrainSpec().out)
+        base = read_json(folder / "spec.json")
+    resolved = build_spec(PretrainSpec, spec, overrides, base=base)
+    summary = pretrain(resolved, resume=resume, quiet=quiet, command=["deft", *sys.argv[1:]])
+    print_json(summary)
+    if summary["interrupted"]:
+        raise typer.Exit(130)
+
+
+@app.command("finetune")
+def finetune_cmd(
+    spec: SpecOpt = None,
+    prior: PriorOpt = None,
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    operator: OperatorOpt = None,
+    factor: FactorOpt = None,
+    sigma: SigmaOpt = None,
+    kernel: KernelOpt = None,
+    kernel_std: KernelStdOpt = None,
+    kernel_size: KernelSizeOpt = None,
+    mask: MaskOpt = None,
+    param: ParamOpt = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="vargrad (default) or backprop")] = None,
+    measurement: Annotated[Optional[str], typer.Option("--measurement", help="fine-tune for this one measurement (image or .safetensors)")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop (and save) after this wall time")] = None,
+    time_steps: Annotated[Optional[int], typer.Option("--time-steps", help="N, points of the time grid")] = None,
+    measurements_per_batch: Annotated[Optional[int], typer.Option("--measurements-per-batch", help="M (amortised)")] = None,
+    trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="K per measurement")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    hnet_channels: Annotated[Optional[int], typer.Option("--hnet-channels", help="h-network UNet base channels")] = None,
+    hnet_mult: Annotated[Optional[str], typer.Option("--hnet-mult", help="h-network channel multipliers, e.g. 1,2")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (CUDA)")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="run folder (default runs/<operator>-<timestamp>)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue --run-dir (default: the latest run)")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune an h-transform so the prior samples the posterior of an inverse problem."""
+    from .checkpoint import read_json
+    from .finetune import finetune, latest_run
+    from .specs import FinetuneSpec, build_spec
+
+    overrides = {
+        "prior.path": prior, "data.dataset": dataset, "data.root": data_root, "method": method, "measurement": measurement,
+        "iterations": iterations, "max_minutes": max_minutes, "time_steps": time_steps,
+        "measurements_per_batch": measurements_per_batch, "trajectories": trajectories, "lr": lr,
+        "hnet.model_channels": hnet_channels, "hnet.channel_mult": parse_ints(hnet_mult, "--hnet-mult"),
+        "precision": precision, "seed": seed, "device": device, "run_dir": run_dir,
+        **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
+    }
+    base = None
+    if resume:
+        folder = Path(run_dir) if run_dir else latest_run()
+        base = read_json(folder / "spec.json")
+        overrides["run_dir"] = str(folder)
+    resolved = build_spec(FinetuneSpec, spec, overrides, base=base)
+    summary = finetune(resolved, resume=resume, quiet=quiet, command=["deft", *sys.argv[1:]])
+    print_json(summary)
+    if summary["stopped_by"] == "interrupt":
+        raise typer.Exit(130)
+
+
+@app.command("sample")
+def sample_cmd(
+    measurement: Annotated[Optional[Path], typer.Argument(help="measurement image, .safetensors tensor, or a folder of them")] = None,
+    out: Annotated[Optional[str], typer.Option("-o", "--out", help="output folder")] = None,
+    spec: SpecOpt = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="run folder (default: the latest under runs/)")] = None,
+    prior: PriorOpt = None,
+    unconditional: Annotated[bool, typer.Option("--unconditional", help="samples of the prior, no measurement")] = False,
+    n: Annotated[Optional[int], typer.Option("-n", help="number of samples")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's)")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="deft, dps, prior or dagger")] = None,
+    dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size ζ")] = None,
+    clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in the sampler")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite existing outputs")] = False,
+) -> None:
+    """Posterior samples (or prior samples with --unconditional): sample_###.png, mean.png, std.png, summary.json."""
+    from .sample import sample_command
+    from .specs import SampleSpec, build_spec
+
+    overrides = {
+        "out": out, "run": run, "prior.path": prior, "unconditional": unconditional or None, "n": n, "steps": steps,
+        "method": method, "dps_zeta": dps_zeta, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
+    }
+    resolved = build_spec(SampleSpec, spec, overrides)
+    print_json(sample_command(resolved, measurement, force))
+
+
+@app.command("eval")
+def eval_cmd(
+    spec: SpecOpt = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="run folder (default: the latest under runs/)")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="train, val or test")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="number of images (the first n of the split)")] = None,
+    k: Annotated[Optional[int], typer.Option("-k", help="samples per image")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated: deft,dps,prior,dagger")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's)")] = None,
+    dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size (default: chosen by a sweep on train images)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[Optional[str], typer.Option("-o", "--out", help="output folder (default: <run>/eval-<split>-<time>)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="write into an existing output folder")] = False,
+) -> None:
+    """PSNR/SSIM, data residual, time and NFE on a split for the fine-tuned run and the baselines."""
+    from .evaluate import evaluate
+    from .specs import EvalSpec, build_spec
+
+    method_list = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    overrides = {"run": run, "split": split, "n": n, "k": k, "methods": method_list, "steps": steps, "dps_zeta": dps_zeta,
+                 "batch_size": batch_size, "seed": seed, "device": device, "out": out}
+    print_json(evaluate(build_spec(EvalSpec, spec, overrides), force))
+
+
+def parse_ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DeftError(f"{flag} expects comma-separated integers, got '{text}'") from None
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="deft", standalone_mode=False)
+    except DeftError as exc:
+        if debug:
+            raise
+        print(f"deft: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except USAGE_ERRORS as exc:
+        if debug:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"deft: error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)  # type: ignore[attr-defined]
+        sys.exit(2)
+    except ABORTS:
+        print("deft: aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

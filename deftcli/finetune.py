@@ -1,0 +1,354 @@
+"""``deft finetune``: online SOC fine-tuning of an h-transform (VarGrad or backprop), with a run folder.
+
+Run folder (``runs/<operator>-<timestamp>/`` by default):
+
+- ``spec.json`` the resolved run spec; ``run.json`` the prior's identity, the operator, the
+  h-network's config and size, versions, seeds;
+- ``hnet_last.safetensors`` / ``hnet_best.safetensors`` the h-network (best by a smoothed J);
+- ``state_last.safetensors`` everything ``--resume`` needs (weights, optimizer, RNG);
+- ``metrics.jsonl`` one line per step; ``preview.png`` measurements, current samples, ground truth;
+- ``measurement.safetensors`` the measurement, in per-measurement mode.
+
+All files are written atomically, so an interrupted or killed run keeps its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .checkpoint import file_sha256, load_state, rng_state, save_state, set_rng_state, write_json
+from .data import ImageDataset, open_dataset
+from .devices import autocast, resolve_device
+from .errors import DeftError
+from .htransform import HTransform, HTransformConfig, save_htransform
+from .images import image_grid, read_measurement, save_image, upsample_to
+from .operators import Operator, create
+from .priors import Prior, load_prior
+from .runs import latest_run
+from .sde import reverse_time_grid
+from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, filtered_vargrad, gradient_steps, rollout
+from .specs import FinetuneSpec
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, set_learning_rate, warmup_cosine_factor
+
+J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
+
+
+class TrainingDiverged(DeftError):
+    """Too many consecutive skipped steps: the run stops, its last good checkpoint intact."""
+
+    exit_code = 1
+
+
+@dataclass
+class Batch:
+    """One training batch: M measurements, each repeated for its K trajectories."""
+
+    y: Tensor  # (M·K, *measurement_shape)
+    groups: Tensor  # (M·K,) measurement index of each trajectory
+    y_unique: Tensor  # (M, ...)
+    x_true: Tensor | None  # (M, C, H, W) ground truth when known
+
+
+class MeasurementSource:
+    """Amortised: fresh train images and noise each step; per-measurement: the one given y."""
+
+    def __init__(self, spec: FinetuneSpec, prior: Prior, operator: Operator, device: torch.device) -> None:
+        self.spec, self.operator, self.device = spec, operator, device
+        self.expected = operator.measurement_shape(prior.image_shape)
+        self.fixed: Tensor | None = None
+        self.dataset: ImageDataset | None = None
+        if spec.measurement is not None:
+            y = read_measurement(spec.measurement)
+            check_measurement_shape(y, self.expected, prior.image_shape, spec.measurement, operator)
+            self.fixed = y[None].to(device)
+        else:
+            self.dataset = open_dataset(spec.data, "train", prior.image_shape[-1], prior.image_shape[0])
+
+    @property
+    def per_measurement(self) -> bool:
+        return self.fixed is not None
+
+    def draw(self, data_gen: torch.Generator) -> Batch:
+        """M measurements (images from ``data_gen``, noise too) repeated K times."""
+        k = self.spec.trajectories
+        if self.fixed is not None:
+            y, x_true = self.fixed, None
+        else:
+            assert self.dataset is not None
+            idx = torch.randint(len(self.dataset), (self.spec.measurements_per_batch,), generator=data_gen)
+            x_true = self.dataset.batch(idx.tolist())
+            y = self.operator.measure(x_true, generator=data_gen).to(self.device)
+        groups = torch.arange(y.shape[0], device=self.device).repeat_interleave(k)
+        return Batch(y.repeat_interleave(k, dim=0), groups, y, x_true)
+
+
+def check_measurement_shape(y: Tensor, expected: tuple[int, ...], image_shape: tuple[int, ...], where: Any, operator: Operator) -> None:
+    """A measurement must have the shape the operator produces for the prior's images."""
+    if tuple(y.shape) != tuple(expected):
+        kind = "channels" if y.shape[0] != expected[0] else "size"
+        raise DeftError(
+            f"{where}: measurement has shape {tuple(y.shape)} but {operator.describe()} of the prior's "
+            f"{tuple(image_shape)} images gives {tuple(expected)} (wrong {kind})"
+        )
+
+
+def default_run_dir(operator_name: str) -> Path:
+    return Path("runs") / f"{operator_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_htransform(spec: FinetuneSpec, prior: Prior) -> HTransform:
+    max_period = getattr(getattr(prior, "unet", None), "config", None)
+    max_period = max_period.max_period if max_period is not None else 0.005
+    return HTransform(HTransformConfig.from_spec(spec.hnet, prior.image_shape[0], max_period), prior.sde)
+
+
+def versions() -> dict[str, str]:
+    return {"deft": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+class Finetuner:
+    """The training loop; one :meth:`step` per iteration, state saved for exact resume."""
+
+    def __init__(self, spec: FinetuneSpec, run_dir: Path, resume: bool, quiet: bool) -> None:
+        self.spec, self.run_dir, self.quiet = spec, run_dir, quiet
+        self.device = resolve_device(spec.device)
+        if spec.precision == "bf16" and self.device.type != "cuda":
+            raise DeftError("--precision bf16 needs a CUDA device (use fp32 on CPU/MPS)")
+        self.autocast = autocast(self.device, spec.precision)
+        self.prior = load_prior(spec.prior.path).to(self.device)
+        self.operator = create(spec.operator.name, **spec.operator.params)
+        self.source = MeasurementSource(spec, self.prior, self.operator, self.device)
+        torch.manual_seed(spec.seed)
+        self.htransform = build_htransform(spec, self.prior).to(self.device)
+        self.optimizer = torch.optim.Adam(self.htransform.parameters(), lr=spec.lr)
+        self.data_gen = torch.Generator().manual_seed(spec.seed)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
+        self.grid = reverse_time_grid(spec.time_steps)
+        self.step_count, self.seconds, self.skipped_total, self.bad_in_row = 0, 0.0, 0, 0
+        self.j_smooth: float | None = None
+        self.best_j = math.inf
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        if resume:
+            self._load_state()
+
+    # ------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        return {
+            "htransform": self.htransform.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_rng": self.data_gen.get_state(),
+            "noise_rng": self.noise_gen.get_state(),
+            "rng": rng_state(),
+            "step": self.step_count,
+            "seconds": self.seconds,
+            "skipped_total": self.skipped_total,
+            "bad_in_row": self.bad_in_row,
+            "j_smooth": self.j_smooth,
+            "best_j": self.best_j,
+        }
+
+    def _load_state(self) -> None:
+        path = self.run_dir / "state_last.safetensors"
+        state = load_state(path)
+        try:
+            self.htransform.load_state_dict(state["htransform"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise DeftError(f"{path}: does not match this run's spec ({str(exc).splitlines()[0][:160]})") from None
+        self.data_gen.set_state(state["data_rng"])
+        self.noise_gen.set_state(state["noise_rng"])
+        set_rng_state(state["rng"])
+        self.step_count, self.seconds = int(state["step"]), float(state["seconds"])
+        self.skipped_total, self.bad_in_row = int(state["skipped_total"]), int(state["bad_in_row"])
+        self.j_smooth, self.best_j = state["j_smooth"], float(state["best_j"])
+        self.metrics.truncate_after(self.step_count)
+
+    def save_checkpoint(self) -> None:
+        save_state(self._state(), self.run_dir / "state_last.safetensors")
+        save_htransform(self.htransform, self.run_dir / "hnet_last.safetensors", {"step": self.step_count, "j_smooth": self.j_smooth})
+
+    def _save_best(self) -> None:
+        save_htransform(self.htransform, self.run_dir / "hnet_best.safetensors", {"step": self.step_count, "j_smooth": self.j_smooth})
+
+    # ------------------------------------------------------------ one iteration
+    def step(self) -> tuple[dict[str, Any], Batch, Tensor]:
+        spec = self.spec
+        t0 = time.perf_counter()
+        batch = self.source.draw(self.data_gen)
+        x_init = torch.randn(batch.y.shape[:1] + tuple(self.prior.image_shape), generator=self.noise_gen, device=self.device)
+        lr = spec.lr * warmup_cosine_factor(self.step_count, 0, spec.iterations, spec.lr_final_factor)
+        set_learning_rate(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        if spec.method == "vargrad":
+            record, x_final = self._vargrad_step(batch, x_init)
+        else:
+            record, x_final = self._backprop_step(batch, x_init)
+        grads_ok = not record["skipped"] and self._clip_and_check()
+        if grads_ok:
+            self.optimizer.step()
+            self.bad_in_row = 0
+        else:
+            self.skipped_total += 1
+            self.bad_in_row += 1
+        record["lr"] = lr
+        self.step_count += 1
+        self.seconds += time.perf_counter() - t0
+        record.update(step=self.step_count, skipped=not grads_ok, skipped_total=self.skipped_total, seconds=round(self.seconds, 3))
+        if math.isfinite(record["J"]):
+            self.j_smooth = record["J"] if self.j_smooth is None else J_SMOOTHING * self.j_smooth + (1 - J_SMOOTHING) * record["J"]
+            record["J_smooth"] = self.j_smooth
+        return record, batch, x_final
+
+    def _vargrad_step(self, batch: Batch, x_init: Tensor) -> tuple[dict[str, Any], Tensor]:
+        spec = self.spec
+        steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
+        traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, self.noise_gen, steps, self.autocast)
+        d = data_term(self.operator, traj.x_final, batch.y)
+        log_rnd = traj.log_rnd(d)
+        filt = filtered_vargrad(log_rnd, batch.groups, spec.loss_threshold, spec.min_kept_fraction)
+        kept = filt.kept
+        if not filt.skipped:
+            accumulate_vargrad_gradient(self.htransform, self.prior, self.grid, traj.stored, filt.weights, self.autocast)
+        kl = -traj.t1
+        record = {
+            "loss": float(filt.loss),
+            "J": float((d - traj.t1)[kept].mean()) if kept.any() else math.nan,
+            "D": float(d[kept].mean()) if kept.any() else math.nan,
+            "KL": float(kl[kept].mean()) if kept.any() else math.nan,
+            "filtered": int((~kept).sum()),
+            "skipped": filt.skipped,
+        }
+        return record, traj.x_final
+
+    def _backprop_step(self, batch: Batch, x_init: Tensor) -> tuple[dict[str, Any], Tensor]:
+        spec = self.spec
+        d, kl, x_final = backprop_soc_gradient(
+            self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, self.noise_gen, spec.micro_batch, spec.gradient_checkpointing, self.autocast
+        )
+        j = float((d + kl).mean())
+        finite = math.isfinite(j)
+        return {"loss": j, "J": j, "D": float(d.mean()), "KL": float(kl.mean()), "filtered": 0 if finite else int(d.numel()), "skipped": not finite}, x_final
+
+    def _clip_and_check(self) -> bool:
+        """Clip each network's gradient norm separately (as the original); reject non-finite gradients."""
+        norms = [
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.spec.grad_clip)
+            for module in (self.htransform.cond_model, self.htransform.time_model)
+        ]
+        return all(bool(torch.isfinite(n)) for n in norms)
+
+    # ------------------------------------------------------------ outputs
+    def preview(self, batch: Batch, x_final: Tensor) -> None:
+        k = self.spec.trajectories
+        shape = tuple(self.prior.image_shape[-2:])
+        rows = []
+        for m in range(min(batch.y_unique.shape[0], 4)):
+            row = [upsample_to(self.operator.A_dagger(batch.y_unique[m : m + 1]), shape).cpu(), x_final[m * k : (m + 1) * k][:8].cpu()]
+            if batch.x_true is not None:
+                row.append(batch.x_true[m : m + 1].cpu())
+            rows.append(torch.cat(row))
+        save_image(image_grid(rows), self.run_dir / "preview.png")
+
+    def time_scale_values(self) -> dict[str, float]:
+        t = torch.tensor([0.1, 0.5, 0.9], device=self.device)
+        with torch.no_grad():
+            c = self.htransform.time_model(t).flatten().tolist()
+        return {f"c_t{v}": round(c_i, 6) for v, c_i in zip((0.1, 0.5, 0.9), c)}
+
+    def run(self) -> dict[str, Any]:
+        spec = self.spec
+        deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60
+        stopped_by = "iterations"
+        with GracefulInterrupt() as interrupt, TrainingProgress(
+            f"finetune {spec.method}", spec.iterations, self.step_count, self.quiet, ["loss", "J", "D", "KL", "skipped_total"]
+        ) as progress:
+            while self.step_count < spec.iterations:
+                record, batch, x_final = self.step()
+                last = self.step_count == spec.iterations
+                if self.step_count % spec.preview_every == 0 or last:
+                    self.preview(batch, x_final)
+                    record.update(self.time_scale_values())
+                self.metrics.append(record)
+                progress.update(self.step_count, record)
+                if self.j_smooth is not None and self.j_smooth < self.best_j and not record["skipped"]:
+                    self.best_j = self.j_smooth
+                    self._save_best()
+                if self.bad_in_row >= spec.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{self.bad_in_row} skipped steps in a row (non-finite or filtered losses); stopped at step "
+                        f"{self.step_count}, last good checkpoint kept in {self.run_dir} (try a lower --lr)"
+                    )
+                timed_out = deadline is not None and time.perf_counter() > deadline
+                if self.step_count % spec.checkpoint_every == 0 or last or interrupt.requested or timed_out:
+                    self.save_checkpoint()
+                if interrupt.requested:
+                    stopped_by = "interrupt"
+                    progress.log(f"interrupted at step {self.step_count}: checkpoint saved in {self.run_dir} (continue with --resume)")
+                    break
+                if timed_out:
+                    stopped_by = "max_minutes"
+                    break
+        if not (self.run_dir / "hnet_best.safetensors").exists():
+            self._save_best()
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": self.step_count,
+            "seconds": round(self.seconds, 1),
+            "skipped_steps": self.skipped_total,
+            "J_smooth": self.j_smooth,
+            "stopped_by": stopped_by,
+        }
+
+
+def prepare_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
+    if resume:
+        run_dir = Path(spec.run_dir) if spec.run_dir else latest_run()
+        if not (run_dir / "state_last.safetensors").exists():
+            raise DeftError(f"{run_dir}: nothing to resume (no state_last.safetensors)")
+        return run_dir
+    run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.operator.name)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DeftError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or another --run-dir)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeftError(f"{run_dir}: cannot create run folder ({exc.strerror})") from None
+    return run_dir
+
+
+def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune an h-transform as described by ``spec``; returns a summary of the run."""
+    run_dir = prepare_run_dir(spec, resume)
+    if resume:
+        spec = spec.model_copy(update={"run_dir": str(run_dir)})
+    trainer = Finetuner(spec, run_dir, resume, quiet)
+    if not resume:
+        write_json(spec.model_dump(mode="json"), run_dir / "spec.json")
+        run_info = {
+            "prior": trainer.prior.identity(),
+            "operator": {"name": spec.operator.name, "params": trainer.operator.params.model_dump(mode="json"), "describe": trainer.operator.describe()},
+            "htransform": trainer.htransform.describe(),
+            "mode": "per-measurement" if trainer.source.per_measurement else "amortised",
+            "versions": versions(),
+            "seed": spec.seed,
+            "device": str(trainer.device),
+            "command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
+            "started": datetime.now().isoformat(timespec="seconds"),
+        }
+        if trainer.source.fixed is not None:
+            save_image(trainer.source.fixed[0], run_dir / "measurement.safetensors")
+            run_info["measurement"] = {"source": str(spec.measurement), "sha256": file_sha256(Path(spec.measurement))}
+        write_json(run_info, run_dir / "run.json")
+    return trainer.run()

@@ -1,0 +1,118 @@
+r"""The h-transform network and the conditional score it defines (DESIGN.md §1).
+
+Gradient-informed parametrisation, with the detached likelihood gradient
+g(x_t, t, y) = Aᵀ(A x̂0 − y) / σ_y²  at Tweedie's x̂0 of the prior:
+
+    h(x_t, t, y) = NN_φ([g, x_t], t) − c_ψ(t) · g
+
+NN_φ is a :class:`~deftcli.unet.UNet` with 2C input channels (output divided by σ(t)), c_ψ a
+:class:`~deftcli.unet.TimeScaling`. The fine-tuned score is s_θ + h. Submodule names
+(``cond_model``, ``time_model``) follow the original code so its two state dicts load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from .checkpoint import load_weights, save_weights
+from .errors import DeftError
+from .operators import Operator
+from .priors import Prior
+from .sde import VPSDE
+from .specs import HNetSpec
+from .unet import TimeScaling, TimeScalingConfig, UNet, UNetConfig
+
+
+class HTransformConfig(BaseModel):
+    """Architecture of an :class:`HTransform`, stored next to its weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unet: UNetConfig
+    time_scaling: TimeScalingConfig
+
+    @classmethod
+    def from_spec(cls, spec: HNetSpec, channels: int, max_period: float) -> "HTransformConfig":
+        return cls(
+            unet=UNetConfig(
+                in_channels=2 * channels,
+                out_channels=channels,
+                model_channels=spec.model_channels,
+                channel_mult=spec.channel_mult,
+                num_res_blocks=spec.num_res_blocks,
+                attention_resolutions=spec.attention_resolutions,
+                max_period=max_period,
+            ),
+            time_scaling=TimeScalingConfig(
+                time_embedding_dim=spec.time_embedding_dim, hidden=spec.time_hidden, max_period=max_period, init_scale=spec.init_scale
+            ),
+        )
+
+
+class HTransform(nn.Module):
+    """h(x_t, t, g) = NN_φ([g, x_t], t) − c_ψ(t) g."""
+
+    def __init__(self, config: HTransformConfig, sde: VPSDE) -> None:
+        super().__init__()
+        self.config = config
+        self.cond_model = UNet(config.unet, sde.sigma)
+        self.time_model = TimeScaling(config.time_scaling)
+
+    def forward(self, x: Tensor, t: Tensor, g: Tensor) -> Tensor:
+        nn_out = self.cond_model(torch.cat([g, x], dim=1), t)
+        return nn_out - self.time_model(t).to(nn_out.dtype) * g
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump(mode="json"), "parameters": self.num_parameters()}
+
+
+def guidance_inputs(prior: Prior, operator: Operator, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The prior score s_θ(x, t) and the detached likelihood gradient g at Tweedie's x̂0 (no autograd)."""
+    with torch.no_grad():
+        score = prior.score(x, t)
+        g = operator.likelihood_grad(prior.sde.tweedie_x0(x, score, t), y)
+    return score, g
+
+
+class ConditionalScore:
+    """The fine-tuned score s_θ(x, t) + h(x, t, g) for measurements y (one per batch row), as a score function."""
+
+    def __init__(self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor) -> None:
+        self.prior, self.htransform, self.operator, self.y = prior, htransform, operator, y
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        score, g = guidance_inputs(self.prior, self.operator, x, t, self.y)
+        with torch.no_grad():
+            return score + self.htransform(x, t, g)
+
+
+def save_htransform(htransform: HTransform, path: Path, info: dict[str, Any]) -> None:
+    metadata = {"htransform_config": htransform.config.model_dump_json(), "info": json.dumps(info)}
+    save_weights(htransform.state_dict(), path, metadata=metadata)
+
+
+def load_htransform(path: Path, prior: Prior) -> tuple[HTransform, dict[str, Any]]:
+    """An h-network from its safetensors file (config in the metadata)."""
+    tensors, metadata = load_weights(path)
+    if "htransform_config" not in metadata:
+        raise DeftError(f"{path}: not an h-transform checkpoint (no config in its metadata)")
+    config = HTransformConfig.model_validate_json(metadata["htransform_config"])
+    htransform = HTransform(config, prior.sde)
+    expected = set(htransform.state_dict())
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors))[:3]
+        raise DeftError(f"{path}: checkpoint does not match its config (missing {missing})")
+    try:
+        htransform.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise DeftError(f"{path}: checkpoint does not match its config ({str(exc).splitlines()[0]})") from None
+    return htransform, json.loads(metadata.get("info", "{}"))

@@ -1,0 +1,120 @@
+r"""Reconstruction methods as samplers over the same Euler–Maruyama loop.
+
+- ``deft``: the fine-tuned score s_θ + h (:class:`~deftcli.htransform.ConditionalScore`);
+- ``dps``: diffusion posterior sampling (Chung et al. 2023): after each prior reverse-SDE step,
+  x ← x − ζ ∇_{x_t} ‖y − A x̂0(x_t)‖ (autograd through the prior);
+- ``prior``: unconditional samples of the prior (ignores y);
+- ``dagger``: the back-projection A†y (deterministic, no network).
+
+Each returns samples (B, C, H, W) for measurements (B, …) and counts network evaluations per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import DeftError
+from .htransform import ConditionalScore, HTransform
+from .operators import Operator
+from .priors import Prior
+from .samplers import ScoreFn, clip_denoised, denoise, reverse_sde_step, sample_reverse_sde, standard_noise, time_batch
+from .sde import reverse_time_grid
+
+METHODS = ("deft", "dps", "prior", "dagger")
+DEFAULT_DPS_ZETA = 1.0
+
+
+@dataclass
+class Cost:
+    """Network evaluations per sample: prior forward passes, h-network passes, and whether DPS backpropagates."""
+
+    prior: int = 0
+    hnet: int = 0
+    prior_backward: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"nfe_prior": self.prior, "nfe_hnet": self.hnet, "backward_prior": self.prior_backward}
+
+
+@dataclass
+class Reconstructor:
+    """Everything a method needs besides the measurements."""
+
+    prior: Prior
+    operator: Operator | None = None
+    htransform: HTransform | None = None
+    steps: int = 100
+    denoise_final: bool = True
+    clip_x0: bool = False
+    dps_zeta: float = DEFAULT_DPS_ZETA
+
+    @property
+    def grid(self) -> list[float]:
+        return reverse_time_grid(self.steps)
+
+    def prior_score(self) -> ScoreFn:
+        return clip_denoised(self.prior.score, self.prior.sde) if self.clip_x0 else self.prior.score
+
+    def unconditional(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+        """n samples of the prior."""
+        x = torch.randn((n, *self.prior.image_shape), generator=generator, device=device)
+        return sample_reverse_sde(self.prior_score(), self.prior.sde, x, self.grid, generator, self.denoise_final)
+
+    def cost(self, method: str) -> Cost:
+        n = self.steps - 1 + int(self.denoise_final)
+        if method == "deft":
+            return Cost(prior=n, hnet=n)
+        if method == "dps":
+            return Cost(prior=n, prior_backward=self.steps - 1)
+        if method == "prior":
+            return Cost(prior=n)
+        return Cost()
+
+    def sample(self, method: str, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One sample per row of y (B, …) → (B, C, H, W)."""
+        if method == "prior":
+            return self.unconditional(y.shape[0], y.device, generator)
+        if self.operator is None:
+            raise DeftError(f"method '{method}' needs a forward operator")
+        if method == "dagger":
+            return self.operator.A_dagger(y)
+        x = torch.randn((y.shape[0], *self.prior.image_shape), generator=generator, device=y.device)
+        if method == "deft":
+            if self.htransform is None:
+                raise DeftError("method 'deft' needs a fine-tuned run (pass --run DIR or run `deft finetune`)")
+            score = ConditionalScore(self.prior, self.htransform, self.operator, y)
+            if self.clip_x0:
+                score = clip_denoised(score, self.prior.sde)
+            return sample_reverse_sde(score, self.prior.sde, x, self.grid, generator, self.denoise_final)
+        if method == "dps":
+            return sample_dps(self.prior_score(), self.prior, self.operator, y, x, self.grid, self.dps_zeta, generator, self.denoise_final)
+        raise DeftError(f"unknown method '{method}' (use {', '.join(METHODS)})")
+
+
+def sample_dps(
+    score_fn: ScoreFn,
+    prior: Prior,
+    operator: Operator,
+    y: Tensor,
+    x: Tensor,
+    grid: Sequence[float],
+    zeta: float,
+    generator: torch.Generator | None,
+    denoise_final: bool,
+) -> Tensor:
+    """DPS: the prior's reverse-SDE step followed by x ← x − ζ ∇_{x_t} ‖y − A x̂0(x_t)‖ per sample."""
+    sde = prior.sde
+    for k in range(len(grid) - 1):
+        t = time_batch(grid[k], x)
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            score = score_fn(x_in, t)
+            residual = (y - operator.A(sde.tweedie_x0(x_in, score, t))).flatten(1).norm(dim=1)
+            (grad,) = torch.autograd.grad(residual.sum(), x_in)
+        with torch.no_grad():
+            x = reverse_sde_step(sde, x_in.detach(), t, grid[k + 1] - grid[k], score.detach(), standard_noise(x, generator)) - zeta * grad
+    return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x.detach()

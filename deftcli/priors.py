@@ -1,0 +1,191 @@
+"""Diffusion priors: a score s_θ(x, t) ≈ ∇ log p_t(x), its SDE, its image shape and its identity.
+
+:func:`load_prior` detects the format of a folder:
+
+1. this project's own: ``config.json`` + ``model.safetensors`` (written by ``deft pretrain``);
+2. the original research code's: ``model.pt`` (a state dict, possibly saved on a GPU) +
+   ``report.yaml`` (sections ``model`` and ``diffusion``); loaded with ``weights_only=True``;
+3. a diffusers folder (``UNet2DModel`` + ``DDPMScheduler``), see :mod:`deftcli.diffusers_prior`;
+4. an analytic Gaussian mixture (``config.json`` with ``"format": "gaussian-mixture"``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from .checkpoint import file_sha256, load_weights, read_json
+from .errors import DeftError
+from .sde import VPSDE
+from .unet import UNet, UNetConfig
+
+DEFAULT_PRIOR = "petals32"
+ORIGINAL_IMAGE_SIZE = 64  # the original code's report.yaml does not record it; its Flowers102 prior is 64×64
+
+
+def model_weights_dir() -> Path:
+    """Folder of shipped priors: ``$DEFT_MODEL_WEIGHTS`` or ``model_weights/`` beside the package."""
+    env = os.environ.get("DEFT_MODEL_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "model_weights"
+
+
+class Prior(nn.Module):
+    """Interface of a prior: ``score(x, t)``, ``sde``, ``image_shape`` (C, H, W), ``name``, ``identity()``."""
+
+    sde: VPSDE
+    image_shape: tuple[int, int, int]
+    name: str
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What a run records to name the exact prior it was fine-tuned on."""
+        raise NotImplementedError
+
+
+class UNetPrior(Prior):
+    """A frozen :class:`UNet` whose output is the score."""
+
+    def __init__(self, unet: UNet, sde: VPSDE, image_shape: tuple[int, int, int], name: str, source: dict[str, Any]) -> None:
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        self.sde = sde
+        self.image_shape = tuple(image_shape)  # type: ignore[assignment]
+        self.name = name
+        self.source = source
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.unet(x, t)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "image_shape": list(self.image_shape), **self.source}
+
+
+def _state_dict_mismatch(model: nn.Module, state: dict[str, Tensor]) -> str | None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:3]}{' …' if len(missing) > 3 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:3]}{' …' if len(unexpected) > 3 else ''}")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}")
+    return "; ".join(parts) or None
+
+
+def build_unet_prior(config: UNetConfig, sde: VPSDE, state: dict[str, Tensor], image_shape, name: str, source: dict[str, Any], where: Path) -> UNetPrior:
+    """Build the UNet for ``config``, load ``state`` strictly, and wrap it as a prior."""
+    unet = UNet(config, sde.sigma)
+    problem = _state_dict_mismatch(unet, state)
+    if problem:
+        raise DeftError(f"{where}: weights do not match the architecture in its config: {problem}")
+    unet.load_state_dict(state, strict=True)
+    return UNetPrior(unet, sde, image_shape, name, source)
+
+
+def load_own_prior(folder: Path) -> Prior:
+    """A ``deft pretrain`` folder (or a Gaussian mixture written by this project)."""
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise DeftError(f"{folder / 'config.json'}: expected a JSON object")
+    fmt = config.get("format")
+    if fmt == "gaussian-mixture":
+        from .gmm import GaussianMixturePrior
+
+        return GaussianMixturePrior.load(folder)
+    if fmt != "deft-unet-prior":
+        raise DeftError(f"{folder / 'config.json'}: unknown prior format {fmt!r} (expected 'deft-unet-prior' or 'gaussian-mixture')")
+    try:
+        unet_config = UNetConfig.model_validate(config["unet"])
+        sde = VPSDE(**config["sde"])
+        image_shape = tuple(int(v) for v in config["image_shape"])
+    except (KeyError, TypeError, ValidationError) as exc:
+        raise DeftError(f"{folder / 'config.json'}: invalid prior config ({' '.join(str(exc).split())[:200]})") from None
+    weights = folder / "model.safetensors"
+    state, _ = load_weights(weights)
+    source = {"format": "deft", "path": str(folder), "sha256": file_sha256(weights)}
+    return build_unet_prior(unet_config, sde, state, image_shape, config.get("name", folder.name), source, weights)
+
+
+def load_original_prior(folder: Path) -> Prior:
+    """The original research code's ``model.pt`` + ``report.yaml`` (never unpickling arbitrary objects)."""
+    report_path = folder / "report.yaml"
+    try:
+        report = yaml.safe_load(report_path.read_text())
+        model_cfg = dict(report["model"])
+        diffusion = report.get("diffusion", {})
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise DeftError(f"{report_path}: not a valid original report.yaml ({' '.join(str(exc).split())[:200]})") from None
+    if diffusion.get("sde", "VPSDE") != "VPSDE":
+        raise DeftError(f"{report_path}: only VPSDE priors are supported, got {diffusion.get('sde')!r}")
+    try:
+        unet_config = UNetConfig.model_validate(model_cfg)
+    except ValidationError as exc:
+        raise DeftError(f"{report_path}: invalid model section ({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})") from None
+    sde = VPSDE(beta_min=float(diffusion.get("beta_min", 0.1)), beta_max=float(diffusion.get("beta_max", 20.0)))
+    size = int(report.get("data", {}).get("image_size", ORIGINAL_IMAGE_SIZE)) if isinstance(report.get("data"), dict) else ORIGINAL_IMAGE_SIZE
+    weights = folder / "model.pt"
+    state = load_torch_state_dict(weights)
+    source = {"format": "original", "path": str(folder), "sha256": file_sha256(weights)}
+    return build_unet_prior(unet_config, sde, state, (unet_config.out_channels, size, size), folder.name, source, weights)
+
+
+def load_torch_state_dict(path: Path) -> dict[str, Tensor]:
+    """``torch.load(weights_only=True, map_location='cpu')`` of a state dict; anything else is refused."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise DeftError(f"{path}: refused to load: not a plain tensor state dict ({first[:160]})") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise DeftError(f"{path}: cannot read torch file ({' '.join(str(exc).split())[:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise DeftError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_prior(path_or_name: str | os.PathLike | None = None) -> Prior:
+    """Load a prior from a folder (any of the supported formats) or a shipped prior's name."""
+    if path_or_name is None:
+        path_or_name = DEFAULT_PRIOR
+    folder = Path(path_or_name)
+    if not folder.exists() and (model_weights_dir() / str(path_or_name)).is_dir():
+        folder = model_weights_dir() / str(path_or_name)
+    if not folder.exists():
+        raise DeftError(f"prior '{path_or_name}': no such folder or shipped prior (shipped: {', '.join(shipped_priors()) or 'none'})")
+    if not folder.is_dir():
+        raise DeftError(f"prior '{folder}': expected a folder (config.json + model.safetensors, or model.pt + report.yaml)")
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return load_own_prior(folder)
+    if (folder / "config.json").exists() and read_json(folder / "config.json").get("format") == "gaussian-mixture":
+        return load_own_prior(folder)
+    if (folder / "model.pt").exists() and (folder / "report.yaml").exists():
+        return load_original_prior(folder)
+    if (folder / "model_index.json").exists() or (folder / "scheduler").is_dir():
+        from .diffusers_prior import load_diffusers_prior
+
+        return load_diffusers_prior(folder)
+    present = sorted(p.name for p in folder.iterdir())[:8]
+    raise DeftError(
+        f"prior '{folder}': unrecognised folder (found {present}); expected config.json + model.safetensors, "
+        "model.pt + report.yaml, or a diffusers UNet2DModel + DDPMScheduler"
+    )
+
+
+def shipped_priors() -> list[str]:
+    root = model_weights_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").exists()) if root.is_dir() else []

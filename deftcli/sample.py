@@ -1,0 +1,137 @@
+"""``deft sample``: posterior samples, their mean and a per-pixel standard-deviation map for measurements."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import write_json
+from .devices import resolve_device
+from .errors import DeftError
+from .finetune import check_measurement_shape
+from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, read_measurement, save_image
+from .methods import Reconstructor
+from .priors import load_prior
+from .runs import open_run
+from .specs import SampleSpec
+
+UNCONDITIONAL_STEPS = 100
+
+
+def data_residual(operator, x: Tensor, y: Tensor) -> Tensor:
+    """‖A x − y‖ / √m per sample: about σ_y for a sample consistent with the measurement."""
+    return (operator.A(x) - y).flatten(1).norm(dim=1) / y[0].numel() ** 0.5
+
+
+def draw(rec: Reconstructor, method: str, y: Tensor, n: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    """n samples for one measurement y (C, h, w), in batches."""
+    out = []
+    while sum(x.shape[0] for x in out) < n:
+        b = min(batch_size, n - sum(x.shape[0] for x in out))
+        out.append(rec.sample(method, y[None].expand(b, *y.shape), generator))
+    return torch.cat(out)
+
+
+def refuse_existing(paths: list[Path], force: bool) -> None:
+    """Never overwrite earlier outputs silently."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        raise DeftError(f"{existing[0]}: exists (choose another -o or pass --force to overwrite)")
+
+
+def measurement_inputs(source: Path) -> list[Path]:
+    if source.is_dir():
+        files = list_images(source)
+        if not files:
+            raise DeftError(f"{source}: folder holds no measurement images or .safetensors files")
+        return files
+    if not source.exists():
+        raise DeftError(f"{source}: no such file")
+    return [source]
+
+
+def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> dict[str, Any]:
+    device = resolve_device(spec.device)
+    out = Path(spec.out)
+    generator = torch.Generator(device=device).manual_seed(spec.seed)
+    if spec.unconditional or measurement is None:
+        if not spec.unconditional:
+            raise DeftError("give a measurement image (or a folder of them), or --unconditional for prior samples")
+        return sample_unconditional(spec, out, device, generator, force)
+
+    run = open_run(spec.run, device)
+    steps = spec.steps or run.spec.time_steps
+    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, spec.dps_zeta)
+    expected = run.operator.measurement_shape(run.prior.image_shape)
+    inputs = measurement_inputs(measurement)
+    folders = [out] if len(inputs) == 1 else [out / p.name.removesuffix(TENSOR_SUFFIX).rsplit(".", 1)[0] for p in inputs]
+    measurements = []
+    for path in inputs:
+        y = read_measurement(path)
+        check_measurement_shape(y, expected, run.prior.image_shape, path, run.operator)
+        measurements.append(y.to(device))
+    targets = [f / name for f in folders for name in ("mean.png", "std.png", "summary.json", "sample_000.png")]
+    refuse_existing(targets, force)
+
+    summaries = []
+    for path, y, folder in zip(inputs, measurements, folders):
+        start = time.perf_counter()
+        x = draw(rec, spec.method, y, spec.n, spec.batch_size, generator)
+        seconds = time.perf_counter() - start
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, xi in enumerate(x):
+            save_image(xi, folder / f"sample_{i:03d}.png")
+        mean = x.mean(0)
+        std = x.std(0).mean(0) if x.shape[0] > 1 else torch.zeros(x.shape[-2:], device=x.device)
+        save_image(mean, folder / "mean.png")
+        save_image(colormap(std.cpu()), folder / "std.png")
+        residual = data_residual(run.operator, x, y[None].expand_as(run.operator.A(x)))
+        summary = {
+            "measurement": str(path),
+            "run": str(run.path),
+            "method": spec.method,
+            "operator": run.operator.describe(),
+            "n": spec.n,
+            "steps": steps,
+            "seed": spec.seed,
+            "sigma_y": run.operator.sigma,
+            "data_residual": [round(float(r), 5) for r in residual],
+            "data_residual_of_mean": round(float(data_residual(run.operator, mean[None], y[None])[0]), 5),
+            "std_max": round(float(std.max()), 5),
+            "std_mean": round(float(std.mean()), 5),
+            "seconds": round(seconds, 3),
+            "seconds_per_sample": round(seconds / spec.n, 4),
+            **rec.cost(spec.method).as_dict(),
+        }
+        write_json(summary, folder / "summary.json")
+        summaries.append(summary)
+    return {"out": str(out), "measurements": len(inputs), "method": spec.method, "seconds": round(sum(s["seconds"] for s in summaries), 2),
+            "data_residual_mean": round(sum(sum(s["data_residual"]) for s in summaries) / sum(len(s["data_residual"]) for s in summaries), 5),
+            "sigma_y": run.operator.sigma}
+
+
+def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, generator: torch.Generator, force: bool) -> dict[str, Any]:
+    """Prior samples: ``sample_###.png``, a ``grid.png`` and ``summary.json``."""
+    prior = load_prior(spec.prior.path or (open_run(spec.run, device).spec.prior.path if spec.run else None)).to(device)
+    rec = Reconstructor(prior, steps=spec.steps or UNCONDITIONAL_STEPS, denoise_final=spec.denoise_final, clip_x0=spec.clip_x0)
+    refuse_existing([out / "grid.png", out / "sample_000.png", out / "summary.json"], force)
+    start = time.perf_counter()
+    chunks = []
+    for i in range(0, spec.n, spec.batch_size):
+        b = min(spec.batch_size, spec.n - i)
+        chunks.append(rec.unconditional(b, device, generator))
+    x = torch.cat(chunks)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    for i, xi in enumerate(x):
+        save_image(xi, out / f"sample_{i:03d}.png")
+    per_row = 8
+    save_image(image_grid([x[i : i + per_row] for i in range(0, x.shape[0], per_row)]), out / "grid.png")
+    summary = {"prior": prior.identity(), "n": spec.n, "steps": rec.steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
+               "denoise_final": spec.denoise_final, "seconds": round(seconds, 3), **rec.cost("prior").as_dict()}
+    write_json(summary, out / "summary.json")
+    return {"out": str(out), **summary}

@@ -1,0 +1,229 @@
+r"""Stochastic optimal control of the reverse SDE: the controlled rollout, the log-RND and the losses.
+
+Controlled reverse SDE (DESIGN.md §1) on the reversed-time grid s_k, t_k = 1 − s_k:
+
+    x_{k+1} = x_k + [½ β x_k + β (s_θ + h)] Δs_k + √β ΔW_k,      ΔW_k = √Δs_k ξ_k
+
+Per trajectory, with g_t = √β and sg the stop-gradient,
+
+    T1 = −½ Σ β ‖h‖² Δs,   T2 = Σ β ⟨h, sg(h)⟩ Δs,   T3 = Σ g_t ⟨h, ΔW⟩,   D = ‖A x_final − y‖² / (2 σ_y²)
+    log-RND  L = D + T1 + T2 + T3,        SOC objective  J = mean(D − T1)  (data term + KL).
+
+VarGrad minimises Var(L). With the trajectory detached, L depends on the parameters only through h
+at the gradient-carrying steps S, and ∇Var(L) = Σ_b w_b ∇L_b with w_b = ∂Var/∂L_b
+(= 2 (L_b − L̄)/(B − 1) for one group). So :func:`rollout` computes every L_b without any autograd
+graph, storing (x_k, g_k, ξ_k) for k ∈ S, and :func:`accumulate_vargrad_gradient` replays those steps
+one at a time, each graph freed after its backward: memory does not grow with N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ContextManager
+
+import torch
+from torch import Tensor
+
+from .htransform import HTransform, guidance_inputs
+from .operators import Operator
+from .priors import Prior
+from .samplers import reverse_sde_step, standard_noise, time_batch
+
+
+def data_term(operator: Operator, x: Tensor, y: Tensor) -> Tensor:
+    """D = ‖A x − y‖² / (2 σ_y²) per trajectory."""
+    return (operator.A(x) - y).flatten(1).pow(2).sum(1) / (2 * operator.sigma**2)
+
+
+def step_terms(h: Tensor, beta: Tensor, ds: float, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """This step's contributions (−½ β‖h‖²Δs, β⟨h, sg h⟩Δs, √β⟨h, √Δs ξ⟩) per trajectory."""
+    h = h.float().flatten(1)
+    beta = beta.float()
+    t1 = -0.5 * beta * h.pow(2).sum(1) * ds
+    t2 = beta * (h * h.detach()).sum(1) * ds
+    t3 = beta.sqrt() * (h * xi.flatten(1)).sum(1) * math.sqrt(ds)
+    return t1, t2, t3
+
+
+def gradient_steps(n_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """A random subset of ⌊fraction · n_steps⌋ step indices, plus the last two steps, sorted."""
+    body = max(0, n_steps - 2)
+    chosen = torch.randperm(body, generator=generator)[: int(fraction * n_steps)].tolist() if body else []
+    return sorted(set(chosen) | set(range(body, n_steps)))
+
+
+@dataclass
+class StoredStep:
+    """What the gradient pass needs to recompute h at step k: the state, g and the noise."""
+
+    k: int
+    x: Tensor
+    g: Tensor
+    xi: Tensor
+
+
+@dataclass
+class Rollout:
+    """A batch of controlled trajectories: final states, RND sums, and the stored gradient steps."""
+
+    x_final: Tensor
+    t1: Tensor
+    t2: Tensor
+    t3: Tensor
+    stored: list[StoredStep] = field(default_factory=list)
+
+    def log_rnd(self, d: Tensor) -> Tensor:
+        """L = D + T1 + T2 + T3."""
+        return d + self.t1 + self.t2 + self.t3
+
+
+def rollout(
+    prior: Prior,
+    htransform: HTransform,
+    operator: Operator,
+    y: Tensor,
+    x: Tensor,
+    grid: Sequence[float],
+    generator: torch.Generator | None,
+    store_steps: Sequence[int] = (),
+    autocast: ContextManager | None = None,
+) -> Rollout:
+    """Roll out the controlled SDE from x (t = 1) without autograd; store the steps in ``store_steps``."""
+    store = set(store_steps)
+    zeros = torch.zeros(x.shape[0], device=x.device)
+    out = Rollout(x, zeros, zeros.clone(), zeros.clone())
+    with torch.no_grad():
+        for k in range(len(grid) - 1):
+            t = time_batch(grid[k], x)
+            ds = grid[k + 1] - grid[k]
+            xi = standard_noise(x, generator)
+            with autocast or contextlib.nullcontext():
+                score, g = guidance_inputs(prior, operator, x, t, y)
+                h = htransform(x, t, g).float()
+            beta = prior.sde.beta(t)
+            t1, t2, t3 = step_terms(h, beta, ds, xi)
+            out.t1 += t1
+            out.t2 += t2
+            out.t3 += t3
+            if k in store:
+                out.stored.append(StoredStep(k, x, g, xi))
+            x = reverse_sde_step(prior.sde, x, t, ds, score.float() + h, xi)
+    out.x_final = x
+    return out
+
+
+def accumulate_vargrad_gradient(
+    htransform: HTransform,
+    prior: Prior,
+    grid: Sequence[float],
+    stored: Sequence[StoredStep],
+    weights: Tensor,
+    autocast: ContextManager | None = None,
+) -> None:
+    """Add Σ_b w_b ∇L_b to the parameters' .grad, one stored step (one small graph) at a time."""
+    for step in stored:
+        t = time_batch(grid[step.k], step.x)
+        ds = grid[step.k + 1] - grid[step.k]
+        with autocast or contextlib.nullcontext():
+            h = htransform(step.x, t, step.g)
+        t1, t2, t3 = step_terms(h, prior.sde.beta(t), ds, step.xi)
+        (weights * (t1 + t2 + t3)).sum().backward()
+
+
+def vargrad_loss(log_rnd: Tensor, groups: Tensor) -> Tensor:
+    """Mean over measurement groups of the unbiased within-group variance of L.
+
+    log Z(y) differs between measurements, so a variance across different y would be wrong;
+    groups with fewer than two trajectories contribute nothing.
+    """
+    ids, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(ids), device=log_rnd.device, dtype=log_rnd.dtype).index_add(0, inverse, log_rnd)
+    means = sums / counts
+    sq = torch.zeros_like(sums).index_add(0, inverse, (log_rnd - means[inverse]) ** 2)
+    valid = counts >= 2
+    if not valid.any():
+        return log_rnd.sum() * 0.0
+    return (sq[valid] / (counts[valid] - 1)).mean()
+
+
+@dataclass
+class FilteredLoss:
+    """The VarGrad loss on the kept trajectories and its gradient w.r.t. every L_b (0 for dropped ones)."""
+
+    loss: Tensor
+    weights: Tensor
+    kept: Tensor
+    skipped: bool
+
+
+def filtered_vargrad(log_rnd: Tensor, groups: Tensor, threshold: float, min_kept_fraction: float) -> FilteredLoss:
+    """Drop non-finite L and L ≥ threshold, then w_b = ∂ vargrad_loss / ∂L_b by autograd on the values.
+
+    The step is ``skipped`` when fewer than ``min_kept_fraction`` of the trajectories remain.
+    """
+    kept = torch.isfinite(log_rnd) & (log_rnd < threshold)
+    n_kept = int(kept.sum())
+    leaf = torch.where(kept, log_rnd, torch.zeros_like(log_rnd)).detach().requires_grad_(True)
+    if n_kept <= int(min_kept_fraction * log_rnd.numel()) or n_kept < 2:
+        return FilteredLoss(torch.tensor(float("nan")), torch.zeros_like(log_rnd), kept, True)
+    loss = vargrad_loss(leaf[kept], groups[kept])
+    (weights,) = torch.autograd.grad(loss, leaf)
+    return FilteredLoss(loss.detach(), weights, kept, False)
+
+
+def backprop_soc_gradient(
+    prior: Prior,
+    htransform: HTransform,
+    operator: Operator,
+    y: Tensor,
+    x: Tensor,
+    grid: Sequence[float],
+    generator: torch.Generator | None,
+    micro_batch: int | None = None,
+    checkpointing: bool = True,
+    autocast: ContextManager | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference method: ∇J by backpropagation through whole trajectories (the prior included).
+
+    J = mean_b (D_b + ½ Σ_k β ‖h‖² Δs). Each step is gradient-checkpointed (its noise is drawn
+    outside, so the recomputation is exact) and trajectories are processed in micro-batches whose
+    gradients accumulate; memory still grows with N (one state per step). Returns per-trajectory
+    (D, KL, x_final), detached.
+    """
+    sde = prior.sde
+    batch = x.shape[0]
+    micro = micro_batch or batch
+
+    def step(x_k: Tensor, xi: Tensor, y_k: Tensor, s: float, ds: float) -> tuple[Tensor, Tensor]:
+        t = time_batch(s, x_k)
+        with autocast or contextlib.nullcontext():
+            score = prior.score(x_k, t)
+            with torch.no_grad():
+                g = operator.likelihood_grad(sde.tweedie_x0(x_k, score, t), y_k)
+            h = htransform(x_k, t, g)
+        h, score = h.float(), score.float()
+        kl = 0.5 * sde.beta(t) * h.flatten(1).pow(2).sum(1) * ds
+        return reverse_sde_step(sde, x_k, t, ds, score + h, xi), kl
+
+    d_all, kl_all, x_all = [], [], []
+    for start in range(0, batch, micro):
+        sl = slice(start, start + micro)
+        x_k, y_k = x[sl], y[sl]
+        kl = torch.zeros(x_k.shape[0], device=x.device)
+        for k in range(len(grid) - 1):
+            xi = standard_noise(x_k, generator)
+            args = (x_k, xi, y_k, grid[k], grid[k + 1] - grid[k])
+            if checkpointing:
+                x_k, kl_k = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+            else:
+                x_k, kl_k = step(*args)
+            kl = kl + kl_k
+        d = data_term(operator, x_k, y_k)
+        ((d + kl).sum() / batch).backward()
+        d_all.append(d.detach())
+        kl_all.append(kl.detach())
+        x_all.append(x_k.detach())
+    return torch.cat(d_all), torch.cat(kl_all), torch.cat(x_all)

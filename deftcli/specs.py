@@ -1,0 +1,228 @@
+"""Run specs: the pydantic models of everything a user writes, and how they are loaded.
+
+A spec file (YAML, TOML or JSON) holds the fields of one command's spec; command-line flags
+override it field by field (dotted keys such as ``operator.name``). Unknown keys are rejected and
+ranges are checked; any problem is a one-line :class:`DeftError` that names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import DeftError
+from .unet import UNetConfig
+
+Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
+Precision = Literal["fp32", "bf16"]
+DatasetName = Literal["petals", "flowers102", "folder"]
+Method = Literal["vargrad", "backprop"]
+SamplerName = Literal["deft", "dps", "prior", "dagger"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SDEConfig(StrictModel):
+    """β(t) = β0 + t (β1 − β0) of the VP-SDE."""
+
+    beta_min: float = Field(0.1, gt=0)
+    beta_max: float = Field(20.0, gt=0)
+
+
+class DataSpec(StrictModel):
+    """Which images: the embedded ``petals``, torchvision's ``flowers102``, or a ``folder`` of images."""
+
+    dataset: DatasetName = "petals"
+    root: str | None = Field(None, description="data folder (flowers102: download target or local copy; folder: the images)")
+
+
+class OperatorSpec(StrictModel):
+    """A forward operator by registry name and its parameters (validated by the operator's own model)."""
+
+    name: str = "superres"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PriorSpec(StrictModel):
+    """A prior folder or name; ``None`` is the shipped default ``model_weights/petals32``."""
+
+    path: str | None = None
+
+
+class PretrainSpec(StrictModel):
+    """``deft pretrain``: denoising score matching of a UNet prior on the VP-SDE."""
+
+    data: DataSpec = DataSpec()
+    image_size: int = Field(32, ge=8)
+    channels: Literal[1, 3] = 3
+    unet: UNetConfig = UNetConfig(model_channels=32, channel_mult=(1, 2, 2))
+    sde: SDEConfig = SDEConfig()
+    iterations: int = Field(20000, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much wall time")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(200, ge=0, description="linear learning-rate warm-up steps")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    sample_every: int = Field(500, ge=1, description="steps between sample grids")
+    checkpoint_every: int = Field(100, ge=1)
+    sample_steps: int = Field(250, ge=2, description="reverse-SDE grid points for the sample grids")
+    seed: int = 0
+    device: Device = "auto"
+    out: str = "runs/prior"
+    name: str | None = Field(None, description="the prior's name (default: the output folder's name)")
+
+
+class HNetSpec(StrictModel):
+    """The h-transform network: NN_φ (a UNet on [g, x_t]) and the scale c_ψ(t)."""
+
+    model_channels: int = Field(16, ge=1)
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = Field(1, ge=1)
+    attention_resolutions: tuple[int, ...] = ()
+    time_embedding_dim: int = Field(64, ge=2)
+    time_hidden: int = Field(64, ge=1)
+    init_scale: float = 5e-3
+
+
+class FinetuneSpec(StrictModel):
+    """``deft finetune``: online SOC fine-tuning of an h-transform (DESIGN.md §1)."""
+
+    prior: PriorSpec = PriorSpec()
+    operator: OperatorSpec = OperatorSpec()
+    data: DataSpec = DataSpec()
+    measurement: str | None = Field(None, description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split")
+    method: Method = "vargrad"
+    iterations: int = Field(300, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
+    measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
+    trajectories: int = Field(4, ge=2, description="K trajectories per measurement")
+    lr: float = Field(5e-4, gt=0)
+    lr_final_factor: float = Field(1e-3, gt=0, le=1, description="cosine decay to lr · this factor")
+    grad_clip: float = Field(1.0, gt=0)
+    grad_fraction: float = Field(0.2, ge=0, le=1, description="fraction of steps that carry a gradient (plus the last two)")
+    loss_threshold: float = Field(5e4, gt=0, description="log-RND values above this are dropped before the variance")
+    min_kept_fraction: float = Field(0.3, ge=0, le=1)
+    max_bad_steps: int = Field(20, ge=1, description="stop after this many skipped steps in a row")
+    micro_batch: int | None = Field(None, ge=1, description="backprop: trajectories per backward pass (gradient accumulation)")
+    gradient_checkpointing: bool = Field(True, description="backprop: recompute activations per step")
+    hnet: HNetSpec = HNetSpec()
+    precision: Precision = "fp32"
+    preview_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+    seed: int = 0
+    device: Device = "auto"
+    run_dir: str | None = None
+
+
+class SampleSpec(StrictModel):
+    """``deft sample``: posterior (or unconditional) samples."""
+
+    run: str | None = None
+    prior: PriorSpec = PriorSpec()
+    method: SamplerName = "deft"
+    unconditional: bool = False
+    n: int = Field(8, ge=1)
+    steps: int | None = Field(None, ge=3, description="grid points (default: the run's time_steps, or 100)")
+    batch_size: int = Field(16, ge=1)
+    dps_zeta: float = Field(1.0, gt=0)
+    denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
+    clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
+    seed: int = 0
+    device: Device = "auto"
+    out: str = "out"
+
+
+class EvalSpec(StrictModel):
+    """``deft eval``: metrics on a data split for the fine-tuned run and baselines."""
+
+    run: str | None = None
+    split: Literal["train", "val", "test"] = "val"
+    n: int = Field(64, ge=1)
+    k: int = Field(4, ge=1, description="samples per image (posterior mean over k)")
+    methods: list[SamplerName] = ["deft", "dps", "prior", "dagger"]
+    steps: int | None = Field(None, ge=3)
+    dps_zeta: float | None = Field(None, gt=0, description="None: select ζ by a sweep on training images")
+    dps_sweep: list[float] = [0.3, 1.0, 3.0, 10.0]
+    denoise_final: bool = True
+    seed: int = 0
+    device: Device = "auto"
+    batch_size: int = Field(32, ge=1)
+    out: str | None = None
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML, TOML or JSON spec file into a dict (by suffix; YAML for anything else)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DeftError(f"{path}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeftError(f"{path}: cannot read spec file ({exc})") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise DeftError(f"{path}: not a valid {path.suffix.lstrip('.') or 'YAML'} spec ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DeftError(f"{path}: a spec must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def validation_message(exc: ValidationError, source: str) -> str:
+    """One line naming the first invalid field, e.g. ``spec.yaml: lr: Input should be greater than 0``."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(root)"
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    return f"{source}: {where}: {msg}{extra}"
+
+
+def build_spec(model: type[S], spec_path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> S:
+    """Validate ``base`` ← spec file ← flag overrides (dotted keys; ``None`` values are ignored)."""
+    data: dict[str, Any] = json.loads(json.dumps(base or {}, default=str))
+    source = "spec"
+    if spec_path is not None:
+        _deep_update(data, read_spec_file(spec_path))
+        source = str(spec_path)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(value)
+        else:
+            node[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise DeftError(validation_message(exc, source if spec_path else "options")) from None
+
+
+def _deep_update(target: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value

@@ -1,0 +1,130 @@
+"""Pieces shared by the training loops (``pretrain``, ``finetune``): schedule, interruption, metrics log, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float) -> float:
+    """Learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine from 1 to ``final_factor`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (the schedule is a pure function of the step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class GracefulInterrupt:
+    """While active, the first SIGINT only sets ``requested``; the loop saves and stops. A second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "GracefulInterrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed, so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after ``step`` (a resumed run repeats them from its checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+class TrainingProgress:
+    """A rich progress bar with live metrics, or (``quiet``) a plain log line every ``log_every`` steps."""
+
+    def __init__(self, description: str, total: int, start: int, quiet: bool, fields: list[str], log_every: int = 10) -> None:
+        self.quiet, self.fields, self.log_every, self.total = quiet, fields, log_every, total
+        self.console = Console(stderr=True)
+        self._start_time = time.perf_counter()
+        self._start_step = start
+        self._progress: Progress | None = None
+        if not quiet:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._progress.add_task(description, total=total, completed=start, metrics="", rate="")
+        self.description = description
+
+    def __enter__(self) -> "TrainingProgress":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in self.fields if k in metrics)
+        elapsed = time.perf_counter() - self._start_time
+        rate = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, metrics=shown, rate=f"{rate:.2f} it/s")
+        elif step % self.log_every == 0 or step == self.total:
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            print(f"{self.description} {step}/{self.total} {shown} {rate:.2f} it/s eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def log(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"

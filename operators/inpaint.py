@@ -1,0 +1,96 @@
+r"""Inpainting: the measurement keeps the observed pixels and zeroes the missing ones.
+
+With a binary mask M (H, W) (1 = observed), shared by all channels,
+
+    A x = M ⊙ x,     y has the image's shape (C, H, W).
+
+A is an orthogonal projection (diagonal with entries 0 and 1), so Aᵀ = A and its pseudo-inverse is
+A† = A: A† y = M ⊙ y, the measurement with its missing pixels at 0.
+
+Masks (``mask``):
+- ``box``: a centred missing box of round(f H) × round(f W) pixels, f = ``box_fraction``;
+- ``random``: each pixel missing independently with probability ``missing_fraction``, drawn from
+  ``torch.rand`` on a CPU generator seeded with ``mask_seed`` (the same mask on every machine);
+- a path to a mask image of exactly the image's size: white (gray level > 0.5) = observed.
+Box and random masks are made for whatever image size the operator is applied to.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from deftcli.errors import DeftError
+from deftcli.operators import ImageShape, Operator, OperatorParams, read_grayscale_image
+
+NAMED_MASKS = ("box", "random")
+
+
+class Inpaint(Operator):
+    """Pixel mask M ⊙ x with a box, random or image mask (see the module docstring)."""
+
+    name = "inpaint"
+
+    class Params(OperatorParams):
+        mask: str = Field(
+            "box",
+            description="'box', 'random', or the path of a mask image of the image's size "
+            "(white = observed)",
+        )
+        box_fraction: float = Field(
+            0.5, ge=0, le=1, description="side of the centred missing box as a fraction of the image side"
+        )
+        missing_fraction: float = Field(
+            0.7, ge=0, le=1, description="probability that a pixel is missing in a random mask"
+        )
+        mask_seed: int = Field(
+            0, ge=0, le=2**63 - 1, description="seed of the random mask (the same mask on every machine)"
+        )
+
+    params: Params
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.mask_image: Tensor | None = None
+        if params.mask not in NAMED_MASKS:
+            self.mask_image = read_grayscale_image(params.mask, "inpaint mask", NAMED_MASKS) > 0.5
+
+    def measurement_shape(self, image_shape: ImageShape) -> ImageShape:
+        _, height, width = image_shape
+        if self.mask_image is not None and tuple(self.mask_image.shape) != (height, width):
+            mask_height, mask_width = self.mask_image.shape
+            raise DeftError(
+                f"inpaint mask '{self.params.mask}' is {mask_height}x{mask_width} "
+                f"but the image is {height}x{width}"
+            )
+        return image_shape
+
+    def observed_mask(self, height: int, width: int) -> Tensor:
+        """The boolean (H, W) CPU mask M of an H × W image, True where a pixel is observed."""
+        self.measurement_shape((1, height, width))
+        if self.mask_image is not None:
+            return self.mask_image
+        if self.params.mask == "random":
+            generator = torch.Generator().manual_seed(self.params.mask_seed)
+            return torch.rand(height, width, generator=generator) >= self.params.missing_fraction
+        observed = torch.ones(height, width, dtype=torch.bool)
+        box_height = round(self.params.box_fraction * height)
+        box_width = round(self.params.box_fraction * width)
+        top, left = (height - box_height) // 2, (width - box_width) // 2
+        observed[top : top + box_height, left : left + box_width] = False
+        return observed
+
+    def A(self, x: Tensor) -> Tensor:
+        """A x = M ⊙ x (the mask broadcast over batch and channels)."""
+        _, height, width = self.check_images(x)
+        mask = self.constant_like(("observed_mask", height, width), x, lambda: self.observed_mask(height, width))
+        return x * mask
+
+    def A_adjoint(self, y: Tensor) -> Tensor:
+        """Aᵀ y = M ⊙ y (A is symmetric)."""
+        return self.A(y)
+
+    def A_dagger(self, y: Tensor) -> Tensor:
+        """A† y = M ⊙ y (A is an orthogonal projection, its own pseudo-inverse)."""
+        return self.A(y)
