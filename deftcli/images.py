@@ -122,7 +122,7 @@ def save_image(x: Tensor, path: str | os.PathLike) -> Path:
     if path.suffix == TENSOR_SUFFIX:
         atomic_write(path, lambda tmp: save_file({"image": x.contiguous()}, str(tmp)))
         return path
-    arr = (to_unit(x).numpy().transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+    arr = (to_unit(x.nan_to_num(0.0)).numpy().transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
     img = Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:

@@ -113,7 +113,8 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     ema = EMA(model, spec.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
     train = open_dataset(spec.data, "train", spec.image_size, spec.channels)
-    val = ValidationSet(open_dataset(spec.data, "val", spec.image_size, spec.channels).batch(range(VAL_IMAGES)), spec.seed)
+    val_data = open_dataset(spec.data, "val", spec.image_size, spec.channels)
+    val = ValidationSet(val_data.batch(range(min(VAL_IMAGES, len(val_data)))), spec.seed)
     data_gen = torch.Generator().manual_seed(spec.seed)
     step, elapsed = 0, 0.0
     metrics = MetricsLog(out / "metrics.jsonl")

@@ -169,16 +169,14 @@ def load_prior(path_or_name: str | os.PathLike | None = None) -> Prior:
         raise DeftError(f"prior '{path_or_name}': no such folder or shipped prior (shipped: {', '.join(shipped_priors()) or 'none'})")
     if not folder.is_dir():
         raise DeftError(f"prior '{folder}': expected a folder (config.json + model.safetensors, or model.pt + report.yaml)")
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
-        return load_own_prior(folder)
-    if (folder / "config.json").exists() and read_json(folder / "config.json").get("format") == "gaussian-mixture":
-        return load_own_prior(folder)
-    if (folder / "model.pt").exists() and (folder / "report.yaml").exists():
-        return load_original_prior(folder)
     if (folder / "model_index.json").exists() or (folder / "scheduler").is_dir():
         from .diffusers_prior import load_diffusers_prior
 
         return load_diffusers_prior(folder)
+    if (folder / "config.json").exists():
+        return load_own_prior(folder)
+    if (folder / "model.pt").exists() and (folder / "report.yaml").exists():
+        return load_original_prior(folder)
     present = sorted(p.name for p in folder.iterdir())[:8]
     raise DeftError(
         f"prior '{folder}': unrecognised folder (found {present}); expected config.json + model.safetensors, "

@@ -188,10 +188,11 @@ def backprop_soc_gradient(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference method: ∇J by backpropagation through whole trajectories (the prior included).
 
-    J = mean_b (D_b + ½ Σ_k β ‖h‖² Δs). Each step is gradient-checkpointed (its noise is drawn
-    outside, so the recomputation is exact) and trajectories are processed in micro-batches whose
-    gradients accumulate; memory still grows with N (one state per step). Returns per-trajectory
-    (D, KL, x_final), detached.
+    J = mean_b (D_b + ½ Σ_k β ‖h‖² Δs). Each step is gradient-checkpointed and trajectories are
+    processed in micro-batches whose gradients accumulate; memory still grows with N (one state per
+    step). The noise of all steps is drawn first, step by step for the whole batch as in
+    :func:`rollout`, so checkpoint recomputation is exact and micro-batching does not change the
+    result. Returns per-trajectory (D, KL, x_final), detached.
     """
     sde = prior.sde
     batch = x.shape[0]
@@ -208,14 +209,14 @@ def backprop_soc_gradient(
         kl = 0.5 * sde.beta(t) * h.flatten(1).pow(2).sum(1) * ds
         return reverse_sde_step(sde, x_k, t, ds, score + h, xi), kl
 
+    noise = [standard_noise(x, generator) for _ in range(len(grid) - 1)]
     d_all, kl_all, x_all = [], [], []
     for start in range(0, batch, micro):
         sl = slice(start, start + micro)
         x_k, y_k = x[sl], y[sl]
         kl = torch.zeros(x_k.shape[0], device=x.device)
         for k in range(len(grid) - 1):
-            xi = standard_noise(x_k, generator)
-            args = (x_k, xi, y_k, grid[k], grid[k + 1] - grid[k])
+            args = (x_k, noise[k][sl], y_k, grid[k], grid[k + 1] - grid[k])
             if checkpointing:
                 x_k, kl_k = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
             else:

@@ -52,3 +52,47 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+def write_tiny_unet_prior(folder: Path, size: int = 16, channels: int = 3) -> Path:
+    """A randomly initialised 8-channel UNet prior in deft's own format (fast, meaningless)."""
+    from deftcli.checkpoint import save_weights, write_json
+    from deftcli.sde import VPSDE
+    from deftcli.unet import UNet, UNetConfig
+
+    config = UNetConfig(in_channels=channels, out_channels=channels, model_channels=8, channel_mult=(1, 2), norm_groups=8)
+    gen = torch.Generator().manual_seed(0)
+    unet = UNet(config, VPSDE().sigma)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(unet.state_dict(), folder / "model.safetensors")
+    write_json({"format": "deft-unet-prior", "name": "tiny", "image_shape": [channels, size, size],
+                "sde": {"beta_min": 0.1, "beta_max": 20.0}, "unet": config.model_dump(mode="json")}, folder / "config.json")
+    return folder
+
+
+@pytest.fixture
+def tiny_prior(tmp_path) -> Path:
+    return write_tiny_unet_prior(tmp_path / "tiny_prior")
+
+
+@pytest.fixture
+def gmm_problem(tmp_path):
+    """A 1×8×8 Gaussian-mixture prior saved as a folder, 2× super-resolution, and one measurement file."""
+    from deftcli.gmm import hard_mixture
+    from deftcli.images import save_image
+    from deftcli.operators import create
+
+    op = create("superres", factor=2, sigma=0.1)
+    prior = hard_mixture(op, (1, 8, 8), generator=torch.Generator().manual_seed(0))
+    prior.save(tmp_path / "gmm_prior")
+    gen = torch.Generator().manual_seed(1)
+    x = prior.sample(1, gen)
+    y = op.measure(x, generator=gen)
+    save_image(y[0], tmp_path / "y.safetensors")
+    return {"prior": prior, "operator": op, "x": x, "y": y, "prior_dir": tmp_path / "gmm_prior", "y_path": tmp_path / "y.safetensors"}
+
+
+TINY_HNET = {"hnet.model_channels": 8, "hnet.channel_mult": [1], "hnet.time_embedding_dim": 16, "hnet.time_hidden": 16}

@@ -1,0 +1,147 @@
+"""`deft finetune`: run folder, exact resume, SIGINT, NaN handling, and the CLI end to end on tiny problems."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import TINY_HNET, assert_user_error
+from deftcli.errors import DeftError
+from deftcli.finetune import Finetuner, TrainingDiverged, finetune
+from deftcli.htransform import load_htransform
+from deftcli.priors import load_prior
+from deftcli.specs import FinetuneSpec, build_spec
+
+
+def gmm_spec(problem, run_dir, **extra) -> FinetuneSpec:
+    overrides = {"prior.path": str(problem["prior_dir"]), "operator.params": {"factor": 2, "sigma": 0.1},
+                 "measurement": str(problem["y_path"]), "iterations": 4, "time_steps": 8, "trajectories": 4,
+                 "run_dir": str(run_dir), "preview_every": 2, "checkpoint_every": 1, "lr": 1e-3, **TINY_HNET}
+    overrides.update(extra)
+    return build_spec(FinetuneSpec, overrides=overrides)
+
+
+def metric_lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_holds_spec_info_checkpoints_metrics_and_preview(gmm_problem, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = finetune(gmm_spec(gmm_problem, run_dir), quiet=True)
+    assert summary["steps"] == 4
+    for name in ("spec.json", "run.json", "hnet_last.safetensors", "hnet_best.safetensors", "state_last.safetensors",
+                 "metrics.jsonl", "preview.png", "measurement.safetensors"):
+        assert (run_dir / name).exists(), name
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["mode"] == "per-measurement" and info["prior"]["format"] == "gaussian-mixture"
+    assert {"torch", "deft", "python"} <= set(info["versions"])
+    lines = metric_lines(run_dir)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert {"loss", "J", "D", "KL", "filtered", "lr", "seconds"} <= set(lines[0])
+    htransform, meta = load_htransform(run_dir / "hnet_last.safetensors", load_prior(gmm_problem["prior_dir"]))
+    assert meta["step"] == 4 and htransform.num_parameters() > 0
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(gmm_problem, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    finetune(gmm_spec(gmm_problem, straight), quiet=True)
+
+    interrupted = tmp_path / "interrupted"
+    original_step = Finetuner.step
+
+    def step_then_sigint_at_two(self):
+        result = original_step(self)
+        if self.step_count == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: the loop saves and stops
+        return result
+
+    monkeypatch.setattr(Finetuner, "step", step_then_sigint_at_two)
+    summary = finetune(gmm_spec(gmm_problem, interrupted), quiet=True)
+    assert summary["stopped_by"] == "interrupt" and summary["steps"] == 2
+    monkeypatch.setattr(Finetuner, "step", original_step)
+    finetune(gmm_spec(gmm_problem, interrupted), resume=True, quiet=True)
+
+    a, b = metric_lines(straight), metric_lines(interrupted)
+    assert [line["step"] for line in b] == [1, 2, 3, 4]
+    for key in ("loss", "J", "D", "KL", "lr"):
+        assert [line[key] for line in a] == [line[key] for line in b], key
+    sa = load_htransform(straight / "hnet_last.safetensors", gmm_problem["prior"])[0].state_dict()
+    sb = load_htransform(interrupted / "hnet_last.safetensors", gmm_problem["prior"])[0].state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(gmm_problem, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    prior_cls = type(gmm_problem["prior"])
+    original_score = prior_cls.score
+    calls = {"n": 0}
+
+    def score_that_breaks_after_two_iterations(self, x, t):
+        calls["n"] += 1
+        out = original_score(self, x, t)
+        return out * float("nan") if calls["n"] > 2 * 7 else out  # 7 steps per iteration
+
+    monkeypatch.setattr(prior_cls, "score", score_that_breaks_after_two_iterations)
+    with pytest.raises(TrainingDiverged, match="skipped steps in a row") as info:
+        finetune(gmm_spec(gmm_problem, run_dir, iterations=10, max_bad_steps=3), quiet=True)
+    assert info.value.exit_code == 1
+    lines = metric_lines(run_dir)
+    assert [line["skipped"] for line in lines] == [False, False, True, True, True]
+    assert lines[-1]["skipped_total"] == 3 and lines[-1]["filtered"] == 4
+    monkeypatch.setattr(prior_cls, "score", original_score)
+    _, meta = load_htransform(run_dir / "hnet_last.safetensors", gmm_problem["prior"])
+    assert meta["step"] == 4  # written at the last step whose checkpoint_every came round, loadable
+
+
+def test_existing_run_folder_is_not_overwritten(gmm_problem, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(DeftError, match="exists"):
+        finetune(gmm_spec(gmm_problem, run_dir), quiet=True)
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_backprop_method_logs_J_as_its_loss(gmm_problem, tmp_path):
+    summary = finetune(gmm_spec(gmm_problem, tmp_path / "bp", method="backprop", iterations=2, micro_batch=2), quiet=True)
+    lines = metric_lines(tmp_path / "bp")
+    assert summary["steps"] == 2 and all(line["loss"] == line["J"] for line in lines)
+
+
+def test_cli_amortised_finetune_then_sample_and_eval_on_a_tiny_prior(run_cli, tiny_prior, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2",
+                             "--iterations", "3", "--time-steps", "5", "--measurements-per-batch", "2", "--trajectories", "2",
+                             "--hnet-channels", "8", "--hnet-mult", "1", "--run-dir", str(run_dir), "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 3
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["mode"] == "amortised"
+    # a measurement of the right size samples; a folder of measurements too
+    from deftcli.images import save_image
+    from deftcli.petals import render_petals
+
+    y = torch.nn.functional.avg_pool2d(render_petals("val", [0, 1], 16), 2)
+    (tmp_path / "ys").mkdir()
+    save_image(y[0], tmp_path / "ys" / "a.png")
+    save_image(y[1], tmp_path / "ys" / "b.safetensors")
+    code, out, err = run_cli("sample", str(tmp_path / "ys" / "a.png"), "--run", str(run_dir), "-n", "3", "-o", str(tmp_path / "s1"))
+    assert code == 0, err
+    for name in ("sample_000.png", "sample_002.png", "mean.png", "std.png", "summary.json"):
+        assert (tmp_path / "s1" / name).exists()
+    summary = json.loads((tmp_path / "s1" / "summary.json").read_text())
+    assert len(summary["data_residual"]) == 3 and summary["nfe_prior"] == 5 and summary["nfe_hnet"] == 5
+    code, _, err = run_cli("sample", str(tmp_path / "ys"), "--run", str(run_dir), "-n", "2", "-o", str(tmp_path / "s2"))
+    assert code == 0, err
+    assert (tmp_path / "s2" / "a" / "mean.png").exists() and (tmp_path / "s2" / "b" / "mean.png").exists()
+    # wrong size: one line naming both sizes
+    save_image(render_petals("val", [0], 16)[0], tmp_path / "big.png")
+    code, _, err = run_cli("sample", str(tmp_path / "big.png"), "--run", str(run_dir), "-o", str(tmp_path / "s3"))
+    assert_user_error(code, err, "(3, 16, 16)", "(3, 8, 8)")
+
+
+def test_cli_resume_of_a_missing_run_is_a_user_error(run_cli, tmp_path):
+    code, _, err = run_cli("finetune", "--resume", "--run-dir", str(tmp_path / "nothing"))
+    assert_user_error(code, err, "nothing")
