@@ -3,8 +3,9 @@
 - ``petals``: the embedded procedural flowers (:mod:`deftcli.petals`), no files needed;
 - ``flowers102``: torchvision's Flowers102 (centre crop to the short side, bilinear resize, [-1, 1]);
   ``train`` is the union of its train and test splits, ``val`` its validation split;
-- ``folder``: any folder of images, recursively; centre crop and resize; a deterministic split by a
-  hash of each file's relative path (10 % val, 10 % test, the rest train).
+- ``folder``: any folder of images, recursively (hidden files and folders skipped); centre crop and
+  resize; a deterministic split by a hash of each file's relative path (10 % val, 10 % test, the rest
+  train).
 """
 
 from __future__ import annotations
@@ -66,7 +67,12 @@ class FolderDataset:
         root = Path(root)
         if not root.is_dir():
             raise DeftError(f"image folder '{root}': no such folder")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            p for p in root.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            # hidden files and folders are not data: macOS "._x.jpg" resource forks, .ipynb_checkpoints/ copies
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
         if not files:
             raise DeftError(f"image folder '{root}': no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.files = [p for p in files if split_of(p.relative_to(root).as_posix()) == split]

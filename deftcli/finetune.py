@@ -32,6 +32,7 @@ from .checkpoint import file_sha256, load_state, rng_state, save_state, set_rng_
 from .data import ImageDataset, open_dataset
 from .devices import autocast, resolve_device
 from .errors import DeftError
+from .gmm import GaussianMixturePrior
 from .htransform import HTransform, HTransformConfig, save_htransform
 from .images import image_grid, read_measurement, save_image, upsample_to
 from .operators import Operator, create
@@ -73,6 +74,8 @@ class MeasurementSource:
             y = read_measurement(spec.measurement)
             check_measurement_shape(y, self.expected, prior.image_shape, spec.measurement, operator)
             self.fixed = y[None].to(device)
+        elif isinstance(prior, GaussianMixturePrior):  # an analytic prior's "train split" is its own samples
+            self.dataset = prior.dataset("train")
         else:
             self.dataset = open_dataset(spec.data, "train", prior.image_shape[-1], prior.image_shape[0])
 
@@ -111,7 +114,7 @@ def default_run_dir(operator_name: str) -> Path:
 def build_htransform(spec: FinetuneSpec, prior: Prior) -> HTransform:
     max_period = getattr(getattr(prior, "unet", None), "config", None)
     max_period = max_period.max_period if max_period is not None else 0.005
-    return HTransform(HTransformConfig.from_spec(spec.hnet, prior.image_shape[0], max_period), prior.sde)
+    return HTransform(HTransformConfig.from_spec(spec.hnet, tuple(prior.image_shape), max_period), prior.sde)
 
 
 def versions() -> dict[str, str]:

@@ -2,13 +2,17 @@
 resize to the prior's size (64 in the original), values in [-1, 1].
 
 Splits: ``train`` = Flowers102 train ∪ test (as the original trained its prior), ``val`` = its
-validation split (1020 images), ``test`` = its test split. The files are torchvision's layout,
-``<root>/flowers-102/{jpg/image_00001.jpg …, setid.mat, imagelabels.mat}``; when they are missing,
-torchvision downloads them (online only) and otherwise the error names the missing file.
+validation split (1020 images), ``test`` = its test split, each in the order of ``setid.mat`` (as
+torchvision lists them, so index 3 of ``val`` is the original code's ``val_img_idx = 3``). The files
+are torchvision's layout, ``<root>/flowers-102/{jpg/image_00001.jpg …, setid.mat, imagelabels.mat}``.
+When none of them is there, torchvision downloads them, but only after a quick connection check (a few
+seconds offline, never a hang); a partial copy is never re-downloaded: the error names the missing file.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from .errors import DeftError
 
 DEFAULT_ROOT = Path.home() / ".cache" / "deft" / "flowers102"
 SOURCE = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, setid.mat, imagelabels.mat)"
+HOST = "www.robots.ox.ac.uk"
+CONNECT_TIMEOUT_S = 5.0
 SPLIT_KEYS = {"train": ("trnid", "tstid"), "val": ("valid",), "test": ("tstid",)}
 
 
@@ -36,19 +42,55 @@ def missing_files(base: Path) -> list[Path]:
     return [p for p in (base / "setid.mat", base / "imagelabels.mat", base / "jpg") if not p.exists()]
 
 
-def ensure_downloaded(root: Path) -> Path:
-    """The ``flowers-102`` folder under root, downloading it with torchvision when missing and online."""
-    base = root / "flowers-102"
-    if missing_files(base):
-        try:
-            from torchvision.datasets import Flowers102
+def reachable(host: str = HOST, port: int = 443, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the download host opens within ``timeout`` seconds.
 
-            Flowers102(str(root), split="val", download=True)
-        except Exception:  # offline, or the download failed: report what is missing below
-            pass
+    The probe runs in a daemon thread so that a stalled DNS lookup (which ignores socket timeouts)
+    cannot hold the caller longer than ``timeout`` either.
+    """
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name="deft-flowers102-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def ensure_downloaded(root: Path) -> Path:
+    """The ``flowers-102`` folder under root, downloading it with torchvision when it is absent and online.
+
+    A download is tried only when none of the three parts is there (a fresh download target) and the
+    host answers a quick connection check: torchvision's own requests have no timeout, and a partial
+    local copy (say, ``jpg/`` without ``setid.mat``) should name what is missing rather than start a
+    330 MB download.
+    """
+    if root.name == "flowers-102" and not missing_files(root):  # --data-root named the flowers-102 folder itself
+        return root
+    base = root / "flowers-102"
     missing = missing_files(base)
+    note = ""
+    if len(missing) == 3:
+        if reachable():
+            try:
+                from torchvision.datasets import Flowers102
+
+                Flowers102(str(root), split="val", download=True)
+            except Exception as exc:  # the download failed: report what is missing below
+                note = f"; the download failed: {' '.join(str(exc).split())[:200]}"
+        else:
+            note = f"; {HOST} cannot be reached (offline?)"
+        missing = missing_files(base)
     if missing:
-        raise DeftError(f"Flowers102: {missing[0]} is missing (download {SOURCE} into {base}, or pass --data-root DIR holding flowers-102/)")
+        raise DeftError(
+            f"Flowers102: {missing[0]} is missing{note} (download {SOURCE} into {base}, or pass --data-root DIR holding flowers-102/)"
+        )
     return base
 
 
@@ -58,15 +100,20 @@ class Flowers102Dataset:
     def __init__(self, root: str | Path | None, split: str, size: int, channels: int = 3) -> None:
         if channels != 3:
             raise DeftError(f"Flowers102 is RGB but the prior has {channels} channel(s)")
+        if split not in SPLIT_KEYS:
+            raise DeftError(f"unknown Flowers102 split '{split}' (use {', '.join(SPLIT_KEYS)})")
         base = ensure_downloaded(Path(root) if root else DEFAULT_ROOT)
         from scipy.io import loadmat
 
         try:
             set_ids = loadmat(str(base / "setid.mat"), squeeze_me=True)
             ids = [int(i) for key in SPLIT_KEYS[split] for i in set_ids[key].ravel()]
-        except (OSError, ValueError, KeyError) as exc:
-            raise DeftError(f"{base / 'setid.mat'}: cannot read the split ids ({exc})") from None
+        except Exception as exc:  # a truncated or non-MAT file raises MatReadError, IndexError, ...
+            raise DeftError(f"{base / 'setid.mat'}: cannot read the split ids ({type(exc).__name__}: {exc})") from None
         self.files = [base / "jpg" / f"image_{i:05d}.jpg" for i in ids]
+        absent = next((p for p in self.files if not p.is_file()), None)
+        if absent is not None:  # fail now, not hours into a run
+            raise DeftError(f"Flowers102: {absent} is missing (the '{split}' split lists it; download {SOURCE})")
         self.size = size
 
     def __len__(self) -> int:

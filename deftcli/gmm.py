@@ -80,6 +80,10 @@ class GaussianMixturePrior(Prior):
         noise = torch.randn((n, *self.image_shape), generator=generator, dtype=torch.float64)
         return (self.means.cpu()[k] + self.std * noise).float()
 
+    def dataset(self, split: str) -> "MixtureSamples":
+        """Prior samples addressed by (split, index), as a data set for amortised fine-tuning."""
+        return MixtureSamples(self, split)
+
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "format": "gaussian-mixture", "components": int(self.means.shape[0]), "std": self.std, "image_shape": list(self.image_shape)}
 
@@ -96,6 +100,21 @@ class GaussianMixturePrior(Prior):
             return cls(tensors["means"], tensors["weights"], float(config["std"]), VPSDE(**config["sde"]), config.get("name", folder.name))
         except (KeyError, TypeError, ValueError) as exc:
             raise DeftError(f"{folder}: invalid Gaussian-mixture prior ({exc})") from None
+
+
+class MixtureSamples:
+    """Deterministic samples of a mixture prior: image i of a split is drawn with its own seed."""
+
+    SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+
+    def __init__(self, prior: GaussianMixturePrior, split: str, size: int = 1_000_000) -> None:
+        self.prior, self.split_seed, self.size = prior, self.SPLIT_SEEDS[split], size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def batch(self, indices) -> Tensor:
+        return torch.cat([self.prior.sample(1, torch.Generator().manual_seed(3 * int(i) + self.split_seed)) for i in indices])
 
 
 @dataclass
@@ -117,6 +136,23 @@ class GaussianMixturePosterior:
         chol = torch.linalg.cholesky(self.cov)
         z = torch.randn((n, self.cov.shape[0]), generator=generator, dtype=torch.float64)
         return (self.means[k] + z @ chol.T).reshape(n, *self.image_shape).float()
+
+    def score(self, x: Tensor, t: Tensor, sde: VPSDE) -> Tensor:
+        """Exact score of the posterior diffused to time t: Σ_k w'_k N(α m_k, α² C + σ² I).
+
+        s_θ + h* with the exact h-transform h* = this − prior score; in the eigenbasis C = U Λ Uᵀ
+        the covariance is U (α² Λ + σ²) Uᵀ.
+        """
+        lam, u = torch.linalg.eigh(self.cov)
+        alpha = sde.alpha(t.double())[:, None]
+        inv_diag = 1.0 / (alpha**2 * lam[None] + sde.sigma(t.double())[:, None] ** 2)  # (B, d)
+        xr = x.double().flatten(1) @ u  # rotated samples (B, d)
+        mr = self.means @ u  # rotated means (K, d)
+        diff = alpha[:, None, :] * mr[None] - xr[:, None, :]  # (B, K, d)
+        logits = torch.log(self.weights)[None] - 0.5 * (diff.pow(2) * inv_diag[:, None, :]).sum(-1)
+        r = torch.softmax(logits, dim=1)
+        score_rot = (r[:, :, None] * diff).sum(1) * inv_diag
+        return (score_rot @ u.T).reshape(x.shape).to(x.dtype)
 
     def responsibilities(self, x: Tensor) -> Tensor:
         """Exact posterior responsibilities of each component for samples x, (n, K)."""

@@ -5,8 +5,8 @@ g(x_t, t, y) = Aᵀ(A x̂0 − y) / σ_y²  at Tweedie's x̂0 of the prior:
 
     h(x_t, t, y) = NN_φ([g, x_t], t) − c_ψ(t) · g
 
-NN_φ is a :class:`~deftcli.unet.UNet` with 2C input channels (output divided by σ(t)), c_ψ a
-:class:`~deftcli.unet.TimeScaling`. The fine-tuned score is s_θ + h. Submodule names
+NN_φ is a :class:`~deftcli.unet.UNet` (or, for tiny problems, a :class:`~deftcli.mlp.MLPNet`)
+with 2C input channels and output divided by σ(t); c_ψ is a :class:`~deftcli.unet.TimeScaling`. The fine-tuned score is s_θ + h. Submodule names
 (``cond_model``, ``time_model``) follow the original code so its two state dicts load as they are.
 """
 
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from .checkpoint import load_weights, save_weights
 from .errors import DeftError
+from .mlp import MLPConfig, MLPNet
 from .operators import Operator
 from .priors import Prior
 from .sde import VPSDE
@@ -34,13 +35,25 @@ class HTransformConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    unet: UNetConfig
+    network: Annotated[UNetConfig | MLPConfig, Field(discriminator="kind")]
     time_scaling: TimeScalingConfig
 
     @classmethod
-    def from_spec(cls, spec: HNetSpec, channels: int, max_period: float) -> "HTransformConfig":
-        return cls(
-            unet=UNetConfig(
+    def from_spec(cls, spec: HNetSpec, image_shape: tuple[int, int, int], max_period: float) -> "HTransformConfig":
+        channels = image_shape[0]
+        network: UNetConfig | MLPConfig
+        if spec.architecture == "mlp":
+            network = MLPConfig(
+                in_channels=2 * channels,
+                out_channels=channels,
+                image_size=image_shape[1:],
+                hidden=spec.mlp_hidden,
+                layers=spec.mlp_layers,
+                time_embedding_dim=spec.time_embedding_dim,
+                max_period=max_period,
+            )
+        else:
+            network = UNetConfig(
                 in_channels=2 * channels,
                 out_channels=channels,
                 model_channels=spec.model_channels,
@@ -48,7 +61,9 @@ class HTransformConfig(BaseModel):
                 num_res_blocks=spec.num_res_blocks,
                 attention_resolutions=spec.attention_resolutions,
                 max_period=max_period,
-            ),
+            )
+        return cls(
+            network=network,
             time_scaling=TimeScalingConfig(
                 time_embedding_dim=spec.time_embedding_dim, hidden=spec.time_hidden, max_period=max_period, init_scale=spec.init_scale
             ),
@@ -61,7 +76,8 @@ class HTransform(nn.Module):
     def __init__(self, config: HTransformConfig, sde: VPSDE) -> None:
         super().__init__()
         self.config = config
-        self.cond_model = UNet(config.unet, sde.sigma)
+        net = config.network
+        self.cond_model = UNet(net, sde.sigma) if isinstance(net, UNetConfig) else MLPNet(net, sde.sigma)
         self.time_model = TimeScaling(config.time_scaling)
 
     def forward(self, x: Tensor, t: Tensor, g: Tensor) -> Tensor:

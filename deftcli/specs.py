@@ -81,8 +81,9 @@ class PretrainSpec(StrictModel):
 
 
 class HNetSpec(StrictModel):
-    """The h-transform network: NN_φ (a UNet on [g, x_t]) and the scale c_ψ(t)."""
+    """The h-transform network: NN_φ (a UNet, or an MLP for tiny problems, on [g, x_t]) and the scale c_ψ(t)."""
 
+    architecture: Literal["unet", "mlp"] = "unet"
     model_channels: int = Field(16, ge=1)
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = Field(1, ge=1)
@@ -90,6 +91,8 @@ class HNetSpec(StrictModel):
     time_embedding_dim: int = Field(64, ge=2)
     time_hidden: int = Field(64, ge=1)
     init_scale: float = 5e-3
+    mlp_hidden: int = Field(256, ge=1, description="MLP architecture: hidden width")
+    mlp_layers: int = Field(3, ge=1, description="MLP architecture: hidden layers")
 
 
 class FinetuneSpec(StrictModel):

@@ -24,6 +24,7 @@ class UNetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["unet"] = "unet"
     in_channels: int = Field(3, ge=1)
     out_channels: int = Field(3, ge=1)
     model_channels: int = Field(32, ge=1)
@@ -260,5 +261,3 @@ class TimeScaling(nn.Module):
         h = F.silu(self.linear3(h))
         return ((1 - t.float())[:, None] * h)[:, :, None, None]
 
-
-UNetPrecision = Literal["fp32", "bf16"]

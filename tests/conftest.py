@@ -11,7 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "upstream"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny tensors gain nothing from threads, and oversubscribed OpenMP threads are very slow on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 def upstream(path: str) -> Path:

@@ -108,7 +108,7 @@ def test_gradient_steps_are_a_random_subset_plus_the_last_two():
 
 def tiny_htransform(channels: int = 1) -> HTransform:
     torch.manual_seed(0)
-    config = HTransformConfig.from_spec(HNetSpec(model_channels=8, channel_mult=(1,), time_embedding_dim=16, time_hidden=16), channels, 0.005)
+    config = HTransformConfig.from_spec(HNetSpec(model_channels=8, channel_mult=(1,), time_embedding_dim=16, time_hidden=16), (channels, 8, 8), 0.005)
     h = HTransform(config, VPSDE())
     with torch.no_grad():  # leave the zero-initialised output layers: make h non-trivial
         for p in h.parameters():
