@@ -297,6 +297,40 @@ def eval_cmd(
     print_json(evaluate(build_spec(EvalSpec, spec, overrides), force))
 
 
+@check_app.command("gmm")
+def check_gmm_cmd(
+    shape: Annotated[Optional[str], typer.Option("--shape", help="C,H,W of the image-shaped mixture (default 1,8,8)")] = None,
+    components: Annotated[Optional[int], typer.Option("--components", help="K, an even number (pairs b ± n)")] = None,
+    operator: OperatorOpt = None,
+    factor: FactorOpt = None,
+    sigma: SigmaOpt = None,
+    kernel: KernelOpt = None,
+    kernel_std: KernelStdOpt = None,
+    kernel_size: KernelSizeOpt = None,
+    mask: MaskOpt = None,
+    param: ParamOpt = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="per-measurement or amortised")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
+    time_steps: Annotated[Optional[int], typer.Option("--time-steps")] = None,
+    trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="trajectories per batch")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="samples per method")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="keep the fine-tuning run here (default: a temporary folder)")] = None,
+) -> None:
+    """Fine-tune against an analytic Gaussian-mixture posterior and compare deft and DPS with exact samples (JSON)."""
+    from .check_gmm import GMMCheckSpec, check_gmm
+    from .specs import build_spec
+
+    overrides = {
+        "shape": parse_ints(shape, "--shape"), "components": components, "mode": mode, "iterations": iterations,
+        "time_steps": time_steps, "trajectories": trajectories, "lr": lr, "samples": samples, "seed": seed,
+        "device": device, "run_dir": run_dir, **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
+    }
+    print_json(check_gmm(build_spec(GMMCheckSpec, None, overrides)))
+
+
 def parse_ints(text: str | None, flag: str) -> list[int] | None:
     if text is None:
         return None
