@@ -246,7 +246,7 @@ def sample_cmd(
     measurement: Annotated[Optional[Path], typer.Argument(help="measurement image, .safetensors tensor, or a folder of them")] = None,
     out: Annotated[Optional[str], typer.Option("-o", "--out", help="output folder")] = None,
     spec: SpecOpt = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="run folder (default: the latest under runs/)")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", "--run-dir", help="run folder (default: the latest under runs/); spell it --run-dir under torchrun")] = None,
     prior: PriorOpt = None,
     unconditional: Annotated[bool, typer.Option("--unconditional", help="samples of the prior, no measurement")] = False,
     n: Annotated[Optional[int], typer.Option("-n", help="number of samples")] = None,
@@ -274,7 +274,7 @@ def sample_cmd(
 @app.command("eval")
 def eval_cmd(
     spec: SpecOpt = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="run folder (default: the latest under runs/)")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", "--run-dir", help="run folder (default: the latest under runs/); spell it --run-dir under torchrun")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="train, val or test")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="number of images (the first n of the split)")] = None,
     k: Annotated[Optional[int], typer.Option("-k", help="samples per image")] = None,

@@ -1,7 +1,9 @@
 """``deft eval``: image metrics on a data split for the fine-tuned run and the baselines.
 
 For the first n images of the split, measurements are made once with a fixed seed; every method
-then draws k samples per measurement from the same starting noise. Reported per method: PSNR and
+then draws k samples per measurement from the same starting noise. Sample j of image i has its
+own random stream (seed, i, j), so results do not depend on batching or on how ``torchrun``
+shards the images over processes (rank r evaluates images r, r + R, …; rank 0 gathers and writes). Reported per method: PSNR and
 SSIM (torchmetrics, images mapped to [0, 1]) of the samples (averaged) and of the posterior mean
 over k, the data residual ‖A x̂ − y‖/√m against σ_y, seconds and network evaluations per image.
 DPS uses the ζ that a small sweep on *training* images selects (reported), unless ζ is given.
@@ -10,6 +12,7 @@ DPS uses the ζ that a small sweep on *training* images selects (reported), unle
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from .checkpoint import write_json
 from .data import open_dataset
 from .devices import resolve_device
+from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .images import colormap, image_grid, save_image, to_unit, upsample_to
 from .methods import Reconstructor
@@ -44,48 +48,48 @@ def ssim(x: Tensor, ref: Tensor) -> Tensor:
     return structural_similarity_index_measure(to_unit(x), to_unit(ref), data_range=1.0, reduction="none")
 
 
-def draw_per_image(rec: Reconstructor, method: str, y: Tensor, k: int, batch_size: int, seed: int) -> Tensor:
-    """k samples for each measurement, (n, k, C, H, W); the same seed for every method."""
-    generator = torch.Generator(device=y.device).manual_seed(seed)
+def sample_generators(seed: int, images: Sequence[int], k: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per (image, sample): the noise of a sample does not depend on its batch."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + 1000 * i + j) for i in images for j in range(k)]
+
+
+def draw_per_image(rec: Reconstructor, method: str, y: Tensor, images: Sequence[int], k: int, batch_size: int, seed: int) -> Tensor:
+    """k samples for each measurement, (n, k, C, H, W); the same streams for every method."""
+    generators = sample_generators(seed, images, k, y.device)
     ys = y.repeat_interleave(k, dim=0)
-    chunks = [rec.sample(method, ys[i : i + batch_size], generator) for i in range(0, ys.shape[0], batch_size)]
+    chunks = [rec.sample(method, ys[i : i + batch_size], generators[i : i + batch_size]) for i in range(0, ys.shape[0], batch_size)]
     return torch.cat(chunks).reshape(y.shape[0], k, *rec.prior.image_shape)
 
 
-def method_metrics(rec: Reconstructor, method: str, x_true: Tensor, y: Tensor, k: int, batch_size: int, seed: int) -> tuple[dict[str, Any], Tensor]:
+def per_image_metrics(rec: Reconstructor, method: str, x_true: Tensor, y: Tensor, images: Sequence[int], k: int, batch_size: int, seed: int) -> tuple[dict[str, Tensor], Tensor, float]:
+    """Per-image PSNR/SSIM of samples (averaged over k) and of their mean, data residual; samples; seconds."""
     start = time.perf_counter()
-    samples = draw_per_image(rec, method, y, k, batch_size, seed)
+    samples = draw_per_image(rec, method, y, images, k, batch_size, seed)
     seconds = time.perf_counter() - start
     n = x_true.shape[0]
     flat = samples.flatten(0, 1)
     truth = x_true.repeat_interleave(k, dim=0)
     mean = samples.mean(1)
-    residual = data_residual(rec.operator, flat, y.repeat_interleave(k, dim=0))
-    cost = rec.cost(method).as_dict()
-    metrics = {
-        "k": k,
-        "psnr_sample": float(psnr(flat, truth).mean()),
-        "ssim_sample": float(ssim(flat, truth).mean()),
-        "psnr_mean": float(psnr(mean, x_true).mean()),
-        "ssim_mean": float(ssim(mean, x_true).mean()),
-        "data_residual": float(residual.mean()),
-        "sigma_y": rec.operator.sigma,
-        "seconds_per_image": seconds / n,
-        "seconds_per_sample": seconds / (n * k),
-        **{f"{key}_per_image": v * k for key, v in cost.items()},
+    per_image = {
+        "psnr_sample": psnr(flat, truth).reshape(n, k).mean(1),
+        "ssim_sample": ssim(flat, truth).reshape(n, k).mean(1),
+        "psnr_mean": psnr(mean, x_true),
+        "ssim_mean": ssim(mean, x_true),
+        "data_residual": data_residual(rec.operator, flat, y.repeat_interleave(k, dim=0)).reshape(n, k).mean(1),
     }
-    return metrics, samples
+    return {key: v.detach().cpu() for key, v in per_image.items()}, samples, seconds
 
 
 def sweep_dps_zeta(rec: Reconstructor, run: FinetunedRun, spec: EvalSpec, device: torch.device) -> tuple[float, list[dict[str, float]]]:
     """Pick ζ by the PSNR of one DPS sample per image on the first training images."""
     train = open_dataset(run.spec.data, "train", rec.prior.image_shape[-1], rec.prior.image_shape[0])
-    x = train.batch(range(min(SWEEP_IMAGES, len(train)))).to(device)
+    images = range(min(SWEEP_IMAGES, len(train)))
+    x = train.batch(images).to(device)
     y = rec.operator.measure(x, generator=torch.Generator(device="cpu").manual_seed(spec.seed + 7)).to(device)
     table = []
     for zeta in spec.dps_sweep:
         rec.dps_zeta = zeta
-        samples = draw_per_image(rec, "dps", y, 1, spec.batch_size, spec.seed)[:, 0]
+        samples = draw_per_image(rec, "dps", y, images, 1, spec.batch_size, spec.seed)[:, 0]
         table.append({"zeta": zeta, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
     best = max(table, key=lambda row: row["psnr"])
     return best["zeta"], table
@@ -99,37 +103,60 @@ def output_folder(spec: EvalSpec, run: FinetunedRun, force: bool) -> Path:
 
 
 def evaluate(spec: EvalSpec, force: bool = False) -> dict[str, Any]:
-    device = resolve_device(spec.device)
+    ctx = setup(resolve_device(spec.device))
+    try:
+        return _evaluate(spec, force, ctx)
+    finally:
+        teardown(ctx)
+
+
+def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
+    device = ctx.device(resolve_device(spec.device))
     run = open_run(spec.run, device)
-    out = output_folder(spec, run, force)
+    out = Path(ctx.broadcast(str(output_folder(spec, run, force)) if ctx.is_main else None))
     prior, operator = run.prior, run.operator
     dataset = open_dataset(run.spec.data, spec.split, prior.image_shape[-1], prior.image_shape[0])
     n = min(spec.n, len(dataset))
-    x_true = dataset.batch(range(n)).to(device)
-    y = operator.measure(x_true, generator=torch.Generator(device="cpu").manual_seed(spec.seed)).to(device)
+    mine = list(ctx.shard(n))
+    x_all = dataset.batch(range(n))
+    y_all = operator.measure(x_all, generator=torch.Generator(device="cpu").manual_seed(spec.seed))
+    x_true, y = x_all[mine].to(device), y_all[mine].to(device)
     steps = spec.steps or run.spec.time_steps
     rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final)
     results: dict[str, Any] = {
         "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed,
-        "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "methods": {},
+        "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size, "methods": {},
     }
     if "dps" in spec.methods:
         if spec.dps_zeta is None:
-            zeta, sweep = sweep_dps_zeta(rec, run, spec, device)
+            zeta, sweep = ctx.broadcast(sweep_dps_zeta(rec, run, spec, device) if ctx.is_main else None)
             results["dps_sweep"] = {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta}
         else:
             zeta = spec.dps_zeta
         rec.dps_zeta = zeta
         results["dps_zeta"] = zeta
-    samples: dict[str, Tensor] = {}
+    grid_samples: dict[str, Tensor] = {}
     for method in spec.methods:
         k = 1 if method == "dagger" else spec.k
-        metrics, samples[method] = method_metrics(rec, method, x_true, y, k, spec.batch_size, spec.seed)
-        results["methods"][method] = metrics
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(results, out / "results.json")
-    save_image(result_grid(x_true, y, samples, operator), out / "grid.png")
-    print_table(results)
+        per_image, samples, seconds = per_image_metrics(rec, method, x_true, y, mine, k, spec.batch_size, spec.seed)
+        shown = [(i, s) for i, s in zip(mine, samples.cpu()) if i < GRID_COLUMNS]
+        gathered = ctx.gather_objects((mine, per_image, seconds, shown))
+        order = torch.tensor([i for part in gathered for i in part[0]]).argsort()
+        values = {key: torch.cat([part[1][key] for part in gathered])[order] for key in per_image}
+        total_seconds = sum(part[2] for part in gathered)
+        grid_samples[method] = torch.stack([s for _, s in sorted((item for part in gathered for item in part[3]), key=lambda item: item[0])])
+        cost = rec.cost(method).as_dict()
+        results["methods"][method] = {
+            "k": k, **{key: float(v.mean()) for key, v in values.items()}, "sigma_y": operator.sigma,
+            "seconds_per_image": total_seconds / n, "seconds_per_sample": total_seconds / (n * k),
+            **{f"{key}_per_image": v * k for key, v in cost.items()},
+        }
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(results, out / "results.json")
+        cols = min(GRID_COLUMNS, n)
+        save_image(result_grid(x_all[:cols], y_all[:cols], grid_samples, operator), out / "grid.png")
+        print_table(results)
     return {"out": str(out), "results": str(out / "results.json"), "grid": str(out / "grid.png")}
 
 

@@ -31,6 +31,7 @@ from . import __version__
 from .checkpoint import file_sha256, load_state, rng_state, save_state, set_rng_state, write_json
 from .data import ImageDataset, open_dataset
 from .devices import autocast, resolve_device
+from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .gmm import GaussianMixturePrior
 from .htransform import HTransform, HTransformConfig, save_htransform
@@ -38,8 +39,9 @@ from .images import image_grid, read_measurement, save_image, upsample_to
 from .operators import Operator, create
 from .priors import Prior, load_prior
 from .runs import latest_run
+from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
-from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, filtered_vargrad, gradient_steps, rollout
+from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
 from .specs import FinetuneSpec
 from .training import GracefulInterrupt, MetricsLog, TrainingProgress, set_learning_rate, warmup_cosine_factor
 
@@ -83,17 +85,29 @@ class MeasurementSource:
     def per_measurement(self) -> bool:
         return self.fixed is not None
 
-    def draw(self, data_gen: torch.Generator) -> Batch:
-        """M measurements (images from ``data_gen``, noise too) repeated K times."""
+    def global_batch(self) -> int:
+        """Trajectories per step over all processes: M·K amortised, K per measurement."""
+        return self.spec.trajectories * (1 if self.fixed is not None else self.spec.measurements_per_batch)
+
+    def draw(self, data_gen: torch.Generator, ctx: Distributed) -> Batch:
+        """This rank's share of the global batch of M measurements × K trajectories.
+
+        Image indices and measurement noise are drawn for the whole global batch from ``data_gen``
+        (identical on every rank); each rank renders and keeps only its measurements.
+        """
         k = self.spec.trajectories
         if self.fixed is not None:
-            y, x_true = self.fixed, None
-        else:
-            assert self.dataset is not None
-            idx = torch.randint(len(self.dataset), (self.spec.measurements_per_batch,), generator=data_gen)
-            x_true = self.dataset.batch(idx.tolist())
-            y = self.operator.measure(x_true, generator=data_gen).to(self.device)
-        groups = torch.arange(y.shape[0], device=self.device).repeat_interleave(k)
+            rows = ctx.rows(k, "--trajectories")
+            n = rows.stop - rows.start
+            return Batch(self.fixed.expand(n, *self.fixed.shape[1:]), torch.zeros(n, dtype=torch.long, device=self.device), self.fixed, None)
+        assert self.dataset is not None
+        m = self.spec.measurements_per_batch
+        rows = ctx.rows(m, "--measurements-per-batch")
+        idx = torch.randint(len(self.dataset), (m,), generator=data_gen)
+        noise = torch.randn((m, *self.expected), generator=data_gen)
+        x_true = self.dataset.batch(idx[rows].tolist())
+        y = (self.operator.A(x_true) + self.operator.sigma * noise[rows]).to(self.device)
+        groups = torch.arange(m, device=self.device)[rows].repeat_interleave(k)
         return Batch(y.repeat_interleave(k, dim=0), groups, y, x_true)
 
 
@@ -124,9 +138,9 @@ def versions() -> dict[str, str]:
 class Finetuner:
     """The training loop; one :meth:`step` per iteration, state saved for exact resume."""
 
-    def __init__(self, spec: FinetuneSpec, run_dir: Path, resume: bool, quiet: bool) -> None:
-        self.spec, self.run_dir, self.quiet = spec, run_dir, quiet
-        self.device = resolve_device(spec.device)
+    def __init__(self, spec: FinetuneSpec, run_dir: Path, resume: bool, quiet: bool, ctx: Distributed = Distributed()) -> None:
+        self.spec, self.run_dir, self.quiet, self.ctx = spec, run_dir, quiet or not ctx.is_main, ctx
+        self.device = ctx.device(resolve_device(spec.device))
         if spec.precision == "bf16" and self.device.type != "cuda":
             raise DeftError("--precision bf16 needs a CUDA device (use fp32 on CPU/MPS)")
         self.autocast = autocast(self.device, spec.precision)
@@ -135,16 +149,31 @@ class Finetuner:
         self.source = MeasurementSource(spec, self.prior, self.operator, self.device)
         torch.manual_seed(spec.seed)
         self.htransform = build_htransform(spec, self.prior).to(self.device)
+        # the module that carries gradients: DDP averages them over ranks after the last backward of a step
+        self.model: torch.nn.Module = self.htransform
+        if ctx.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.htransform, device_ids=device_ids)
         self.optimizer = torch.optim.Adam(self.htransform.parameters(), lr=spec.lr)
         self.data_gen = torch.Generator().manual_seed(spec.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
         self.grid = reverse_time_grid(spec.time_steps)
+        self.global_batch = self.source.global_batch()
+        self.rows = self._trajectory_rows()
         self.step_count, self.seconds, self.skipped_total, self.bad_in_row = 0, 0.0, 0, 0
         self.j_smooth: float | None = None
         self.best_j = math.inf
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         if resume:
             self._load_state()
+
+    def _trajectory_rows(self) -> slice:
+        """This rank's trajectories within the global batch (whole measurement groups in amortised mode)."""
+        if self.source.per_measurement:
+            return self.ctx.rows(self.spec.trajectories, "--trajectories")
+        m = self.ctx.rows(self.spec.measurements_per_batch, "--measurements-per-batch")
+        k = self.spec.trajectories
+        return slice(m.start * k, m.stop * k)
 
     # ------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -189,15 +218,16 @@ class Finetuner:
     def step(self) -> tuple[dict[str, Any], Batch, Tensor]:
         spec = self.spec
         t0 = time.perf_counter()
-        batch = self.source.draw(self.data_gen)
-        x_init = torch.randn(batch.y.shape[:1] + tuple(self.prior.image_shape), generator=self.noise_gen, device=self.device)
+        batch = self.source.draw(self.data_gen, self.ctx)
+        noise = BatchSlice(self.noise_gen, self.global_batch, self.rows)
+        x_init = gaussian((batch.y.shape[0], *self.prior.image_shape), noise, self.device)
         lr = spec.lr * warmup_cosine_factor(self.step_count, 0, spec.iterations, spec.lr_final_factor)
         set_learning_rate(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         if spec.method == "vargrad":
-            record, x_final = self._vargrad_step(batch, x_init)
+            record, x_final = self._vargrad_step(batch, x_init, noise)
         else:
-            record, x_final = self._backprop_step(batch, x_init)
+            record, x_final = self._backprop_step(batch, x_init, noise)
         grads_ok = not record["skipped"] and self._clip_and_check()
         if grads_ok:
             self.optimizer.step()
@@ -214,32 +244,31 @@ class Finetuner:
             record["J_smooth"] = self.j_smooth
         return record, batch, x_final
 
-    def _vargrad_step(self, batch: Batch, x_init: Tensor) -> tuple[dict[str, Any], Tensor]:
-        spec = self.spec
+    def _vargrad_step(self, batch: Batch, x_init: Tensor, noise: BatchSlice) -> tuple[dict[str, Any], Tensor]:
+        spec, ctx = self.spec, self.ctx
         steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
-        traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, self.noise_gen, steps, self.autocast)
+        traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps, self.autocast)
         d = data_term(self.operator, traj.x_final, batch.y)
-        log_rnd = traj.log_rnd(d)
-        filt = filtered_vargrad(log_rnd, batch.groups, spec.loss_threshold, spec.min_kept_fraction)
-        kept = filt.kept
+        filt = vargrad_weights(traj.log_rnd(d), batch.groups, spec.loss_threshold, spec.min_kept_fraction, ctx.gather_with_grad, ctx.gather_values)
         if not filt.skipped:
-            accumulate_vargrad_gradient(self.htransform, self.prior, self.grid, traj.stored, filt.weights, self.autocast)
-        kl = -traj.t1
+            accumulate_vargrad_gradient(self.model, self.prior, self.grid, traj.stored, filt.weights, self.autocast, ctx.no_sync)
+        d_all, t1_all, kept = ctx.gather_values(d), ctx.gather_values(traj.t1), filt.kept
         record = {
             "loss": float(filt.loss),
-            "J": float((d - traj.t1)[kept].mean()) if kept.any() else math.nan,
-            "D": float(d[kept].mean()) if kept.any() else math.nan,
-            "KL": float(kl[kept].mean()) if kept.any() else math.nan,
+            "J": float((d_all - t1_all)[kept].mean()) if kept.any() else math.nan,
+            "D": float(d_all[kept].mean()) if kept.any() else math.nan,
+            "KL": float(-t1_all[kept].mean()) if kept.any() else math.nan,
             "filtered": int((~kept).sum()),
             "skipped": filt.skipped,
         }
         return record, traj.x_final
 
-    def _backprop_step(self, batch: Batch, x_init: Tensor) -> tuple[dict[str, Any], Tensor]:
-        spec = self.spec
+    def _backprop_step(self, batch: Batch, x_init: Tensor, noise: BatchSlice) -> tuple[dict[str, Any], Tensor]:
+        spec, ctx = self.spec, self.ctx
         d, kl, x_final = backprop_soc_gradient(
-            self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, self.noise_gen, spec.micro_batch, spec.gradient_checkpointing, self.autocast
+            self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, self.autocast, ctx.no_sync
         )
+        d, kl = ctx.gather_values(d), ctx.gather_values(kl)
         j = float((d + kl).mean())
         finite = math.isfinite(j)
         return {"loss": j, "J": j, "D": float(d.mean()), "KL": float(kl.mean()), "filtered": 0 if finite else int(d.numel()), "skipped": not finite}, x_final
@@ -280,31 +309,37 @@ class Finetuner:
             while self.step_count < spec.iterations:
                 record, batch, x_final = self.step()
                 last = self.step_count == spec.iterations
+                main = self.ctx.is_main
                 if self.step_count % spec.preview_every == 0 or last:
-                    self.preview(batch, x_final)
                     record.update(self.time_scale_values())
-                self.metrics.append(record)
+                    if main:
+                        self.preview(batch, x_final)
+                if main:
+                    self.metrics.append(record)
                 progress.update(self.step_count, record)
                 if self.j_smooth is not None and self.j_smooth < self.best_j and not record["skipped"]:
                     self.best_j = self.j_smooth
-                    self._save_best()
+                    if main:
+                        self._save_best()
                 if self.bad_in_row >= spec.max_bad_steps:
                     raise TrainingDiverged(
                         f"{self.bad_in_row} skipped steps in a row (non-finite or filtered losses); stopped at step "
                         f"{self.step_count}, last good checkpoint kept in {self.run_dir} (try a lower --lr)"
                     )
-                timed_out = deadline is not None and time.perf_counter() > deadline
-                if self.step_count % spec.checkpoint_every == 0 or last or interrupt.requested or timed_out:
+                timed_out = self.ctx.any(deadline is not None and time.perf_counter() > deadline)
+                interrupted = self.ctx.any(interrupt.requested)
+                if (self.step_count % spec.checkpoint_every == 0 or last or interrupted or timed_out) and main:
                     self.save_checkpoint()
-                if interrupt.requested:
+                if interrupted:
                     stopped_by = "interrupt"
                     progress.log(f"interrupted at step {self.step_count}: checkpoint saved in {self.run_dir} (continue with --resume)")
                     break
                 if timed_out:
                     stopped_by = "max_minutes"
                     break
-        if not (self.run_dir / "hnet_best.safetensors").exists():
+        if self.ctx.is_main and not (self.run_dir / "hnet_best.safetensors").exists():
             self._save_best()
+        self.ctx.barrier()
         return {
             "run_dir": str(self.run_dir),
             "steps": self.step_count,
@@ -312,6 +347,7 @@ class Finetuner:
             "skipped_steps": self.skipped_total,
             "J_smooth": self.j_smooth,
             "stopped_by": stopped_by,
+            "processes": self.ctx.world_size,
         }
 
 
@@ -332,26 +368,43 @@ def prepare_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
 
 
 def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune an h-transform as described by ``spec``; returns a summary of the run."""
-    run_dir = prepare_run_dir(spec, resume)
-    if resume:
-        spec = spec.model_copy(update={"run_dir": str(run_dir)})
-    trainer = Finetuner(spec, run_dir, resume, quiet)
-    if not resume:
-        write_json(spec.model_dump(mode="json"), run_dir / "spec.json")
-        run_info = {
-            "prior": trainer.prior.identity(),
-            "operator": {"name": spec.operator.name, "params": trainer.operator.params.model_dump(mode="json"), "describe": trainer.operator.describe()},
-            "htransform": trainer.htransform.describe(),
-            "mode": "per-measurement" if trainer.source.per_measurement else "amortised",
-            "versions": versions(),
-            "seed": spec.seed,
-            "device": str(trainer.device),
-            "command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
-            "started": datetime.now().isoformat(timespec="seconds"),
-        }
-        if trainer.source.fixed is not None:
-            save_image(trainer.source.fixed[0], run_dir / "measurement.safetensors")
-            run_info["measurement"] = {"source": str(spec.measurement), "sha256": file_sha256(Path(spec.measurement))}
-        write_json(run_info, run_dir / "run.json")
-    return trainer.run()
+    """Fine-tune an h-transform as described by ``spec``; returns a summary of the run.
+
+    Under ``torchrun`` every rank calls this; rank 0 prepares the run folder and writes all files.
+    """
+    ctx = setup(resolve_device(spec.device))
+    try:
+        run_dir = Path(ctx.broadcast(str(prepare_run_dir(spec, resume)) if ctx.is_main else None))
+        if resume:
+            spec = spec.model_copy(update={"run_dir": str(run_dir)})
+        trainer = Finetuner(spec, run_dir, resume, quiet, ctx)
+        if not resume and ctx.is_main:
+            write_run_info(trainer, run_dir, command)
+        ctx.barrier()
+        return trainer.run()
+    finally:
+        teardown(ctx)
+
+
+def write_run_info(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
+    """``spec.json`` and ``run.json``: what a later reader needs to know exactly what ran."""
+    spec = trainer.spec
+    write_json(spec.model_dump(mode="json"), run_dir / "spec.json")
+    run_info = {
+        "prior": trainer.prior.identity(),
+        "operator": {"name": spec.operator.name, "params": trainer.operator.params.model_dump(mode="json"), "describe": trainer.operator.describe()},
+        "htransform": trainer.htransform.describe(),
+        "mode": "per-measurement" if trainer.source.per_measurement else "amortised",
+        "versions": versions(),
+        "seed": spec.seed,
+        "device": str(trainer.device),
+        "processes": trainer.ctx.world_size,
+        "global_batch": trainer.global_batch,
+        "random_streams": "data/gradient steps: seed, noise: seed + 1; drawn for the global batch, each process keeps its rows",
+        "command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+    if trainer.source.fixed is not None:
+        save_image(trainer.source.fixed[0], run_dir / "measurement.safetensors")
+        run_info["measurement"] = {"source": str(spec.measurement), "sha256": file_sha256(Path(spec.measurement))}
+    write_json(run_info, run_dir / "run.json")

@@ -21,7 +21,7 @@ from .errors import DeftError
 from .htransform import ConditionalScore, HTransform
 from .operators import Operator
 from .priors import Prior
-from .samplers import ScoreFn, clip_denoised, denoise, reverse_sde_step, sample_reverse_sde, standard_noise, time_batch
+from .samplers import NoiseSource, ScoreFn, clip_denoised, denoise, gaussian, reverse_sde_step, sample_reverse_sde, standard_noise, time_batch
 from .sde import reverse_time_grid
 
 METHODS = ("deft", "dps", "prior", "dagger")
@@ -59,9 +59,9 @@ class Reconstructor:
     def prior_score(self) -> ScoreFn:
         return clip_denoised(self.prior.score, self.prior.sde) if self.clip_x0 else self.prior.score
 
-    def unconditional(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    def unconditional(self, n: int, device: torch.device, generator: NoiseSource) -> Tensor:
         """n samples of the prior."""
-        x = torch.randn((n, *self.prior.image_shape), generator=generator, device=device)
+        x = gaussian((n, *self.prior.image_shape), generator, device)
         return sample_reverse_sde(self.prior_score(), self.prior.sde, x, self.grid, generator, self.denoise_final)
 
     def cost(self, method: str) -> Cost:
@@ -74,7 +74,7 @@ class Reconstructor:
             return Cost(prior=n)
         return Cost()
 
-    def sample(self, method: str, y: Tensor, generator: torch.Generator | None) -> Tensor:
+    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
         """One sample per row of y (B, …) → (B, C, H, W)."""
         if method == "prior":
             return self.unconditional(y.shape[0], y.device, generator)
@@ -82,7 +82,7 @@ class Reconstructor:
             raise DeftError(f"method '{method}' needs a forward operator")
         if method == "dagger":
             return self.operator.A_dagger(y)
-        x = torch.randn((y.shape[0], *self.prior.image_shape), generator=generator, device=y.device)
+        x = gaussian((y.shape[0], *self.prior.image_shape), generator, y.device)
         if method == "deft":
             if self.htransform is None:
                 raise DeftError("method 'deft' needs a fine-tuned run (pass --run DIR or run `deft finetune`)")
@@ -103,7 +103,7 @@ def sample_dps(
     x: Tensor,
     grid: Sequence[float],
     zeta: float,
-    generator: torch.Generator | None,
+    generator: NoiseSource,
     denoise_final: bool,
 ) -> Tensor:
     """DPS: the prior's reverse-SDE step followed by x ← x − ζ ∇_{x_t} ‖y − A x̂0(x_t)‖ per sample."""

@@ -12,6 +12,7 @@ Reverse SDE in reversed time s = 1 − t, on the grid s_k of :func:`deftcli.sde.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,7 +20,21 @@ from torch import Tensor
 from .sde import VPSDE, _expand
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-StepCallback = Callable[[int, Tensor], None]
+
+
+@dataclass
+class BatchSlice:
+    """Rows ``rows`` of a batch of ``total``: the whole batch's noise is drawn from ``generator`` and
+    only these rows are kept, so a process holding a share of a batch sees exactly the noise a
+    single process would (data-parallel fine-tuning)."""
+
+    generator: torch.Generator
+    total: int
+    rows: slice
+
+
+NoiseSource = torch.Generator | Sequence[torch.Generator] | BatchSlice | None
+"""One generator for the batch, one per row (results independent of batching), or a slice of a larger batch."""
 
 
 def reverse_sde_step(sde: VPSDE, x: Tensor, t: Tensor, ds: float, score: Tensor, xi: Tensor) -> Tensor:
@@ -38,7 +53,7 @@ def sample_reverse_sde(
     sde: VPSDE,
     x: Tensor,
     grid: Sequence[float],
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
     denoise_final: bool = False,
 ) -> Tensor:
     """Integrate the reverse SDE from x at t = 1 over ``grid``; return x at t = ε, or Tweedie's x̂0 there.
@@ -52,9 +67,21 @@ def sample_reverse_sde(
         return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
 
 
-def standard_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """ξ ~ N(0, I) shaped like ``like``, drawn from ``generator`` (on like's device)."""
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+def standard_noise(like: Tensor, source: NoiseSource) -> Tensor:
+    """ξ ~ N(0, I) shaped like ``like`` (on its device), drawn from ``source``."""
+    return gaussian(tuple(like.shape), source, like.device, like.dtype)
+
+
+def gaussian(shape: tuple[int, ...], source: NoiseSource, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A standard normal tensor of ``shape`` drawn from a :data:`NoiseSource`."""
+    if isinstance(source, BatchSlice):
+        gen_device = source.generator.device
+        return torch.randn((source.total, *shape[1:]), generator=source.generator, device=gen_device, dtype=dtype)[source.rows].to(device)
+    if isinstance(source, (list, tuple)):
+        if len(source) != shape[0]:
+            raise ValueError(f"{len(source)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in source]).to(device)
+    return torch.randn(shape, generator=source, device=device, dtype=dtype)
 
 
 def denoise(score_fn: ScoreFn, sde: VPSDE, x: Tensor, s: float) -> Tensor:

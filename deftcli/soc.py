@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ContextManager
 
@@ -30,7 +30,7 @@ from torch import Tensor
 from .htransform import HTransform, guidance_inputs
 from .operators import Operator
 from .priors import Prior
-from .samplers import reverse_sde_step, standard_noise, time_batch
+from .samplers import NoiseSource, reverse_sde_step, standard_noise, time_batch
 
 
 def data_term(operator: Operator, x: Tensor, y: Tensor) -> Tensor:
@@ -87,7 +87,7 @@ def rollout(
     y: Tensor,
     x: Tensor,
     grid: Sequence[float],
-    generator: torch.Generator | None,
+    generator: NoiseSource,
     store_steps: Sequence[int] = (),
     autocast: ContextManager | None = None,
 ) -> Rollout:
@@ -116,21 +116,27 @@ def rollout(
 
 
 def accumulate_vargrad_gradient(
-    htransform: HTransform,
+    htransform: torch.nn.Module,
     prior: Prior,
     grid: Sequence[float],
     stored: Sequence[StoredStep],
     weights: Tensor,
     autocast: ContextManager | None = None,
+    no_sync: Callable[[torch.nn.Module, bool], ContextManager] | None = None,
 ) -> None:
-    """Add Σ_b w_b ∇L_b to the parameters' .grad, one stored step (one small graph) at a time."""
-    for step in stored:
+    """Add Σ_b w_b ∇L_b to the parameters' .grad, one stored step (one small graph) at a time.
+
+    ``htransform`` may be a DistributedDataParallel wrapper; ``no_sync(module, sync)`` then defers
+    its gradient all-reduce to the last backward pass of the step.
+    """
+    for i, step in enumerate(stored):
         t = time_batch(grid[step.k], step.x)
         ds = grid[step.k + 1] - grid[step.k]
-        with autocast or contextlib.nullcontext():
-            h = htransform(step.x, t, step.g)
-        t1, t2, t3 = step_terms(h, prior.sde.beta(t), ds, step.xi)
-        (weights * (t1 + t2 + t3)).sum().backward()
+        with no_sync(htransform, i == len(stored) - 1) if no_sync else contextlib.nullcontext():
+            with autocast or contextlib.nullcontext():
+                h = htransform(step.x, t, step.g)
+            t1, t2, t3 = step_terms(h, prior.sde.beta(t), ds, step.xi)
+            (weights * (t1 + t2 + t3)).sum().backward()
 
 
 def vargrad_loss(log_rnd: Tensor, groups: Tensor) -> Tensor:
@@ -151,40 +157,53 @@ def vargrad_loss(log_rnd: Tensor, groups: Tensor) -> Tensor:
 
 @dataclass
 class FilteredLoss:
-    """The VarGrad loss on the kept trajectories and its gradient w.r.t. every L_b (0 for dropped ones)."""
+    """The VarGrad loss on the kept trajectories and its gradient w.r.t. this process's L_b (0 for dropped ones)."""
 
     loss: Tensor
     weights: Tensor
-    kept: Tensor
+    kept: Tensor  # over all processes' trajectories
     skipped: bool
 
 
-def filtered_vargrad(log_rnd: Tensor, groups: Tensor, threshold: float, min_kept_fraction: float) -> FilteredLoss:
+def vargrad_weights(
+    log_rnd: Tensor,
+    groups: Tensor,
+    threshold: float,
+    min_kept_fraction: float,
+    gather: Callable[[Tensor], Tensor] = lambda v: v,
+    gather_groups: Callable[[Tensor], Tensor] = lambda v: v,
+) -> FilteredLoss:
     """Drop non-finite L and L ≥ threshold, then w_b = ∂ vargrad_loss / ∂L_b by autograd on the values.
 
-    The step is ``skipped`` when fewer than ``min_kept_fraction`` of the trajectories remain.
+    The step is ``skipped`` when fewer than ``min_kept_fraction`` of the trajectories remain. With
+    data parallelism, ``gather`` is an autograd-aware all-gather: every process computes the same
+    loss over all trajectories and receives world_size × the gradient for its own rows, which
+    DDP's averaging turns into the exact gradient.
     """
-    kept = torch.isfinite(log_rnd) & (log_rnd < threshold)
+    leaf = log_rnd.detach().requires_grad_(True)
+    values, all_groups = gather(leaf), gather_groups(groups)
+    kept = torch.isfinite(values.detach()) & (values.detach() < threshold)
     n_kept = int(kept.sum())
-    leaf = torch.where(kept, log_rnd, torch.zeros_like(log_rnd)).detach().requires_grad_(True)
-    if n_kept <= int(min_kept_fraction * log_rnd.numel()) or n_kept < 2:
+    if n_kept <= int(min_kept_fraction * values.numel()) or n_kept < 2:
         return FilteredLoss(torch.tensor(float("nan")), torch.zeros_like(log_rnd), kept, True)
-    loss = vargrad_loss(leaf[kept], groups[kept])
+    safe = torch.where(kept, values, torch.zeros_like(values))
+    loss = vargrad_loss(safe[kept], all_groups[kept])
     (weights,) = torch.autograd.grad(loss, leaf)
     return FilteredLoss(loss.detach(), weights, kept, False)
 
 
 def backprop_soc_gradient(
     prior: Prior,
-    htransform: HTransform,
+    htransform: torch.nn.Module,
     operator: Operator,
     y: Tensor,
     x: Tensor,
     grid: Sequence[float],
-    generator: torch.Generator | None,
+    generator: NoiseSource,
     micro_batch: int | None = None,
     checkpointing: bool = True,
     autocast: ContextManager | None = None,
+    no_sync: Callable[[torch.nn.Module, bool], ContextManager] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference method: ∇J by backpropagation through whole trajectories (the prior included).
 
@@ -192,7 +211,8 @@ def backprop_soc_gradient(
     processed in micro-batches whose gradients accumulate; memory still grows with N (one state per
     step). The noise of all steps is drawn first, step by step for the whole batch as in
     :func:`rollout`, so checkpoint recomputation is exact and micro-batching does not change the
-    result. Returns per-trajectory (D, KL, x_final), detached.
+    result. ``htransform`` may be a DDP wrapper (see :func:`accumulate_vargrad_gradient`).
+    Returns per-trajectory (D, KL, x_final), detached.
     """
     sde = prior.sde
     batch = x.shape[0]
@@ -223,7 +243,8 @@ def backprop_soc_gradient(
                 x_k, kl_k = step(*args)
             kl = kl + kl_k
         d = data_term(operator, x_k, y_k)
-        ((d + kl).sum() / batch).backward()
+        with no_sync(htransform, start + micro >= batch) if no_sync else contextlib.nullcontext():
+            ((d + kl).sum() / batch).backward()
         d_all.append(d.detach())
         kl_all.append(kl.detach())
         x_all.append(x_k.detach())

@@ -14,7 +14,7 @@ from deftcli.soc import (
     accumulate_vargrad_gradient,
     backprop_soc_gradient,
     data_term,
-    filtered_vargrad,
+    vargrad_weights,
     gradient_steps,
     rollout,
     step_terms,
@@ -91,13 +91,13 @@ def test_groups_with_a_single_trajectory_contribute_nothing():
 def test_filtering_drops_non_finite_and_huge_values_and_skips_when_too_few_remain():
     log_rnd = torch.tensor([1.0, float("nan"), 2.0, 1e9, 4.0, float("inf")])
     groups = torch.zeros(6, dtype=torch.long)
-    result = filtered_vargrad(log_rnd, groups, threshold=5e4, min_kept_fraction=0.3)
+    result = vargrad_weights(log_rnd, groups, threshold=5e4, min_kept_fraction=0.3)
     assert result.kept.tolist() == [True, False, True, False, True, False]
     assert not result.skipped
     assert result.loss.item() == pytest.approx(torch.tensor([1.0, 2.0, 4.0]).var().item())
     mean = 7 / 3
     assert torch.allclose(result.weights, torch.tensor([2 * (1 - mean) / 2, 0, 2 * (2 - mean) / 2, 0, 2 * (4 - mean) / 2, 0]))
-    assert filtered_vargrad(log_rnd, groups, threshold=1.5, min_kept_fraction=0.3).skipped
+    assert vargrad_weights(log_rnd, groups, threshold=1.5, min_kept_fraction=0.3).skipped
 
 
 def test_gradient_steps_are_a_random_subset_plus_the_last_two():
@@ -130,7 +130,7 @@ def test_two_pass_gradient_equals_direct_backward_of_the_variance(gmm_problem, g
     # two passes
     traj = rollout(prior, h, op, y, x_init, grid, torch.Generator().manual_seed(9), steps)
     log_rnd = traj.log_rnd(data_term(op, traj.x_final, y))
-    weights = filtered_vargrad(log_rnd, groups, 5e4, 0.3).weights
+    weights = vargrad_weights(log_rnd, groups, 5e4, 0.3).weights
     h.zero_grad()
     accumulate_vargrad_gradient(h, prior, grid, traj.stored, weights)
     two_pass = [p.grad.clone() for p in h.parameters()]
