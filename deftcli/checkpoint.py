@@ -1,7 +1,7 @@
 """Checkpoints as safetensors + JSON, written atomically (temp file + rename).
 
-Model weights are flat ``{name: tensor}`` safetensors files. Training state (optimizer, scheduler,
-RNG, counters) is a nested structure; :func:`save_state` splits it into a safetensors file for the
+Model weights are flat ``{name: tensor}`` safetensors files. Training state (optimizer, RNG,
+counters) is a nested structure; :func:`save_state` splits it into a safetensors file for the
 tensors and a JSON skeleton in the file's metadata, so nothing is ever unpickled on load.
 """
 
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,10 +26,36 @@ from .images import atomic_write
 _TENSOR_REF = "__tensor__"
 
 
+PAUSE_HOOK = "DEFT_TEST_PAUSE_BEFORE_RENAME"
+"""Test-only fault injection, ``NAME:SKIP:SECONDS``: after writing the temporary file of the
+(SKIP + 1)-th save of a file called NAME, wait SECONDS before the rename (so a test can kill the
+process in the middle of a checkpoint write)."""
+_saves: Counter[str] = Counter()
+
+
+def write_checkpoint_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write atomically; a failure (disk full, permissions) is one line and leaves the old file as it was."""
+    path = Path(path)
+    hook = os.environ.get(PAUSE_HOOK)
+
+    def write_then_maybe_pause(tmp: Path) -> None:
+        write(tmp)
+        _saves[path.name] += 1
+        if hook:
+            name, skip, seconds = hook.split(":")
+            if name == path.name and _saves[path.name] > int(skip):
+                time.sleep(float(seconds))
+
+    try:
+        atomic_write(path, write_then_maybe_pause)
+    except OSError as exc:
+        raise DeftError(f"{path}: cannot write ({exc.strerror or exc}); the previous version of the file is unchanged") from None
+
+
 def save_weights(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a flat state dict atomically (contiguous CPU copies)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    write_checkpoint_file(Path(path), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def load_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -97,7 +126,7 @@ def file_sha256(path: Path) -> str:
 def write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically, indented."""
     text = json.dumps(obj, indent=2, default=str) + "\n"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    write_checkpoint_file(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def read_json(path: Path) -> Any:

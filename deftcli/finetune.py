@@ -4,7 +4,8 @@ Run folder (``runs/<operator>-<timestamp>/`` by default):
 
 - ``spec.json`` the resolved run spec; ``run.json`` the prior's identity, the operator, the
   h-network's config and size, versions, seeds;
-- ``hnet_last.safetensors`` / ``hnet_best.safetensors`` the h-network (best by a smoothed J);
+- ``hnet_last.safetensors`` / ``hnet_best.safetensors`` the h-network (best by a smoothed J), and
+  ``snapshots/hnet_step_*.safetensors`` with ``snapshot_every``;
 - ``state_last.safetensors`` everything ``--resume`` needs (weights, optimizer, RNG);
 - ``metrics.jsonl`` one line per step; ``preview.png`` measurements, current samples, ground truth;
 - ``measurement.safetensors`` the measurement, in per-measurement mode.
@@ -330,6 +331,9 @@ class Finetuner:
                 interrupted = self.ctx.any(interrupt.requested)
                 if (self.step_count % spec.checkpoint_every == 0 or last or interrupted or timed_out) and main:
                     self.save_checkpoint()
+                if spec.snapshot_every and self.step_count % spec.snapshot_every == 0 and main:
+                    save_htransform(self.htransform, self.run_dir / "snapshots" / f"hnet_step_{self.step_count:06d}.safetensors",
+                                    {"step": self.step_count, "seconds": round(self.seconds, 2)})
                 if interrupted:
                     stopped_by = "interrupt"
                     progress.log(f"interrupted at step {self.step_count}: checkpoint saved in {self.run_dir} (continue with --resume)")
@@ -356,6 +360,8 @@ def prepare_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
         run_dir = Path(spec.run_dir) if spec.run_dir else latest_run()
         if not (run_dir / "state_last.safetensors").exists():
             raise DeftError(f"{run_dir}: nothing to resume (no state_last.safetensors)")
+        for stale in run_dir.glob(".*.tmp"):  # a write that a killed process left unfinished
+            stale.unlink()
         return run_dir
     run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.operator.name)
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -121,6 +121,7 @@ class FinetuneSpec(StrictModel):
     precision: Precision = "fp32"
     preview_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
+    snapshot_every: int | None = Field(None, ge=1, description="also keep the h-network every this many steps (snapshots/)")
     seed: int = 0
     device: Device = "auto"
     run_dir: str | None = None

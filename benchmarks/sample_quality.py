@@ -1,0 +1,104 @@
+"""Posterior quality and speed on the embedded default: 4× super-resolution of petals val, σ_y = 0.05.
+
+Runs the default fine-tuning (``deft finetune --operator superres --factor 4``, with snapshots of
+the h-network every ``--snapshot-every`` steps) unless ``--run`` names a finished run, then, on the
+first ``--n`` val images with measurements drawn once (seed 0), evaluates in this one process:
+A†y, the unconditional prior, DPS (ζ chosen by a sweep on train images) and deft, each with k
+samples per image at the run's number of time steps; and deft's PSNR for every snapshot, against
+the fine-tuning minutes it had. Writes JSON and prints a table::
+
+    python benchmarks/sample_quality.py [--run runs/superres-…] [--n 64] [-k 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from deftcli.data import open_dataset
+from deftcli.evaluate import SWEEP_IMAGES, per_image_metrics, sweep_dps_zeta
+from deftcli.finetune import finetune
+from deftcli.htransform import load_htransform
+from deftcli.methods import Reconstructor
+from deftcli.runs import open_run
+from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
+
+
+def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int) -> dict[str, float]:
+    return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="an existing run of 4× super-resolution (default: fine-tune one now)")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--snapshot-every", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_quality.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    run_dir = args.run
+    finetune_summary = None
+    if run_dir is None:
+        run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        spec = build_spec(FinetuneSpec, overrides={"operator.name": "superres", "operator.params": {"factor": 4, "sigma": 0.05},
+                                                   "snapshot_every": args.snapshot_every, "run_dir": str(run_dir), "device": "cpu"})
+        finetune_summary = finetune(spec, quiet=True, command=["benchmarks/sample_quality.py"])
+    run = open_run(run_dir, torch.device("cpu"))
+    data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
+    images = list(range(min(args.n, len(data))))
+    x = data.batch(images)
+    y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
+    steps = run.spec.time_steps
+    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, denoise_final=True)
+    zeta, sweep = sweep_dps_zeta(rec, run, EvalSpec(batch_size=args.batch_size), torch.device("cpu"))
+    rec.dps_zeta = zeta
+
+    methods = {}
+    for method in ("dagger", "prior", "dps", "deft"):
+        k = 1 if method == "dagger" else args.k
+        per_image, _, seconds = per_image_metrics(rec, method, x, y, images, k, args.batch_size, seed=0)
+        methods[method] = summarise(per_image, seconds, len(images), k)
+        print(f"{method:7s} PSNR sample {methods[method]['psnr_sample']:6.2f}  PSNR mean {methods[method]['psnr_mean']:6.2f}  "
+              f"SSIM mean {methods[method]['ssim_mean']:.3f}  {methods[method]['seconds_per_image']:.2f} s/image", flush=True)
+
+    curve = []
+    for path in sorted((run_dir / "snapshots").glob("hnet_step_*.safetensors")):
+        htransform, meta = load_htransform(path, run.prior)
+        snap = Reconstructor(run.prior, run.operator, htransform.eval(), steps, denoise_final=True)
+        per_image, _, seconds = per_image_metrics(snap, "deft", x, y, images, args.k, args.batch_size, seed=0)
+        row = {"step": meta["step"], "finetune_minutes": round(meta["seconds"] / 60, 2), **summarise(per_image, seconds, len(images), args.k)}
+        curve.append(row)
+        print(f"snapshot step {row['step']:4d} ({row['finetune_minutes']:5.2f} min)  PSNR mean {row['psnr_mean']:6.2f}", flush=True)
+
+    passed = [row for row in curve if row["psnr_mean"] > methods["dps"]["psnr_mean"]]
+    result = {
+        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": steps, "k": args.k,
+                  "run": str(run_dir), "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+        "finetune": finetune_summary,
+        "dps_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta},
+        "methods": methods,
+        "curve": curve,
+        "targets": {
+            "deft_mean_psnr_above_dps": methods["deft"]["psnr_mean"] > methods["dps"]["psnr_mean"],
+            "deft_mean_psnr_above_dagger": methods["deft"]["psnr_mean"] > methods["dagger"]["psnr_mean"],
+            "dps_over_deft_seconds_per_image": round(methods["dps"]["seconds_per_image"] / methods["deft"]["seconds_per_image"], 2),
+            "finetune_minutes_to_pass_dps": passed[0]["finetune_minutes"] if passed else None,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["targets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

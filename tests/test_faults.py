@@ -1,0 +1,129 @@
+"""Faults during fine-tuning (SIGKILL mid-write, SIGINT, a full disk) and reproducibility of sample/eval."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY_HNET
+from deftcli.checkpoint import load_state
+from deftcli.errors import DeftError
+from deftcli.finetune import finetune
+from deftcli.specs import FinetuneSpec, build_spec
+
+
+def cli_args(problem, run_dir, iterations=6):
+    hnet = ["--hnet-channels", "8", "--hnet-mult", "1"]
+    return [sys.executable, "-m", "deftcli", "finetune", "--prior", str(problem["prior_dir"]), "--factor", "2", "--sigma", "0.1",
+            "--measurement", str(problem["y_path"]), "--iterations", str(iterations), "--time-steps", "6", "--trajectories", "4",
+            *hnet, "--run-dir", str(run_dir), "--device", "cpu", "--quiet"]
+
+
+def lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, timeout=120.0):
+    start = time.time()
+    while not predicate():
+        if time.time() - start > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def spec_file(tmp_path, every=1):
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"checkpoint_every: {every}\npreview_every: 100\n")
+    return str(path)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_finishes_the_run(gmm_problem, tmp_path):
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float reductions in every process
+    straight = tmp_path / "straight"
+    subprocess.run(cli_args(gmm_problem, straight) + ["--spec", spec_file(tmp_path)], check=True, capture_output=True, timeout=300, env=one_thread)
+
+    run_dir = tmp_path / "killed"
+    env = {**one_thread, "DEFT_TEST_PAUSE_BEFORE_RENAME": "state_last.safetensors:2:60"}
+    proc = subprocess.Popen(cli_args(gmm_problem, run_dir) + ["--spec", spec_file(tmp_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(run_dir.glob(".state_last.safetensors.*.tmp")))  # the third save is half done
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert int(load_state(run_dir / "state_last.safetensors")["step"]) == 2  # the previous checkpoint, intact
+
+    resumed = subprocess.run([sys.executable, "-m", "deftcli", "finetune", "--resume", "--run-dir", str(run_dir), "--quiet"],
+                             capture_output=True, text=True, timeout=300, env=one_thread)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(run_dir.glob(".*.tmp"))
+    assert [line["loss"] for line in lines(run_dir)] == [line["loss"] for line in lines(straight)]
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130_with_a_message(gmm_problem, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(cli_args(gmm_problem, run_dir, iterations=100000), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    state = load_state(run_dir / "state_last.safetensors")
+    assert int(state["step"]) == len(lines(run_dir))
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(gmm_problem, tmp_path, monkeypatch):
+    import deftcli.checkpoint as checkpoint
+
+    real_save = checkpoint.save_file
+    calls = {"n": 0}
+
+    def save_until_the_disk_fills(tensors, filename, metadata=None):
+        if "state_last" in str(filename):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_until_the_disk_fills)
+    spec = build_spec(FinetuneSpec, overrides={"prior.path": str(gmm_problem["prior_dir"]), "operator.params": {"factor": 2, "sigma": 0.1},
+                                               "measurement": str(gmm_problem["y_path"]), "iterations": 5, "time_steps": 6, "trajectories": 4,
+                                               "checkpoint_every": 1, "run_dir": str(tmp_path / "run"), **TINY_HNET})
+    with pytest.raises(DeftError, match="No space left on device") as info:
+        finetune(spec, quiet=True)
+    assert "\n" not in str(info.value) and "unchanged" in str(info.value)
+    assert int(load_state(tmp_path / "run" / "state_last.safetensors")["step"]) == 2
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_same_seed_gives_bit_identical_samples_and_the_same_eval_metrics(run_cli, tiny_prior, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--factor", "2", "--iterations", "2", "--time-steps", "4",
+                           "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1", "--run-dir", str(run_dir), "--quiet")
+    assert code == 0, err
+    from deftcli.images import read_measurement, save_image
+    from deftcli.petals import render_petals
+    import torch
+
+    save_image(torch.nn.functional.avg_pool2d(render_petals("val", [0], 16), 2)[0], tmp_path / "y.safetensors")
+    outs = []
+    for i in range(2):
+        code, _, err = run_cli("sample", str(tmp_path / "y.safetensors"), "--run", str(run_dir), "-n", "3", "--seed", "5", "-o", str(tmp_path / f"s{i}"))
+        assert code == 0, err
+        outs.append([(tmp_path / f"s{i}" / f"sample_{j:03d}.png").read_bytes() for j in range(3)])
+    assert outs[0] == outs[1]
+    results = []
+    for i in range(2):
+        code, _, err = run_cli("eval", "--run", str(run_dir), "--n", "3", "-k", "2", "--steps", "4", "--methods", "deft,dagger", "-o", str(tmp_path / f"e{i}"))
+        assert code == 0, err
+        metrics = json.loads((tmp_path / f"e{i}" / "results.json").read_text())["methods"]
+        results.append({m: {k: v for k, v in row.items() if not k.startswith("seconds")} for m, row in metrics.items()})
+    assert results[0] == results[1]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert {"torch", "deft", "python"} <= set(info["versions"]) and len(info["prior"]["sha256"]) == 64
