@@ -34,7 +34,7 @@ _saves: Counter[str] = Counter()
 
 
 def write_checkpoint_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write atomically; a failure (disk full, permissions) is one line and leaves the old file as it was."""
+    """Write atomically (:func:`~deftcli.images.atomic_write`: a failure is one line and leaves the old file as it was)."""
     path = Path(path)
     hook = os.environ.get(PAUSE_HOOK)
 
@@ -46,10 +46,7 @@ def write_checkpoint_file(path: Path, write: Callable[[Path], None]) -> None:
             if name == path.name and _saves[path.name] > int(skip):
                 time.sleep(float(seconds))
 
-    try:
-        atomic_write(path, write_then_maybe_pause)
-    except OSError as exc:
-        raise DeftError(f"{path}: cannot write ({exc.strerror or exc}); the previous version of the file is unchanged") from None
+    atomic_write(path, write_then_maybe_pause)
 
 
 def save_weights(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

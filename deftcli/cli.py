@@ -130,6 +130,8 @@ def degrade_cmd(
     from .specs import OperatorSpec, build_spec
 
     spec = build_spec(OperatorSpec, overrides={k.split(".", 1)[1]: v for k, v in operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param).items()})
+    if output.is_dir():
+        raise DeftError(f"{output}: is a folder; -o names the measurement file, e.g. {output / 'y.png'}")
     if output.exists() and not force:
         raise DeftError(f"{output}: exists (use --force to overwrite)")
     op = create(spec.name, **spec.params)
@@ -163,9 +165,8 @@ def pretrain_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a UNet prior by denoising score matching (how the shipped prior was made)."""
-    from .checkpoint import read_json
     from .pretrain import pretrain
-    from .specs import PretrainSpec, build_spec
+    from .specs import PretrainSpec, build_spec, read_saved_spec
 
     mult = parse_ints(channel_mult, "--channel-mult")
     overrides = {
@@ -177,7 +178,7 @@ def pretrain_cmd(
     base = None
     if resume:
         folder = Path(out or PretrainSpec().out)
-        base = read_json(folder / "spec.json")
+        base = read_saved_spec(folder / "spec.json")
     resolved = build_spec(PretrainSpec, spec, overrides, base=base)
     summary = pretrain(resolved, resume=resume, quiet=quiet, command=["deft", *sys.argv[1:]])
     print_json(summary)
@@ -217,9 +218,8 @@ def finetune_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune an h-transform so the prior samples the posterior of an inverse problem."""
-    from .checkpoint import read_json
     from .finetune import finetune, latest_run
-    from .specs import FinetuneSpec, build_spec
+    from .specs import FinetuneSpec, build_spec, read_saved_spec
 
     overrides = {
         "prior.path": prior, "data.dataset": dataset, "data.root": data_root, "method": method, "measurement": measurement,
@@ -232,7 +232,7 @@ def finetune_cmd(
     base = None
     if resume:
         folder = Path(run_dir) if run_dir else latest_run()
-        base = read_json(folder / "spec.json")
+        base = read_saved_spec(folder / "spec.json")
         overrides["run_dir"] = str(folder)
     resolved = build_spec(FinetuneSpec, spec, overrides, base=base)
     summary = finetune(resolved, resume=resume, quiet=quiet, command=["deft", *sys.argv[1:]])
@@ -324,20 +324,25 @@ def check_gmm_cmd(
     from .specs import build_spec
 
     overrides = {
-        "shape": parse_ints(shape, "--shape"), "components": components, "mode": mode, "iterations": iterations,
+        "shape": parse_ints(shape, "--shape", length=3), "components": components, "mode": mode, "iterations": iterations,
         "time_steps": time_steps, "trajectories": trajectories, "lr": lr, "samples": samples, "seed": seed,
         "device": device, "run_dir": run_dir, **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
     }
     print_json(check_gmm(build_spec(GMMCheckSpec, None, overrides)))
 
 
-def parse_ints(text: str | None, flag: str) -> list[int] | None:
+def parse_ints(text: str | None, flag: str, length: int | None = None) -> list[int] | None:
+    """Comma-separated positive integers (channel multipliers, C,H,W), ``length`` of them when given."""
     if text is None:
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise DeftError(f"{flag} expects comma-separated integers, got '{text}'") from None
+    if not values or any(v < 1 for v in values) or (length is not None and len(values) != length):
+        count = f"{length} " if length is not None else ""
+        raise DeftError(f"{flag} expects {count}comma-separated positive integers, got '{text}'")
+    return values
 
 
 # ---------------------------------------------------------------- entry point

@@ -28,7 +28,7 @@ from .data import open_dataset
 from .devices import resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
-from .images import colormap, image_grid, save_image, to_unit, upsample_to
+from .images import colormap, image_grid, output_folder as make_output_folder, save_image, to_unit, upsample_to
 from .methods import Reconstructor
 from .runs import FinetunedRun, open_run
 from .sample import data_residual
@@ -96,10 +96,11 @@ def sweep_dps_zeta(rec: Reconstructor, run: FinetunedRun, spec: EvalSpec, device
 
 
 def output_folder(spec: EvalSpec, run: FinetunedRun, force: bool) -> Path:
+    """The output folder, created before any work so that a location that cannot be written fails at once."""
     out = Path(spec.out) if spec.out else run.path / f"eval-{spec.split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(out.iterdir()) and not force:
         raise DeftError(f"{out}: exists and is not empty (choose another -o or pass --force)")
-    return out
+    return make_output_folder(out)
 
 
 def evaluate(spec: EvalSpec, force: bool = False) -> dict[str, Any]:
@@ -152,7 +153,6 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
             **{f"{key}_per_image": v * k for key, v in cost.items()},
         }
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         write_json(results, out / "results.json")
         cols = min(GRID_COLUMNS, n)
         save_image(result_grid(x_all[:cols], y_all[:cols], grid_samples, operator), out / "grid.png")

@@ -36,9 +36,9 @@ from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .gmm import GaussianMixturePrior
 from .htransform import HTransform, HTransformConfig, save_htransform
-from .images import image_grid, read_measurement, save_image, upsample_to
+from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
 from .operators import Operator, create
-from .priors import Prior, load_prior
+from .priors import Prior, load_prior, state_dict_mismatch
 from .runs import latest_run
 from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
@@ -195,11 +195,14 @@ class Finetuner:
     def _load_state(self) -> None:
         path = self.run_dir / "state_last.safetensors"
         state = load_state(path)
+        problem = state_dict_mismatch(self.htransform, state.get("htransform", {}))
+        if problem:
+            raise DeftError(f"{path}: does not match this run's h-network ({problem})")
         try:
             self.htransform.load_state_dict(state["htransform"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise DeftError(f"{path}: does not match this run's spec ({str(exc).splitlines()[0][:160]})") from None
+            raise DeftError(f"{path}: does not match this run's spec ({' '.join(str(exc).split())[:200]})") from None
         self.data_gen.set_state(state["data_rng"])
         self.noise_gen.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
@@ -355,7 +358,8 @@ class Finetuner:
         }
 
 
-def prepare_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
+def resolve_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
+    """The run folder: an existing run to resume, or a new path that holds nothing yet (not created here)."""
     if resume:
         run_dir = Path(spec.run_dir) if spec.run_dir else latest_run()
         if not (run_dir / "state_last.safetensors").exists():
@@ -364,12 +368,10 @@ def prepare_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
             stale.unlink()
         return run_dir
     run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.operator.name)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         raise DeftError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or another --run-dir)")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DeftError(f"{run_dir}: cannot create run folder ({exc.strerror})") from None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DeftError(f"{run_dir}: exists and is not a folder (choose another --run-dir)")
     return run_dir
 
 
@@ -380,11 +382,12 @@ def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, comm
     """
     ctx = setup(resolve_device(spec.device))
     try:
-        run_dir = Path(ctx.broadcast(str(prepare_run_dir(spec, resume)) if ctx.is_main else None))
+        run_dir = Path(ctx.broadcast(str(resolve_run_dir(spec, resume)) if ctx.is_main else None))
         if resume:
             spec = spec.model_copy(update={"run_dir": str(run_dir)})
-        trainer = Finetuner(spec, run_dir, resume, quiet, ctx)
+        trainer = Finetuner(spec, run_dir, resume, quiet, ctx)  # checks prior, operator, measurement first
         if not resume and ctx.is_main:
+            output_folder(run_dir)
             write_run_info(trainer, run_dir, command)
         ctx.barrier()
         return trainer.run()

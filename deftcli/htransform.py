@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from .checkpoint import load_weights, save_weights
@@ -121,7 +121,12 @@ def load_htransform(path: Path, prior: Prior) -> tuple[HTransform, dict[str, Any
     tensors, metadata = load_weights(path)
     if "htransform_config" not in metadata:
         raise DeftError(f"{path}: not an h-transform checkpoint (no config in its metadata)")
-    config = HTransformConfig.model_validate_json(metadata["htransform_config"])
+    try:
+        config = HTransformConfig.model_validate_json(metadata["htransform_config"])
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise DeftError(f"{path}: h-transform config in its metadata is invalid ({where}: {err['msg']})") from None
     htransform = HTransform(config, prior.sde)
     expected = set(htransform.state_dict())
     if set(tensors) != expected:

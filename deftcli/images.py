@@ -87,6 +87,8 @@ def read_tensor(path: str | os.PathLike) -> Tensor:
         x = x[0]
     if x.ndim != 3:
         raise DeftError(f"{path}: expected an image tensor of shape (C, H, W), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise DeftError(f"{path}: the image tensor holds {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf)")
     return x
 
 
@@ -101,13 +103,50 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + (TENSOR_SUFFIX,))
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first of ``folder`` and its parents that exists but is not a folder (so ``folder`` cannot be made)."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
+def output_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents); a location that cannot hold one is a DeftError."""
+    path = Path(path)
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        what = "exists and is not a folder" if blocker == path else f"cannot be created, {blocker} is a file"
+        raise DeftError(f"{path}: {what} (choose another output folder)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeftError(f"{path}: cannot create output folder ({exc.strerror or exc})") from None
+    return path
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Call ``write(tmp_path)`` and rename the result onto ``path``, so readers never see half a file.
+
+    This is where every output file is written: a location that cannot be written (a parent that is
+    a file, a folder in the way, no permission, a full disk) is a :class:`DeftError` naming ``path``,
+    and a file that was there before keeps its previous content.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DeftError(f"{path}: cannot write a file there, it is a folder")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise DeftError(f"{path}: cannot write, {blocker} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeftError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    existed = path.exists()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        kept = "; the previous version of the file is unchanged" if existed else ""
+        raise DeftError(f"{path}: cannot write ({exc.strerror or exc}){kept}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -4,6 +4,11 @@ Loss (the weighting of the original code), t ~ U(ε, 1), z ~ N(0, I), x_t = α(t
 
     L(θ) = E ‖ s_θ(x_t, t) σ(t) + z ‖²        (summed over pixels, averaged over the batch)
 
+With ``parametrisation: gaussian-residual`` (the default) s_θ = s_G + UNet, where s_G is the exact
+score of the Gaussian with the training data's per-channel mean and variance
+(:class:`deftcli.priors.GaussianScore`, fitted on the first 2048 training images); ``plain`` is the
+original code's s_θ = UNet.
+
 The output folder is a prior that :func:`deftcli.priors.load_prior` reads: ``config.json``
 (architecture, SDE, image shape, data set, command, steps, time, validation loss) and
 ``model.safetensors`` (the EMA weights). ``training_state.safetensors`` holds what ``--resume`` needs.
@@ -26,8 +31,8 @@ from .checkpoint import load_state, rng_state, save_state, save_weights, set_rng
 from .data import open_dataset
 from .devices import resolve_device
 from .errors import DeftError
-from .images import image_grid, save_image
-from .priors import UNetPrior
+from .images import image_grid, output_folder, save_image
+from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec
@@ -36,11 +41,12 @@ from .unet import UNet
 
 T_EPS = 1e-5
 VAL_IMAGES = 256
+GAUSSIAN_FIT_IMAGES = 2048
 
 
-def dsm_loss(model: UNet, sde: VPSDE, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
+def dsm_loss(score_fn, sde: VPSDE, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
     """E ‖s_θ(x_t, t) σ(t) + z‖² for given times and noise (sum over pixels, mean over the batch)."""
-    score = model(sde.perturb(x0, t, z), t)
+    score = score_fn(sde.perturb(x0, t, z), t)
     sigma = sde.sigma(t)[:, None, None, None]
     return ((score * sigma + z) ** 2).flatten(1).sum(1).mean()
 
@@ -73,22 +79,23 @@ class ValidationSet:
         self.z = torch.randn(images.shape, generator=g)
 
     @torch.no_grad()
-    def loss(self, model: UNet, sde: VPSDE, device: torch.device, batch: int = 64) -> float:
+    def loss(self, score_fn, sde: VPSDE, device: torch.device, batch: int = 64) -> float:
         total = 0.0
         for i in range(0, self.x0.shape[0], batch):
             sl = slice(i, i + batch)
             x0, t, z = self.x0[sl].to(device), self.t[sl].to(device), self.z[sl].to(device)
-            total += dsm_loss(model, sde, x0, t, z).item() * x0.shape[0]
+            total += dsm_loss(score_fn, sde, x0, t, z).item() * x0.shape[0]
         return total / self.x0.shape[0]
 
 
-def prior_config(spec: PretrainSpec, name: str, extra: dict[str, Any]) -> dict[str, Any]:
+def prior_config(spec: PretrainSpec, name: str, gaussian: GaussianScore | None, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": "deft-unet-prior",
         "name": name,
         "image_shape": [spec.channels, spec.image_size, spec.image_size],
         "sde": spec.sde.model_dump(),
         "unet": spec.unet.model_dump(mode="json"),
+        "gaussian_residual": None if gaussian is None else {"mean": list(gaussian.mean), "variance": gaussian.variance},
         "training": {"dataset": spec.data.model_dump(), "deft_version": __version__, **extra},
     }
 
@@ -99,10 +106,10 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     state_path = out / "training_state.safetensors"
     if resume and not state_path.exists():
         raise DeftError(f"{out}: nothing to resume (no training_state.safetensors)")
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and out.is_dir() and any(out.iterdir()):
         raise DeftError(f"{out}: output folder exists and is not empty (use --resume to continue it, or another --out)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
+    output_folder(out)
+    output_folder(out / "samples")
     name = spec.name or out.name
     device = resolve_device(spec.device)
     spec = spec.model_copy(update={"unet": spec.unet.model_copy(update={"in_channels": spec.channels, "out_channels": spec.channels})})
@@ -113,6 +120,8 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     ema = EMA(model, spec.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
     train = open_dataset(spec.data, "train", spec.image_size, spec.channels)
+    gaussian = GaussianScore.fit(train.batch(range(min(GAUSSIAN_FIT_IMAGES, len(train))))) if spec.parametrisation == "gaussian-residual" else None
+    score_fn, ema_score_fn = unet_score(model, gaussian, sde), unet_score(ema.model, gaussian, sde)
     val_data = open_dataset(spec.data, "val", spec.image_size, spec.channels)
     val = ValidationSet(val_data.batch(range(min(VAL_IMAGES, len(val_data)))), spec.seed)
     data_gen = torch.Generator().manual_seed(spec.seed)
@@ -133,7 +142,7 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     def save(val_loss: float | None) -> None:
         extra = {"command": cmd, "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": val_loss, "ema_decay": spec.ema_decay}
         save_weights(ema.model.state_dict(), out / "model.safetensors")
-        write_json(prior_config(spec, name, extra), out / "config.json")
+        write_json(prior_config(spec, name, gaussian, extra), out / "config.json")
         save_state(
             {
                 "model": model.state_dict(),
@@ -148,7 +157,7 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         )
 
     def sample_grid() -> None:
-        prior = UNetPrior(ema.model, sde, (spec.channels, spec.image_size, spec.image_size), name, {})
+        prior = UNetPrior(ema.model, sde, (spec.channels, spec.image_size, spec.image_size), name, {}, gaussian)
         g = torch.Generator(device=device).manual_seed(1234)
         x = torch.randn((16, spec.channels, spec.image_size, spec.image_size), generator=g, device=device)
         x = sample_reverse_sde(prior.score, sde, x, reverse_time_grid(spec.sample_steps), g, denoise_final=True)
@@ -165,7 +174,7 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
             x0 = train.batch(idx.tolist()).to(device)
             t = torch.rand(spec.batch_size, device=device) * (1 - T_EPS) + T_EPS
             z = torch.randn_like(x0)
-            loss = dsm_loss(model, sde, x0, t, z)
+            loss = dsm_loss(score_fn, sde, x0, t, z)
             lr = spec.lr * warmup_cosine_factor(step, spec.warmup, spec.iterations, final_factor=0.1)
             set_learning_rate(optimizer, lr)
             optimizer.zero_grad(set_to_none=True)
@@ -179,9 +188,9 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
             stop = interrupt.requested or (deadline is not None and time.perf_counter() > deadline) or step == spec.iterations
             if step % spec.sample_every == 0 or stop:
                 model.eval()
-                last_val = val.loss(ema.model, sde, device)
+                last_val = val.loss(ema_score_fn, sde, device)
                 record["val_loss_ema"] = last_val
-                record["val_loss_raw"] = val.loss(model, sde, device)
+                record["val_loss_raw"] = val.loss(score_fn, sde, device)
                 sample_grid()
                 model.train()
             metrics.append(record)

@@ -14,7 +14,7 @@ from .errors import DeftError
 from .htransform import HTransform, load_htransform
 from .operators import Operator, create
 from .priors import Prior, load_prior
-from .specs import FinetuneSpec, validation_message
+from .specs import FinetuneSpec, read_saved_spec, validation_message
 
 RUNS_ROOT = Path("runs")
 
@@ -42,18 +42,56 @@ class FinetunedRun:
 def open_run(path: str | Path | None, device: torch.device, checkpoint: Literal["last", "best"] = "last", prior_override: str | None = None) -> FinetunedRun:
     """Open ``path`` (default: the latest run); the prior must be the one the run was fine-tuned on."""
     run_dir = Path(path) if path is not None else latest_run()
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise DeftError(f"run '{run_dir}': no such folder")
+    if not run_dir.is_dir():
+        raise DeftError(f"run '{run_dir}': not a folder (give the run folder that `deft finetune` wrote)")
     try:
-        spec = FinetuneSpec.model_validate(read_json(run_dir / "spec.json"))
+        spec = FinetuneSpec.model_validate(read_saved_spec(run_dir / "spec.json"))
     except ValidationError as exc:
         raise DeftError(validation_message(exc, str(run_dir / "spec.json"))) from None
     info = read_json(run_dir / "run.json")
+    if not isinstance(info, dict):
+        raise DeftError(f"{run_dir / 'run.json'}: expected a JSON object, got {type(info).__name__}")
     prior = load_prior(prior_override or spec.prior.path).to(device)
-    recorded = info.get("prior", {}).get("sha256")
+    recorded = info["prior"].get("sha256") if isinstance(info.get("prior"), dict) else None
     current = prior.identity().get("sha256")
     if recorded and current and recorded != current:
         raise DeftError(f"{run_dir}: the prior's weights changed since fine-tuning (sha256 {current[:12]}… ≠ recorded {recorded[:12]}…)")
     operator = create(spec.operator.name, **spec.operator.params)
-    htransform, _ = load_htransform(run_dir / f"hnet_{checkpoint}.safetensors", prior)
+    weights = run_dir / f"hnet_{checkpoint}.safetensors"
+    htransform, _ = load_htransform(weights, prior)
+    check_htransform_belongs_to_run(htransform, info, prior, weights)
     return FinetunedRun(run_dir, spec, info, prior, operator, htransform.to(device).eval().requires_grad_(False))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): list(obj) if isinstance(obj, tuple) else obj}
+
+
+def check_htransform_belongs_to_run(htransform: HTransform, info: dict[str, Any], prior: Prior, weights: Path) -> None:
+    """The checkpoint must be the h-network this run trained: the architecture recorded in ``run.json``
+    (when recorded) and, in any case, the prior's number of channels."""
+    found = _flatten(htransform.config.model_dump(mode="json"))
+    recorded = info.get("htransform", {}).get("config") if isinstance(info.get("htransform"), dict) else None
+    if isinstance(recorded, dict):
+        expected = _flatten(recorded)
+        differ = [key for key in sorted(set(found) | set(expected)) if found.get(key) != expected.get(key)]
+        if differ:
+            shown = "; ".join(f"{key} {found.get(key)!r} vs {expected.get(key)!r}" for key in differ[:3])
+            raise DeftError(
+                f"{weights}: checkpoint does not match this run's h-network (checkpoint vs run.json: {shown}"
+                f"{' …' if len(differ) > 3 else ''}); was it copied from another run?"
+            )
+    channels, height, width = prior.image_shape
+    network = htransform.config.network
+    if (network.in_channels, network.out_channels) != (2 * channels, channels):
+        raise DeftError(
+            f"{weights}: checkpoint does not match the prior: its h-network takes {network.in_channels} input channels, "
+            f"the prior's {channels}-channel images need {2 * channels}"
+        )
+    size = getattr(network, "image_size", None)
+    if size is not None and tuple(size) != (height, width):
+        raise DeftError(f"{weights}: checkpoint does not match the prior: its h-network is for {tuple(size)} images, the prior's are {(height, width)}")

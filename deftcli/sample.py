@@ -13,7 +13,7 @@ from .checkpoint import write_json
 from .devices import resolve_device
 from .errors import DeftError
 from .finetune import check_measurement_shape
-from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, read_measurement, save_image
+from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, output_folder, read_measurement, save_image
 from .methods import Reconstructor
 from .priors import load_prior
 from .runs import open_run
@@ -37,10 +37,18 @@ def draw(rec: Reconstructor, method: str, y: Tensor, n: int, batch_size: int, ge
 
 
 def refuse_existing(paths: list[Path], force: bool) -> None:
-    """Never overwrite earlier outputs silently."""
+    """Never overwrite earlier outputs silently; an output folder that is a file is refused even with --force."""
+    for folder in dict.fromkeys(p.parent for p in paths):
+        if folder.exists() and not folder.is_dir():
+            raise DeftError(f"{folder}: exists and is not a folder (choose another -o)")
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         raise DeftError(f"{existing[0]}: exists (choose another -o or pass --force to overwrite)")
+
+
+def output_files(folder: Path, n: int, extra: tuple[str, ...]) -> list[Path]:
+    """Every file a sampling command writes into ``folder``: ``sample_000.png`` … and ``extra``."""
+    return [folder / f"sample_{i:03d}.png" for i in range(n)] + [folder / name for name in extra]
 
 
 def measurement_inputs(source: Path) -> list[Path]:
@@ -74,15 +82,15 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
         y = read_measurement(path)
         check_measurement_shape(y, expected, run.prior.image_shape, path, run.operator)
         measurements.append(y.to(device))
-    targets = [f / name for f in folders for name in ("mean.png", "std.png", "summary.json", "sample_000.png")]
-    refuse_existing(targets, force)
+    refuse_existing([p for f in folders for p in output_files(f, spec.n, ("mean.png", "std.png", "summary.json"))], force)
+    for folder in folders:  # before sampling, so an output location that cannot be written fails at once
+        output_folder(folder)
 
     summaries = []
     for path, y, folder in zip(inputs, measurements, folders):
         start = time.perf_counter()
         x = draw(rec, spec.method, y, spec.n, spec.batch_size, generator)
         seconds = time.perf_counter() - start
-        folder.mkdir(parents=True, exist_ok=True)
         for i, xi in enumerate(x):
             save_image(xi, folder / f"sample_{i:03d}.png")
         mean = x.mean(0)
@@ -118,7 +126,8 @@ def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, gene
     """Prior samples: ``sample_###.png``, a ``grid.png`` and ``summary.json``."""
     prior = load_prior(spec.prior.path or (open_run(spec.run, device).spec.prior.path if spec.run else None)).to(device)
     rec = Reconstructor(prior, steps=spec.steps or UNCONDITIONAL_STEPS, denoise_final=spec.denoise_final, clip_x0=spec.clip_x0)
-    refuse_existing([out / "grid.png", out / "sample_000.png", out / "summary.json"], force)
+    refuse_existing(output_files(out, spec.n, ("grid.png", "summary.json")), force)
+    output_folder(out)
     start = time.perf_counter()
     chunks = []
     for i in range(0, spec.n, spec.batch_size):
@@ -126,7 +135,6 @@ def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, gene
         chunks.append(rec.unconditional(b, device, generator))
     x = torch.cat(chunks)
     seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
     for i, xi in enumerate(x):
         save_image(xi, out / f"sample_{i:03d}.png")
     per_row = 8

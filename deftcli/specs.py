@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,6 +63,9 @@ class PretrainSpec(StrictModel):
     image_size: int = Field(32, ge=8)
     channels: Literal[1, 3] = 3
     unet: UNetConfig = UNetConfig(model_channels=32, channel_mult=(1, 2, 2))
+    parametrisation: Literal["gaussian-residual", "plain"] = Field(
+        "gaussian-residual", description="score = exact Gaussian score + UNet (default), or the original's score = UNet"
+    )
     sde: SDEConfig = SDEConfig()
     iterations: int = Field(20000, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much wall time")
@@ -182,8 +185,10 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
         else:
             data = yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise DeftError(f"{path}: not a valid {path.suffix.lstrip('.') or 'YAML'} spec ({' '.join(str(exc).split())})") from None
+    except yaml.YAMLError as exc:
+        raise DeftError(f"{path}: not a valid YAML spec ({yaml_error_text(exc)})") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise DeftError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} spec ({' '.join(str(exc).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -191,13 +196,38 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def validation_message(exc: ValidationError, source: str) -> str:
-    """One line naming the first invalid field, e.g. ``spec.yaml: lr: Input should be greater than 0``."""
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """A YAML error as a short phrase with its position (PyYAML's own text spans several lines with a caret)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def read_saved_spec(path: str | Path) -> dict[str, Any]:
+    """The resolved spec a run folder keeps (``spec.json``), as a dict to resume from."""
+    from .checkpoint import read_json
+
+    data = read_json(Path(path))
+    if not isinstance(data, dict):
+        raise DeftError(f"{path}: a saved spec must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def validation_message(exc: ValidationError, source: str | Callable[[str], str]) -> str:
+    """One line naming the first invalid field, e.g. ``spec.yaml: lr: Input should be greater than 0``.
+
+    ``source`` names where the values came from, or maps the field's dotted name to that.
+    """
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(root)"
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-    return f"{source}: {where}: {msg}{extra}"
+    value = err.get("input")
+    if err["type"] not in ("extra_forbidden", "missing") and isinstance(value, (str, int, float, bool)):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "…"
+        msg += f" (got {shown})"
+    return f"{source(where) if callable(source) else source}: {where}: {msg}{extra}"
 
 
 def build_spec(model: type[S], spec_path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> S:
@@ -218,10 +248,15 @@ def build_spec(model: type[S], spec_path: str | Path | None = None, overrides: d
             node[leaf].update(value)
         else:
             node[leaf] = value
+    flags = [key for key, value in (overrides or {}).items() if value is not None]
+
+    def origin(field: str) -> str:  # a value set by a flag is blamed on the options, not on the file
+        return "options" if spec_path is None or any(field == k or field.startswith(k + ".") for k in flags) else source
+
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise DeftError(validation_message(exc, source if spec_path else "options")) from None
+        raise DeftError(validation_message(exc, origin)) from None
 
 
 def _deep_update(target: dict[str, Any], update: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from deftcli.distributed import setup, teardown
-from deftcli.finetune import Finetuner, prepare_run_dir
+from deftcli.finetune import Finetuner, resolve_run_dir
+from deftcli.images import output_folder
 from deftcli.specs import FinetuneSpec
 
 torch.set_num_threads(1)
@@ -24,7 +25,7 @@ spec = FinetuneSpec.model_validate({
 })
 ctx = setup(torch.device("cpu"))
 if ctx.is_main:
-    prepare_run_dir(spec, resume=False)
+    output_folder(resolve_run_dir(spec, resume=False))
 ctx.barrier()
 trainer = Finetuner(spec, Path(run_dir), resume=False, quiet=True, ctx=ctx)
 record, _, _ = trainer.step()
