@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .checkpoint import load_state, rng_state, save_state, save_weights, set_rng_state, write_json
+from .checkpoint import load_state, read_json, rng_state, save_state, save_weights, set_rng_state, write_json
 from .data import open_dataset
 from .devices import resolve_device
 from .errors import DeftError
@@ -136,11 +136,13 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])
         metrics.truncate_after(step)
-    cmd = " ".join(shlex.quote(a) for a in (command or sys.argv))
+    commands = [" ".join(shlex.quote(a) for a in (command or sys.argv))]
+    if resume and (out / "config.json").exists():  # keep the commands of the earlier legs of a resumed run
+        commands = read_json(out / "config.json").get("training", {}).get("commands", []) + commands
     write_json(spec.model_dump(mode="json"), out / "spec.json")
 
     def save(val_loss: float | None) -> None:
-        extra = {"command": cmd, "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": val_loss, "ema_decay": spec.ema_decay}
+        extra = {"commands": commands, "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": val_loss, "ema_decay": spec.ema_decay}
         save_weights(ema.model.state_dict(), out / "model.safetensors")
         write_json(prior_config(spec, name, gaussian, extra), out / "config.json")
         save_state(

@@ -28,7 +28,7 @@ def test_pretrain_writes_a_loadable_prior_with_its_training_record(tmp_path):
     summary = pretrain(tiny_spec(tmp_path / "p"), quiet=True, command=["deft", "pretrain", "--tiny"])
     assert summary["steps"] == 4 and summary["val_dsm_loss"] > 0
     config = json.loads((tmp_path / "p" / "config.json").read_text())
-    assert config["training"]["steps"] == 4 and config["training"]["command"] == "deft pretrain --tiny"
+    assert config["training"]["steps"] == 4 and config["training"]["commands"] == ["deft pretrain --tiny"]
     assert config["training"]["val_dsm_loss"] == summary["val_dsm_loss"]
     assert (tmp_path / "p" / "samples" / "step_0000004.png").exists()
     prior = load_prior(tmp_path / "p")
@@ -52,8 +52,10 @@ def test_pretrain_resume_gives_the_same_loss_curve(tmp_path, monkeypatch):
     summary = pretrain(tiny_spec(tmp_path / "resumed"), quiet=True)
     assert summary["interrupted"] and summary["steps"] == 2
     monkeypatch.setattr(module, "dsm_loss", original)
-    pretrain(tiny_spec(tmp_path / "resumed"), resume=True, quiet=True)
+    pretrain(tiny_spec(tmp_path / "resumed"), resume=True, quiet=True, command=["deft", "pretrain", "--resume"])
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    commands = json.loads((tmp_path / "resumed" / "config.json").read_text())["training"]["commands"]
+    assert len(commands) == 2 and commands[-1] == "deft pretrain --resume"
 
 
 def test_ema_warm_up_follows_the_raw_weights_early():
