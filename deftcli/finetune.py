@@ -43,8 +43,8 @@ from .runs import latest_run
 from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
-from .specs import FinetuneSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, set_learning_rate, warmup_cosine_factor
+from .specs import FinetuneSpec, HNetSpec
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, warmup_cosine_factor
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
 
@@ -127,9 +127,28 @@ def default_run_dir(operator_name: str) -> Path:
 
 
 def build_htransform(spec: FinetuneSpec, prior: Prior) -> HTransform:
-    max_period = getattr(getattr(prior, "unet", None), "config", None)
-    max_period = max_period.max_period if max_period is not None else 0.005
-    return HTransform(HTransformConfig.from_spec(spec.hnet, tuple(prior.image_shape), max_period), prior.sde)
+    """The h-network for this prior: its time embedding's period, and a size relative to the prior's."""
+    prior_unet = getattr(prior, "unet", None)
+    max_period = prior_unet.config.max_period if prior_unet is not None else 0.005
+    hnet = spec.hnet
+    if hnet.model_channels is None:
+        hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, prior)})
+    return HTransform(HTransformConfig.from_spec(hnet, tuple(prior.image_shape), max_period), prior.sde)
+
+
+def auto_channels(hnet: HNetSpec, prior: Prior) -> int:
+    """The largest multiple of 4 channels whose h-network has at most ``size_fraction`` of the prior's parameters
+    (the paper's h-networks are 4–9 % of their priors); 16 for a prior without parameters (analytic)."""
+    budget = hnet.size_fraction * sum(p.numel() for p in prior.parameters())
+    if budget == 0:
+        return 16
+    best = 4
+    for channels in range(4, 257, 4):
+        config = HTransformConfig.from_spec(hnet.model_copy(update={"model_channels": channels}), tuple(prior.image_shape), 0.005)
+        if sum(p.numel() for p in HTransform(config, prior.sde).parameters()) > budget:
+            break
+        best = channels
+    return best
 
 
 def versions() -> dict[str, str]:
@@ -155,7 +174,10 @@ class Finetuner:
         if ctx.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.htransform, device_ids=device_ids)
-        self.optimizer = torch.optim.Adam(self.htransform.parameters(), lr=spec.lr)
+        self.optimizer = torch.optim.Adam(
+            [{"params": self.htransform.cond_model.parameters(), "lr": spec.lr, "base_lr": spec.lr},
+             {"params": self.htransform.time_model.parameters(), "lr": spec.lr * spec.time_lr_factor, "base_lr": spec.lr * spec.time_lr_factor}]
+        )
         self.data_gen = torch.Generator().manual_seed(spec.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
         self.grid = reverse_time_grid(spec.time_steps)
@@ -225,8 +247,10 @@ class Finetuner:
         batch = self.source.draw(self.data_gen, self.ctx)
         noise = BatchSlice(self.noise_gen, self.global_batch, self.rows)
         x_init = gaussian((batch.y.shape[0], *self.prior.image_shape), noise, self.device)
-        lr = spec.lr * warmup_cosine_factor(self.step_count, 0, spec.iterations, spec.lr_final_factor)
-        set_learning_rate(self.optimizer, lr)
+        factor = warmup_cosine_factor(self.step_count, 0, spec.iterations, spec.lr_final_factor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        lr = spec.lr * factor
         self.optimizer.zero_grad(set_to_none=True)
         if spec.method == "vargrad":
             record, x_final = self._vargrad_step(batch, x_init, noise)

@@ -87,7 +87,10 @@ class HNetSpec(StrictModel):
     """The h-transform network: NN_φ (a UNet, or an MLP for tiny problems, on [g, x_t]) and the scale c_ψ(t)."""
 
     architecture: Literal["unet", "mlp"] = "unet"
-    model_channels: int = Field(16, ge=1)
+    model_channels: int | None = Field(
+        None, ge=1, description="UNet base channels; None: the largest multiple of 4 within size_fraction of the prior's parameters"
+    )
+    size_fraction: float = Field(0.09, gt=0, le=1, description="automatic size: h-network parameters / prior parameters at most this")
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = Field(1, ge=1)
     attention_resolutions: tuple[int, ...] = ()
@@ -111,7 +114,8 @@ class FinetuneSpec(StrictModel):
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
     trajectories: int = Field(4, ge=2, description="K trajectories per measurement")
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    time_lr_factor: float = Field(2.0, gt=0, description="c_ψ(t) learns at lr × this: it must grow by an order of magnitude from its small initial value")
     lr_final_factor: float = Field(1e-3, gt=0, le=1, description="cosine decay to lr · this factor")
     grad_clip: float = Field(1.0, gt=0)
     grad_fraction: float = Field(0.2, ge=0, le=1, description="fraction of steps that carry a gradient (plus the last two)")

@@ -145,3 +145,27 @@ def test_cli_amortised_finetune_then_sample_and_eval_on_a_tiny_prior(run_cli, ti
 def test_cli_resume_of_a_missing_run_is_a_user_error(run_cli, tmp_path):
     code, _, err = run_cli("finetune", "--resume", "--run-dir", str(tmp_path / "nothing"))
     assert_user_error(code, err, "nothing")
+
+
+def test_default_h_network_is_sized_to_the_prior(tiny_prior):
+    from deftcli.finetune import build_htransform
+
+    prior = load_prior(tiny_prior)
+    prior_params = sum(p.numel() for p in prior.parameters())
+    sizes = []
+    for fraction in (0.5, 0.9):
+        spec = FinetuneSpec(hnet={"size_fraction": fraction})
+        htransform = build_htransform(spec, prior)
+        assert htransform.num_parameters() <= fraction * prior_params
+        assert htransform.config.network.in_channels == 2 * prior.image_shape[0]
+        sizes.append(htransform.config.network.model_channels)
+    assert sizes[0] < sizes[1]
+    assert build_htransform(FinetuneSpec(hnet={"model_channels": 12}), prior).config.network.model_channels == 12
+
+
+def test_the_time_scaling_network_learns_at_its_own_rate(gmm_problem, tmp_path):
+    trainer = Finetuner(gmm_spec(gmm_problem, tmp_path / "run", lr=1e-3, time_lr_factor=3.0), tmp_path / "run", resume=False, quiet=True)
+    groups = {len(list(g["params"])): g["lr"] for g in trainer.optimizer.param_groups}
+    trainer.step()
+    rates = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    assert rates[1] == pytest.approx(3 * rates[0]) and len(groups) == 2
