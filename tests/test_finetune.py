@@ -153,8 +153,8 @@ def test_default_h_network_is_sized_to_the_prior(tiny_prior):
     prior = load_prior(tiny_prior)
     prior_params = sum(p.numel() for p in prior.parameters())
     sizes = []
-    for fraction in (0.5, 0.9):
-        spec = FinetuneSpec(hnet={"size_fraction": fraction})
+    for fraction in (0.3, 0.9):
+        spec = FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16})
         htransform = build_htransform(spec, prior)
         assert htransform.num_parameters() <= fraction * prior_params
         assert htransform.config.network.in_channels == 2 * prior.image_shape[0]
