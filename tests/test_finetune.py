@@ -147,13 +147,16 @@ def test_cli_resume_of_a_missing_run_is_a_user_error(run_cli, tmp_path):
     assert_user_error(code, err, "nothing")
 
 
-def test_default_h_network_is_sized_to_the_prior(tiny_prior):
+def test_default_h_network_is_sized_to_the_prior():
     from deftcli.finetune import build_htransform
+    from deftcli.priors import UNetPrior
+    from deftcli.sde import VPSDE
+    from deftcli.unet import UNet, UNetConfig
 
-    prior = load_prior(tiny_prior)
+    prior = UNetPrior(UNet(UNetConfig(model_channels=16, channel_mult=(1, 2)), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
     prior_params = sum(p.numel() for p in prior.parameters())
     sizes = []
-    for fraction in (0.3, 0.9):
+    for fraction in (0.1, 0.5):
         spec = FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16})
         htransform = build_htransform(spec, prior)
         assert htransform.num_parameters() <= fraction * prior_params
