@@ -247,7 +247,7 @@ class Finetuner:
         batch = self.source.draw(self.data_gen, self.ctx)
         noise = BatchSlice(self.noise_gen, self.global_batch, self.rows)
         x_init = gaussian((batch.y.shape[0], *self.prior.image_shape), noise, self.device)
-        factor = warmup_cosine_factor(self.step_count, 0, spec.iterations, spec.lr_final_factor)
+        factor = warmup_cosine_factor(self.step_count, spec.warmup, spec.iterations, spec.lr_final_factor)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         lr = spec.lr * factor
