@@ -23,9 +23,9 @@ from .operators import Operator
 from .priors import Prior
 from .samplers import NoiseSource, ScoreFn, clip_denoised, denoise, gaussian, reverse_sde_step, sample_reverse_sde, standard_noise, time_batch
 from .sde import reverse_time_grid
+from .specs import DEFAULT_DPS_ZETA
 
 METHODS = ("deft", "dps", "prior", "dagger")
-DEFAULT_DPS_ZETA = 1.0
 
 
 @dataclass

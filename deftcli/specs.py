@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import DeftError
 from .unet import UNetConfig
 
+DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/README.md)
+
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 Precision = Literal["fp32", "bf16"]
 DatasetName = Literal["petals", "flowers102", "folder"]
@@ -109,12 +111,12 @@ class FinetuneSpec(StrictModel):
     data: DataSpec = DataSpec()
     measurement: str | None = Field(None, description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split")
     method: Method = "vargrad"
-    iterations: int = Field(300, ge=1)
+    iterations: int = Field(100, ge=1, description="≈ 4.5 minutes for the default 4× super-resolution on a 2-core CPU")
     max_minutes: float | None = Field(None, gt=0)
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
     trajectories: int = Field(4, ge=2, description="K trajectories per measurement")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0, description="Adam learning rate of the h-network (c_ψ: × time_lr_factor)")
     time_lr_factor: float = Field(5.0, gt=0, description="c_ψ(t) learns at lr × this: it must grow by an order of magnitude from its small initial value")
     lr_final_factor: float = Field(1e-3, gt=0, le=1, description="cosine decay to lr · this factor")
     warmup: int = Field(10, ge=0, description="linear learning-rate warm-up steps (Adam's first steps are lr-sized in every parameter)")
@@ -145,7 +147,7 @@ class SampleSpec(StrictModel):
     n: int = Field(8, ge=1)
     steps: int | None = Field(None, ge=3, description="grid points (default: the run's time_steps, or 100)")
     batch_size: int = Field(16, ge=1)
-    dps_zeta: float = Field(1.0, gt=0)
+    dps_zeta: float = Field(DEFAULT_DPS_ZETA, gt=0, description="DPS step size ζ (the sweep of `deft eval` picks it per problem)")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
     seed: int = 0
@@ -163,7 +165,7 @@ class EvalSpec(StrictModel):
     methods: list[SamplerName] = ["deft", "dps", "prior", "dagger"]
     steps: int | None = Field(None, ge=3)
     dps_zeta: float | None = Field(None, gt=0, description="None: select ζ by a sweep on training images")
-    dps_sweep: list[float] = [0.3, 1.0, 3.0, 10.0]
+    dps_sweep: list[float] = [0.3, 1.0, 3.0, 10.0, 30.0]
     denoise_final: bool = True
     seed: int = 0
     device: Device = "auto"
