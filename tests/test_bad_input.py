@@ -470,8 +470,6 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
 # Where the process itself matters: the console entry's exit status, and a pickle payload's side effect.
 IN_A_REAL_PROCESS = {"sample-prior-pickle-os-system", "degrade-output-exists"}
 
-# Cases whose fix belongs in a module this change does not edit (see each reason).
-
 
 def snapshot(*roots: Path) -> dict[str, str]:
     """SHA-256 of every file under the roots."""
@@ -497,7 +495,7 @@ def test_case_ids_are_unique():
 
 
 @pytest.mark.parametrize("build, needles", matrix_params())
-def test_bad_input(request, build, needles, assets, tmp_path, monkeypatch, run_cli):
+def test_bad_input(request, build, needles, assets, tmp_path, monkeypatch, run_cli, record_property):
     monkeypatch.chdir(tmp_path)  # default outputs (runs/, out/) would land here
     w = Workspace(tmp_path, assets)
     argv = [str(a) for a in build(w)]
@@ -507,6 +505,7 @@ def test_bad_input(request, build, needles, assets, tmp_path, monkeypatch, run_c
         code, out, err = result.returncode, result.stdout, result.stderr
     else:
         code, out, err = run_cli(*argv)
+    record_property("stderr", err.strip())  # the matrix report: pytest --junitxml=FILE keeps case → message
     assert_user_error(code, err, *needles)
     assert "Traceback" not in out
     assert not (tmp_path / "pwned").exists(), "unpickling ran code"

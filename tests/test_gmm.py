@@ -107,6 +107,8 @@ def test_a_short_fine_tuning_run_lowers_the_posterior_mean_error():
     after = check_gmm(GMMCheckSpec(**{**base, "iterations": 60}))
     assert after["deft"]["mean_rel_error"] < 0.5 * before["deft"]["mean_rel_error"]
     assert after["deft"]["weight_tv"] < before["prior"]["weight_tv"]
+    exact = after["exact_score"]  # the sampler driven by the exact posterior score: only discretisation error
+    assert exact["mean_rel_error"] < after["deft"]["mean_rel_error"] and exact["weight_tv"] < 0.5 * before["prior"]["weight_tv"]
 
 
 def test_check_gmm_cli_prints_one_json_object_with_a_section_per_method(run_cli):
@@ -114,7 +116,7 @@ def test_check_gmm_cli_prints_one_json_object_with_a_section_per_method(run_cli)
                              "--sigma", "0.1", "--iterations", "2", "--time-steps", "5", "--samples", "50", "--seed", "3")
     assert code == 0, err
     result = json.loads(out)
-    for section in ("problem", "exact", "deft", "dps", "prior"):
+    for section in ("problem", "exact", "deft", "dps", "prior", "exact_score"):
         assert section in result
     for key in ("mean_rel_error", "weight_tv", "sliced_w2"):
         assert math.isfinite(result["deft"][key]) and math.isfinite(result["dps"][key])
