@@ -179,11 +179,11 @@ def result_grid(x_true: Tensor, y: Tensor, samples: dict[str, Tensor], operator)
 
 def print_table(results: dict[str, Any]) -> None:
     table = Table(title=f"deft eval — {results['operator']}, {results['split']} (n={results['n']}, k={results['k']}, {results['steps']} steps)")
-    for col in ("method", "PSNR sample", "SSIM sample", "PSNR mean", "SSIM mean", "‖Ax̂−y‖/√m", "σ_y", "s/image", "NFE/image"):
+    for col in ("method", "PSNR sample", "SSIM sample", "PSNR mean", "SSIM mean", "‖Ax̂−y‖/√m", "σ_y", "s/image", "NFE/image prior/h/∇prior"):
         table.add_column(col, justify="right")
     for name, m in results["methods"].items():
         label = f"dps (ζ={results['dps_zeta']:g})" if name == "dps" else name
-        nfe = m["nfe_prior_per_image"] + m["nfe_hnet_per_image"]
+        nfe = f"{m['nfe_prior_per_image']}/{m['nfe_hnet_per_image']}/{m['backward_prior_per_image']}"  # DPS's cost is its backward passes
         table.add_row(label, f"{m['psnr_sample']:.2f}", f"{m['ssim_sample']:.3f}", f"{m['psnr_mean']:.2f}", f"{m['ssim_mean']:.3f}",
-                      f"{m['data_residual']:.4f}", f"{m['sigma_y']:g}", f"{m['seconds_per_image']:.2f}", str(nfe))
+                      f"{m['data_residual']:.4f}", f"{m['sigma_y']:g}", f"{m['seconds_per_image']:.2f}", nfe)
     Console(width=None if Console().is_terminal else 130).print(table)
