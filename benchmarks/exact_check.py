@@ -68,5 +68,6 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"iterations": args.iterations, "threads": args.threads, "rows": rows}, indent=2) + "\n")
 
+
 if __name__ == "__main__":
     main()
