@@ -7,7 +7,7 @@ A†y, the unconditional prior, DPS (ζ chosen by a sweep on train images) and d
 samples per image at the run's number of time steps; and deft's PSNR for every snapshot, against
 the fine-tuning minutes it had. Writes JSON and prints a table::
 
-    python benchmarks/sample_quality.py [--run runs/superres-…] [--n 64] [-k 4]
+    python benchmarks/sample_quality.py [--run runs/superres-…] [--iterations 400 --snapshot-every 50] [--n 64] [-k 4]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="an existing run of 4× super-resolution (default: fine-tune one now)")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: deft's default); a longer run shows when deft passes DPS")
     parser.add_argument("--snapshot-every", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -51,7 +52,8 @@ def main() -> None:
     if run_dir is None:
         run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         spec = build_spec(FinetuneSpec, overrides={"operator.name": "superres", "operator.params": {"factor": 4, "sigma": 0.05},
-                                                   "snapshot_every": args.snapshot_every, "run_dir": str(run_dir), "device": "cpu"})
+                                                   "snapshot_every": args.snapshot_every, "run_dir": str(run_dir), "device": "cpu",
+                                                   **({"iterations": args.iterations} if args.iterations else {})})
         finetune_summary = finetune(spec, quiet=True, command=["benchmarks/sample_quality.py"])
     run = open_run(run_dir, torch.device("cpu"))
     data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
