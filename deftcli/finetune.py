@@ -44,7 +44,7 @@ from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
 from .specs import FinetuneSpec, HNetSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, warmup_cosine_factor
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, scale_learning_rates, warmup_cosine_factor
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
 
@@ -248,8 +248,7 @@ class Finetuner:
         noise = BatchSlice(self.noise_gen, self.global_batch, self.rows)
         x_init = gaussian((batch.y.shape[0], *self.prior.image_shape), noise, self.device)
         factor = warmup_cosine_factor(self.step_count, spec.warmup, spec.iterations, spec.lr_final_factor)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+        scale_learning_rates(self.optimizer, factor)
         lr = spec.lr * factor
         self.optimizer.zero_grad(set_to_none=True)
         if spec.method == "vargrad":

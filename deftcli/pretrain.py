@@ -36,7 +36,7 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, set_learning_rate, warmup_cosine_factor
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, scale_learning_rates, warmup_cosine_factor
 from .unet import UNet
 
 T_EPS = 1e-5
@@ -118,7 +118,7 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     sde = VPSDE(**spec.sde.model_dump())
     model = UNet(spec.unet, sde.sigma).to(device)
     ema = EMA(model, spec.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": spec.lr, "base_lr": spec.lr}])
     train = open_dataset(spec.data, "train", spec.image_size, spec.channels)
     gaussian = GaussianScore.fit(train.batch(range(min(GAUSSIAN_FIT_IMAGES, len(train))))) if spec.parametrisation == "gaussian-residual" else None
     score_fn, ema_score_fn = unet_score(model, gaussian, sde), unet_score(ema.model, gaussian, sde)
@@ -177,8 +177,9 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
             t = torch.rand(spec.batch_size, device=device) * (1 - T_EPS) + T_EPS
             z = torch.randn_like(x0)
             loss = dsm_loss(score_fn, sde, x0, t, z)
-            lr = spec.lr * warmup_cosine_factor(step, spec.warmup, spec.iterations, final_factor=0.1)
-            set_learning_rate(optimizer, lr)
+            factor = warmup_cosine_factor(step, spec.warmup, spec.iterations, final_factor=0.1)
+            scale_learning_rates(optimizer, factor)
+            lr = spec.lr * factor
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)

@@ -24,10 +24,11 @@ def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float
     return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (the schedule is a pure function of the step)."""
+def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every parameter group's learning rate to its ``base_lr`` × ``factor`` (the schedule is a pure
+    function of the step, so a resumed run continues it exactly)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["base_lr"] * factor
 
 
 class GracefulInterrupt:
