@@ -401,7 +401,7 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("degrade-factor-1", lambda w: degrade(w, w.flower, "--factor", "1"), ["factor", "greater than or equal to 2"]),
     ("degrade-factor-3-on-32px", lambda w: degrade(w, w.flower, "--factor", "3"), ["factor 3", "32x32"]),
     ("finetune-factor-3-on-16px-prior", lambda w: finetune(w, "--factor", "3"), ["factor 3", "16x16"]),
-    ("degrade-factor-not-a-number", lambda w: degrade(w, w.flower, "--factor", "two"), ["--factor", "not a valid int"]),
+    ("degrade-factor-not-a-number", lambda w: degrade(w, w.flower, "--factor", "two"), ["--factor", "valid int"]),
     ("degrade-sigma-negative", lambda w: degrade(w, w.flower, "--sigma", "-0.1"), ["sigma", "greater than or equal to 0"]),
     ("degrade-mask-wrong-size", lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.image("mask.png", "L", (16, 16))), ["mask", "16x16", "32x32"]),
     ("degrade-mask-missing", lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.path("nomask.png")), ["nomask.png", "mask"]),
