@@ -127,9 +127,8 @@ def finetune_and_sample(tmp: Path, steps: int, args: argparse.Namespace, device:
     seconds_per_iteration = timed(trainer.step, device, args.iterations)
     row = {"time_steps": steps, "vargrad_seconds_per_iteration": round(seconds_per_iteration, 4), "vargrad_peak_memory_mb": peak_mb(device)}
 
-    operator = create("superres", factor=FACTOR, sigma=SIGMA_Y).to(device)
-    rec = Reconstructor(prior=trainer.prior, operator=operator, htransform=trainer.htransform.eval().requires_grad_(False), steps=steps)
-    y = operator.measure(torch.rand(args.sample_batch, 3, SIZE, SIZE, device=device) * 2 - 1)
+    rec = Reconstructor(prior=trainer.prior, operator=trainer.operator, htransform=trainer.htransform.eval().requires_grad_(False), steps=steps)
+    y = trainer.operator.measure(torch.rand(args.sample_batch, 3, SIZE, SIZE, device=device) * 2 - 1)
     row.update(sampling_speed(rec, y, args.sample_repeats, device))
     return row
 
