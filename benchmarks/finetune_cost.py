@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-CONFIG = {"image_size": 32, "batch": 8, "prior": {"model_channels": 32, "channel_mult": [1, 2, 2]}, "hnet": {"model_channels": 32, "channel_mult": [1, 2]}}
+CONFIG = {"image_size": 32, "batch": 8, "prior": {"model_channels": 32, "channel_mult": [1, 2, 2]}, "hnet": {"model_channels": 32, "channel_mult": [1, 2], "space_to_depth": 1}}
 
 
 def rss_mb() -> float:

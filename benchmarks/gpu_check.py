@@ -46,7 +46,7 @@ from deftcli.specs import FinetuneSpec
 from deftcli.unet import UNet, UNetConfig
 
 ORIGINAL_PRIOR = {"model_channels": 64, "channel_mult": [1, 2, 4], "num_res_blocks": 1, "attention_resolutions": [], "max_period": 0.005}
-ORIGINAL_HNET = {"model_channels": 32, "channel_mult": [1, 2]}
+ORIGINAL_HNET = {"model_channels": 32, "channel_mult": [1, 2], "space_to_depth": 1}
 SIZE, BATCH, FACTOR, SIGMA_Y = 64, 14, 4, 0.05
 
 

@@ -5,9 +5,12 @@ the h-network every ``--snapshot-every`` steps) unless ``--run`` names a finishe
 first ``--n`` val images with measurements drawn once (seed 0), evaluates in this one process:
 A†y, the unconditional prior, DPS (ζ chosen by a sweep on train images) and deft, each with k
 samples per image at the run's number of time steps; and deft's PSNR for every snapshot, against
-the fine-tuning minutes it had. Sampling speed is measured separately, so that no method pays for
-another's warm-up: one batch of ``--batch-size`` measurements per method, the methods interleaved
-over ``--speed-rounds`` rounds after a warm-up round, the median per method. Writes JSON and prints
+the fine-tuning minutes it had. A second, smaller comparison (``--prior-truth`` images) replaces
+the val images by samples of the prior itself: there the prior is exact, which separates what the
+prior's mismatch with petals costs each method from how close each sampler is to the posterior.
+Sampling speed is measured separately, so that no method pays for another's warm-up: one batch of
+``--batch-size`` measurements per method, the methods interleaved over ``--speed-rounds`` rounds
+after a warm-up round, the median per method. Writes JSON and prints
 a table::
 
     python benchmarks/sample_quality.py [--run runs/superres-…] [--iterations 400 --snapshot-every 50] [--n 64] [-k 4]
@@ -51,6 +54,22 @@ def sampling_seconds_per_image(rec: Reconstructor, y: torch.Tensor, methods: tup
     return {method: {"median": round(statistics.median(t), 4), "all": [round(v, 4) for v in t]} for method, t in times.items()}
 
 
+def prior_truth_comparison(rec: Reconstructor, n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
+    """deft and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior (200-step reverse SDE, seed 123)."""
+    truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
+    x = truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
+    y = rec.operator.measure(x, generator=torch.Generator().manual_seed(0))
+    images, rows, selected = list(range(n)), {}, rec.dps_zeta
+    for method, zeta in [("dagger", None), ("deft", None), *(("dps", z) for z in zetas)]:
+        rec.dps_zeta = zeta if zeta is not None else selected
+        per_image, _, seconds = per_image_metrics(rec, method, x, y, images, 1 if method == "dagger" else k, batch_size, seed=0)
+        name = method if zeta is None else f"dps_zeta_{zeta:g}"
+        rows[name] = summarise(per_image, seconds, n, 1 if method == "dagger" else k)
+        print(f"prior truth  {name:13s} PSNR mean {rows[name]['psnr_mean']:6.2f}  residual {rows[name]['data_residual']:.3f}", flush=True)
+    rec.dps_zeta = selected
+    return {"images": f"{n} samples of the prior (200 steps, seed 123), clamped to [-1, 1]", "methods": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="an existing run of 4× super-resolution (default: fine-tune one now)")
@@ -58,6 +77,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: deft's default); a longer run shows when deft passes DPS")
     parser.add_argument("--snapshot-every", type=int, default=20)
+    parser.add_argument("--prior-truth", type=int, default=32, help="images drawn from the prior for the prior-is-exact comparison (0: skip)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -94,6 +114,9 @@ def main() -> None:
     speed = sampling_seconds_per_image(rec, y[: args.batch_size], ("deft", "dps", "prior"), args.speed_rounds)
     print("seconds per image (median of interleaved rounds): " + ", ".join(f"{m} {v['median']:.3f}" for m, v in speed.items()), flush=True)
 
+    neighbours = sorted(z for z in EvalSpec().dps_sweep if zeta / 3.5 <= z <= zeta * 3.5)
+    prior_truth = prior_truth_comparison(rec, args.prior_truth, args.k, args.batch_size, neighbours) if args.prior_truth else None
+
     curve = []
     for path in sorted((run_dir / "snapshots").glob("hnet_step_*.safetensors")):
         htransform, meta = load_htransform(path, run.prior)
@@ -112,6 +135,7 @@ def main() -> None:
         "methods": methods,
         "sampling_speed": {"batch": min(args.batch_size, len(images)), "rounds": args.speed_rounds, "seconds_per_image": speed},
         "curve": curve,
+        "prior_truth": prior_truth,
         "targets": {
             "deft_mean_psnr_above_dps": methods["deft"]["psnr_mean"] > methods["dps"]["psnr_mean"],
             "deft_mean_psnr_above_dagger": methods["deft"]["psnr_mean"] > methods["dagger"]["psnr_mean"],

@@ -210,6 +210,7 @@ def finetune_cmd(
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     hnet_channels: Annotated[Optional[int], typer.Option("--hnet-channels", help="h-network UNet base channels")] = None,
     hnet_mult: Annotated[Optional[str], typer.Option("--hnet-mult", help="h-network channel multipliers, e.g. 1,2")] = None,
+    hnet_space_to_depth: Annotated[Optional[int], typer.Option("--hnet-space-to-depth", help="h-network UNet on r×r pixel blocks (1: full resolution)")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (CUDA)")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -226,6 +227,7 @@ def finetune_cmd(
         "iterations": iterations, "max_minutes": max_minutes, "time_steps": time_steps,
         "measurements_per_batch": measurements_per_batch, "trajectories": trajectories, "lr": lr,
         "hnet.model_channels": hnet_channels, "hnet.channel_mult": parse_ints(hnet_mult, "--hnet-mult"),
+        "hnet.space_to_depth": hnet_space_to_depth,
         "precision": precision, "seed": seed, "device": device, "run_dir": run_dir,
         **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
     }

@@ -131,6 +131,9 @@ def build_htransform(spec: FinetuneSpec, prior: Prior) -> HTransform:
     prior_unet = getattr(prior, "unet", None)
     max_period = prior_unet.config.max_period if prior_unet is not None else 0.005
     hnet = spec.hnet
+    r, (_, height, width) = hnet.space_to_depth, prior.image_shape
+    if hnet.architecture == "unet" and (height % r or width % r):
+        raise DeftError(f"hnet.space_to_depth {r} must divide the prior's image size {height}×{width}")
     if hnet.model_channels is None:
         hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, prior)})
     return HTransform(HTransformConfig.from_spec(hnet, tuple(prior.image_shape), max_period), prior.sde)

@@ -6,8 +6,15 @@ g(x_t, t, y) = Aᵀ(A x̂0 − y) / σ_y²  at Tweedie's x̂0 of the prior:
     h(x_t, t, y) = NN_φ([g, x_t], t) − c_ψ(t) · g
 
 NN_φ is a :class:`~deftcli.unet.UNet` (or, for tiny problems, a :class:`~deftcli.mlp.MLPNet`)
-with 2C input channels and output divided by σ(t); c_ψ is a :class:`~deftcli.unet.TimeScaling`. The fine-tuned score is s_θ + h. Submodule names
-(``cond_model``, ``time_model``) follow the original code so its two state dicts load as they are.
+with 2C input channels and output divided by σ(t); c_ψ is a :class:`~deftcli.unet.TimeScaling`.
+The fine-tuned score is s_θ + h. Submodule names (``cond_model``, ``time_model``) follow the
+original code so its two state dicts load as they are.
+
+With ``space_to_depth`` r > 1 the UNet works on r×r pixel blocks stacked as channels:
+NN_φ(z) = shuffle_r(UNet(unshuffle_r(z))), a UNet with r²·2C inputs and r²·C outputs on an
+(H/r)×(W/r) grid. It sees every pixel, covers r× the receptive field, and its cost on a CPU,
+which follows the activations of its full-resolution layers, falls by about r²
+(``benchmarks/README.md``). r = 1 is the original's network.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .checkpoint import load_weights, save_weights
 from .errors import DeftError
@@ -37,10 +45,12 @@ class HTransformConfig(BaseModel):
 
     network: Annotated[UNetConfig | MLPConfig, Field(discriminator="kind")]
     time_scaling: TimeScalingConfig
+    space_to_depth: int = Field(1, ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)")
 
     @classmethod
     def from_spec(cls, spec: HNetSpec, image_shape: tuple[int, int, int], max_period: float) -> "HTransformConfig":
         channels = image_shape[0]
+        r = spec.space_to_depth if spec.architecture == "unet" else 1
         network: UNetConfig | MLPConfig
         if spec.architecture == "mlp":
             network = MLPConfig(
@@ -54,8 +64,8 @@ class HTransformConfig(BaseModel):
             )
         else:
             network = UNetConfig(
-                in_channels=2 * channels,
-                out_channels=channels,
+                in_channels=2 * channels * r * r,
+                out_channels=channels * r * r,
                 model_channels=spec.model_channels,
                 channel_mult=spec.channel_mult,
                 num_res_blocks=spec.num_res_blocks,
@@ -67,6 +77,7 @@ class HTransformConfig(BaseModel):
             time_scaling=TimeScalingConfig(
                 time_embedding_dim=spec.time_embedding_dim, hidden=spec.time_hidden, max_period=max_period, init_scale=spec.init_scale
             ),
+            space_to_depth=r,
         )
 
 
@@ -81,7 +92,8 @@ class HTransform(nn.Module):
         self.time_model = TimeScaling(config.time_scaling)
 
     def forward(self, x: Tensor, t: Tensor, g: Tensor) -> Tensor:
-        nn_out = self.cond_model(torch.cat([g, x], dim=1), t)
+        inputs, r = torch.cat([g, x], dim=1), self.config.space_to_depth
+        nn_out = self.cond_model(inputs, t) if r == 1 else F.pixel_shuffle(self.cond_model(F.pixel_unshuffle(inputs, r), t), r)
         return nn_out - self.time_model(t).to(nn_out.dtype) * g
 
     def num_parameters(self) -> int:

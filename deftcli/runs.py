@@ -86,10 +86,10 @@ def check_htransform_belongs_to_run(htransform: HTransform, info: dict[str, Any]
                 f"{' …' if len(differ) > 3 else ''}); was it copied from another run?"
             )
     channels, height, width = prior.image_shape
-    network = htransform.config.network
-    if (network.in_channels, network.out_channels) != (2 * channels, channels):
+    network, blocks = htransform.config.network, htransform.config.space_to_depth ** 2
+    if (network.in_channels, network.out_channels) != (2 * channels * blocks, channels * blocks):
         raise DeftError(
-            f"{weights}: checkpoint does not match the prior: its h-network takes {network.in_channels} input channels, "
+            f"{weights}: checkpoint does not match the prior: its h-network takes {network.in_channels // blocks} input channels, "
             f"the prior's {channels}-channel images need {2 * channels}"
         )
     size = getattr(network, "image_size", None)

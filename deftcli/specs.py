@@ -96,6 +96,9 @@ class HNetSpec(StrictModel):
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = Field(1, ge=1)
     attention_resolutions: tuple[int, ...] = ()
+    space_to_depth: int = Field(
+        2, ge=1, description="UNet on r×r pixel blocks stacked as channels (r² fewer positions); 1: full resolution, as the original"
+    )
     time_embedding_dim: int = Field(64, ge=2)
     time_hidden: int = Field(64, ge=1)
     init_scale: float = 5e-3

@@ -396,6 +396,8 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("check-gmm-shape-of-two", lambda w: ["check", "gmm", "--shape", "1,8"], ["--shape", "3 comma-separated"]),
     ("check-gmm-shape-zero", lambda w: ["check", "gmm", "--shape", "0,8,8"], ["--shape", "positive"]),
     ("finetune-hnet-mult-zero", lambda w: finetune(w, "--hnet-mult", "0"), ["--hnet-mult", "positive"]),
+    ("finetune-hnet-blocks-not-dividing-the-image", lambda w: finetune(w, "--hnet-space-to-depth", "3"), ["space_to_depth 3", "divide"]),
+    ("finetune-hnet-blocks-zero", lambda w: finetune(w, "--hnet-space-to-depth", "0"), ["space_to_depth", "greater than or equal to 1"]),
     ("check-gmm-unknown-operator", lambda w: ["check", "gmm", "--operator", "warp"], ["warp", "superres"]),
     ("degrade-factor-0", lambda w: degrade(w, w.flower, "--factor", "0"), ["factor", "greater than or equal to 2"]),
     ("degrade-factor-1", lambda w: degrade(w, w.flower, "--factor", "1"), ["factor", "greater than or equal to 2"]),

@@ -160,10 +160,38 @@ def test_default_h_network_is_sized_to_the_prior():
         spec = FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16})
         htransform = build_htransform(spec, prior)
         assert htransform.num_parameters() <= fraction * prior_params
-        assert htransform.config.network.in_channels == 2 * prior.image_shape[0]
+        blocks = htransform.config.space_to_depth ** 2
+        assert htransform.config.network.in_channels == 2 * prior.image_shape[0] * blocks
         sizes.append(htransform.config.network.model_channels)
     assert sizes[0] < sizes[1]
     assert build_htransform(FinetuneSpec(hnet={"model_channels": 12}), prior).config.network.model_channels == 12
+
+
+def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size_in_the_checkpoint(tmp_path):
+    from deftcli.finetune import build_htransform
+    from deftcli.htransform import HTransformConfig, save_htransform
+    from deftcli.priors import UNetPrior
+    from deftcli.sde import VPSDE
+    from deftcli.unet import UNet, UNetConfig
+
+    prior = UNetPrior(UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), norm_groups=8), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
+    spec = FinetuneSpec(hnet={"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16})
+    htransform = build_htransform(spec, prior)
+    assert (htransform.config.network.in_channels, htransform.config.network.out_channels) == (96, 48)
+    with torch.no_grad():
+        for p in htransform.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # past the zero-initialised output layer
+    x, g, t = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.7])
+    out = htransform(x, t, g)
+    assert out.shape == x.shape
+    save_htransform(htransform, tmp_path / "h.safetensors", {"step": 0})
+    loaded, _ = load_htransform(tmp_path / "h.safetensors", prior)
+    assert loaded.config.space_to_depth == 4
+    assert torch.allclose(loaded(x, t, g), out)
+    # configs saved before the option existed are full-resolution networks
+    legacy = htransform.config.model_dump(mode="json")
+    del legacy["space_to_depth"]
+    assert HTransformConfig.model_validate(legacy).space_to_depth == 1
 
 
 def test_the_time_scaling_network_learns_at_its_own_rate(gmm_problem, tmp_path):
