@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from deftcli.data import open_dataset
-from deftcli.evaluate import SWEEP_IMAGES, draw_per_image, per_image_metrics, sweep_dps_zeta
+from deftcli.evaluate import SWEEP_IMAGES, interleaved_seconds_per_image, per_image_metrics, sweep_dps_zeta
 from deftcli.finetune import finetune
 from deftcli.htransform import load_htransform
 from deftcli.methods import Reconstructor
@@ -39,19 +37,6 @@ from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
 
 def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int) -> dict[str, float]:
     return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
-
-
-def sampling_seconds_per_image(rec: Reconstructor, y: torch.Tensor, methods: tuple[str, ...], rounds: int) -> dict[str, dict[str, float]]:
-    """Median seconds per image of each method on the same batch y, interleaved over rounds after a warm-up round."""
-    times: dict[str, list[float]] = {method: [] for method in methods}
-    images = range(y.shape[0])
-    for round_index in range(rounds + 1):
-        for method in methods:
-            began = time.perf_counter()
-            draw_per_image(rec, method, y, images, 1, y.shape[0], seed=round_index)
-            if round_index:
-                times[method].append((time.perf_counter() - began) / y.shape[0])
-    return {method: {"median": round(statistics.median(t), 4), "all": [round(v, 4) for v in t]} for method, t in times.items()}
 
 
 def prior_truth_comparison(rec: Reconstructor, n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
@@ -111,7 +96,7 @@ def main() -> None:
         print(f"{method:7s} PSNR sample {methods[method]['psnr_sample']:6.2f}  PSNR mean {methods[method]['psnr_mean']:6.2f}  "
               f"SSIM mean {methods[method]['ssim_mean']:.3f}  {methods[method]['seconds_per_image']:.2f} s/image", flush=True)
 
-    speed = sampling_seconds_per_image(rec, y[: args.batch_size], ("deft", "dps", "prior"), args.speed_rounds)
+    speed = interleaved_seconds_per_image({m: (rec, m) for m in ("deft", "dps", "prior")}, y[: args.batch_size], args.speed_rounds)
     print("seconds per image (median of interleaved rounds): " + ", ".join(f"{m} {v['median']:.3f}" for m, v in speed.items()), flush=True)
 
     neighbours = sorted(z for z in EvalSpec().dps_sweep if zeta / 3.5 <= z <= zeta * 3.5)

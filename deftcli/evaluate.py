@@ -11,6 +11,7 @@ DPS uses the ζ that a small sweep on *training* images selects (reported), unle
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -78,6 +79,21 @@ def per_image_metrics(rec: Reconstructor, method: str, x_true: Tensor, y: Tensor
         "data_residual": data_residual(rec.operator, flat, y.repeat_interleave(k, dim=0)).reshape(n, k).mean(1),
     }
     return {key: v.detach().cpu() for key, v in per_image.items()}, samples, seconds
+
+
+def interleaved_seconds_per_image(samplers: dict[str, tuple[Reconstructor, str]], y: Tensor, rounds: int) -> dict[str, dict[str, Any]]:
+    """Seconds per image of each named (reconstructor, method) on the same batch y: one sample per row,
+    the samplers interleaved over ``rounds`` timed rounds after a warm-up round, so that none pays for
+    another's warm-up or runs only while the machine is cool; the median per sampler and every round."""
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    images = range(y.shape[0])
+    for round_index in range(rounds + 1):
+        for name, (rec, method) in samplers.items():
+            began = time.perf_counter()
+            draw_per_image(rec, method, y, images, 1, y.shape[0], seed=round_index)
+            if round_index:
+                times[name].append((time.perf_counter() - began) / y.shape[0])
+    return {name: {"median": round(statistics.median(t), 4), "all": [round(v, 4) for v in t]} for name, t in times.items()}
 
 
 def sweep_dps_zeta(rec: Reconstructor, run: FinetunedRun, spec: EvalSpec, device: torch.device) -> tuple[float, list[dict[str, float]]]:
