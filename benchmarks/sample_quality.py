@@ -10,8 +10,7 @@ the val images by samples of the prior itself: there the prior is exact, which s
 prior's mismatch with petals costs each method from how close each sampler is to the posterior.
 Sampling speed is measured separately, so that no method pays for another's warm-up: one batch of
 ``--batch-size`` measurements per method, the methods interleaved over ``--speed-rounds`` rounds
-after a warm-up round, the median per method. Writes JSON and prints
-a table::
+after a warm-up round, the median per method. Writes JSON and prints a table::
 
     python benchmarks/sample_quality.py [--run runs/superres-…] [--iterations 400 --snapshot-every 50] [--n 64] [-k 4]
 """
@@ -21,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -44,14 +44,12 @@ def prior_truth_comparison(rec: Reconstructor, n: int, k: int, batch_size: int, 
     truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
     x = truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
     y = rec.operator.measure(x, generator=torch.Generator().manual_seed(0))
-    images, rows, selected = list(range(n)), {}, rec.dps_zeta
-    for method, zeta in [("dagger", None), ("deft", None), *(("dps", z) for z in zetas)]:
-        rec.dps_zeta = zeta if zeta is not None else selected
-        per_image, _, seconds = per_image_metrics(rec, method, x, y, images, 1 if method == "dagger" else k, batch_size, seed=0)
-        name = method if zeta is None else f"dps_zeta_{zeta:g}"
-        rows[name] = summarise(per_image, seconds, n, 1 if method == "dagger" else k)
+    images, rows = list(range(n)), {}
+    runs = [("dagger", "dagger", rec, 1), ("deft", "deft", rec, k), *((f"dps_zeta_{z:g}", "dps", replace(rec, dps_zeta=z), k) for z in zetas)]
+    for name, method, method_rec, samples in runs:
+        per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, samples, batch_size, seed=0)
+        rows[name] = summarise(per_image, seconds, n, samples)
         print(f"prior truth  {name:13s} PSNR mean {rows[name]['psnr_mean']:6.2f}  residual {rows[name]['data_residual']:.3f}", flush=True)
-    rec.dps_zeta = selected
     return {"images": f"{n} samples of the prior (200 steps, seed 123), clamped to [-1, 1]", "methods": rows}
 
 
