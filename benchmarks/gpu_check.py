@@ -108,7 +108,7 @@ def shipped_prior_sampling(args: argparse.Namespace, device: torch.device) -> di
     spec = FinetuneSpec.model_validate({"operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}})
     prior = load_prior("petals32").to(device)
     operator = create("superres", factor=FACTOR, sigma=SIGMA_Y).to(device)
-    rec = Reconstructor(prior=prior, operator=operator, htransform=build_htransform(spec, prior).to(device).eval().requires_grad_(False), steps=50)
+    rec = Reconstructor(prior=prior, operator=operator, htransform=build_htransform(spec, prior, operator).to(device).eval().requires_grad_(False), steps=50)
     size = prior.image_shape[-1]
     y = operator.measure(torch.rand(args.sample_batch, 3, size, size, device=device) * 2 - 1)
     return {"prior": "petals32", "time_steps": 50, **sampling_speed(rec, y, args.sample_repeats, device)}

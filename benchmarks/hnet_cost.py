@@ -77,7 +77,7 @@ def main() -> None:
     operator = create("superres", factor=4, sigma=0.05)
     chosen = [CANDIDATES[int(i)] for i in args.candidates.split(",")] if args.candidates else CANDIDATES
     for hnet in chosen:
-        htransform = build_htransform(FinetuneSpec(hnet=hnet), prior).eval()
+        htransform = build_htransform(FinetuneSpec(hnet=hnet), prior, operator).eval()
         ms = milliseconds(lambda: htransform(x, t, x), args.repeats)
         name = f"{hnet['model_channels']} ch {tuple(hnet['channel_mult'])}, {hnet['space_to_depth']}×{hnet['space_to_depth']} blocks"
         rows.append({"name": name, **hnet, "ms": round(ms, 2), "fraction_of_prior_time": round(ms / prior_ms, 3),

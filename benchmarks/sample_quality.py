@@ -12,7 +12,7 @@ Sampling speed is measured separately, so that no method pays for another's warm
 ``--batch-size`` measurements per method, the methods interleaved over ``--speed-rounds`` rounds
 after a warm-up round, the median per method. Writes JSON and prints a table::
 
-    python benchmarks/sample_quality.py [--run runs/superres-…] [--iterations 400 --snapshot-every 50] [--n 64] [-k 4]
+    python benchmarks/sample_quality.py [--run runs/superres-…] [--iterations 400 --snapshot-every 50] [--hnet-start gaussian] [--n 64] [-k 4]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: deft's default); a longer run shows when deft passes DPS")
     parser.add_argument("--snapshot-every", type=int, default=20)
+    parser.add_argument("--hnet-start", choices=["zero", "gaussian"], help="the h-network's start (default: deft's default)")
     parser.add_argument("--prior-truth", type=int, default=32, help="images drawn from the prior for the prior-is-exact comparison (0: skip)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--speed-rounds", type=int, default=3)
@@ -74,7 +75,8 @@ def main() -> None:
         run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         spec = build_spec(FinetuneSpec, overrides={"operator.name": "superres", "operator.params": {"factor": 4, "sigma": 0.05},
                                                    "snapshot_every": args.snapshot_every, "run_dir": str(run_dir), "device": "cpu",
-                                                   **({"iterations": args.iterations} if args.iterations else {})})
+                                                   **({"iterations": args.iterations} if args.iterations else {}),
+                                                   **({"hnet.start": args.hnet_start} if args.hnet_start else {})})
         finetune_summary = finetune(spec, quiet=True, command=["benchmarks/sample_quality.py"])
     run = open_run(run_dir, torch.device("cpu"))
     data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])

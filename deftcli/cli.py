@@ -211,6 +211,7 @@ def finetune_cmd(
     hnet_channels: Annotated[Optional[int], typer.Option("--hnet-channels", help="h-network UNet base channels")] = None,
     hnet_mult: Annotated[Optional[str], typer.Option("--hnet-mult", help="h-network channel multipliers, e.g. 1,2")] = None,
     hnet_space_to_depth: Annotated[Optional[int], typer.Option("--hnet-space-to-depth", help="h-network UNet on r×r pixel blocks (1: full resolution)")] = None,
+    hnet_start: Annotated[Optional[str], typer.Option("--hnet-start", help="gaussian (h starts at the Gaussian-approximation guidance) or zero (as the original)")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (CUDA)")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -227,7 +228,7 @@ def finetune_cmd(
         "iterations": iterations, "max_minutes": max_minutes, "time_steps": time_steps,
         "measurements_per_batch": measurements_per_batch, "trajectories": trajectories, "lr": lr,
         "hnet.model_channels": hnet_channels, "hnet.channel_mult": parse_ints(hnet_mult, "--hnet-mult"),
-        "hnet.space_to_depth": hnet_space_to_depth,
+        "hnet.space_to_depth": hnet_space_to_depth, "hnet.start": hnet_start,
         "precision": precision, "seed": seed, "device": device, "run_dir": run_dir,
         **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
     }

@@ -35,7 +35,7 @@ from .devices import autocast, resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .gmm import GaussianMixturePrior
-from .htransform import HTransform, HTransformConfig, save_htransform
+from .htransform import GaussianGuidance, HTransform, HTransformConfig, save_htransform
 from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
 from .operators import Operator, create
 from .priors import Prior, load_prior, state_dict_mismatch
@@ -126,8 +126,9 @@ def default_run_dir(operator_name: str) -> Path:
     return Path("runs") / f"{operator_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def build_htransform(spec: FinetuneSpec, prior: Prior) -> HTransform:
-    """The h-network for this prior: its time embedding's period, and a size relative to the prior's."""
+def build_htransform(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HTransform:
+    """The h-network for this prior and operator: its time embedding's period, a size relative to the
+    prior's, and its start c_0 (``hnet.start``; the zero start where σ_y = 0)."""
     prior_unet = getattr(prior, "unet", None)
     max_period = prior_unet.config.max_period if prior_unet is not None else 0.005
     hnet = spec.hnet
@@ -136,7 +137,10 @@ def build_htransform(spec: FinetuneSpec, prior: Prior) -> HTransform:
         raise DeftError(f"hnet.space_to_depth {r} must divide the prior's image size {height}×{width}")
     if hnet.model_channels is None:
         hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, prior)})
-    return HTransform(HTransformConfig.from_spec(hnet, tuple(prior.image_shape), max_period), prior.sde)
+    guidance = None
+    if hnet.start == "gaussian" and operator.sigma > 0:
+        guidance = GaussianGuidance(sigma_y=operator.sigma, gram_norm=operator.gram_norm(prior.image_shape), data_variance=prior.pixel_variance())
+    return HTransform(HTransformConfig.from_spec(hnet, tuple(prior.image_shape), max_period, guidance), prior.sde)
 
 
 def auto_channels(hnet: HNetSpec, prior: Prior) -> int:
@@ -171,7 +175,7 @@ class Finetuner:
         self.operator = create(spec.operator.name, **spec.operator.params)
         self.source = MeasurementSource(spec, self.prior, self.operator, self.device)
         torch.manual_seed(spec.seed)
-        self.htransform = build_htransform(spec, self.prior).to(self.device)
+        self.htransform = build_htransform(spec, self.prior, self.operator).to(self.device)
         # the module that carries gradients: DDP averages them over ranks after the last backward of a step
         self.model: torch.nn.Module = self.htransform
         if ctx.enabled:

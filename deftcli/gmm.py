@@ -87,6 +87,12 @@ class GaussianMixturePrior(Prior):
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "format": "gaussian-mixture", "components": int(self.means.shape[0]), "std": self.std, "image_shape": list(self.image_shape)}
 
+    def pixel_variance(self) -> float:
+        """s² plus the spread of the component means about the mixture's per-channel mean, per pixel."""
+        w = self.weights[:, None, None, None]
+        channel_mean = (w * self.means).sum(0).mean(dim=(1, 2), keepdim=True)
+        return self.std**2 + float((w * (self.means - channel_mean) ** 2).sum(0).mean())
+
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_weights({"means": self.means, "weights": self.weights}, folder / "model.safetensors")

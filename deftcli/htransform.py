@@ -3,12 +3,17 @@ r"""The h-transform network and the conditional score it defines (DESIGN.md §1)
 Gradient-informed parametrisation, with the detached likelihood gradient
 g(x_t, t, y) = Aᵀ(A x̂0 − y) / σ_y²  at Tweedie's x̂0 of the prior:
 
-    h(x_t, t, y) = NN_φ([g, x_t], t) − c_ψ(t) · g
+    h(x_t, t, y) = NN_φ([g, x_t], t) − (c_0(t) + c_ψ(t)) · g
 
 NN_φ is a :class:`~deftcli.unet.UNet` (or, for tiny problems, a :class:`~deftcli.mlp.MLPNet`)
 with 2C input channels and output divided by σ(t); c_ψ is a :class:`~deftcli.unet.TimeScaling`.
 The fine-tuned score is s_θ + h. Submodule names (``cond_model``, ``time_model``) follow the
 original code so its two state dicts load as they are.
+
+c_0 is a fixed start (:class:`GaussianGuidance`, no parameters): the exact guidance scale of the
+prior's Gaussian approximation, so that h starts as a guided sampler that already fits y at the
+noise level σ_y, and fine-tuning learns the correction from there. Without it (c_0 = 0, the
+original's choice and the reading of configs saved before it existed) h starts at ≈ 0, the prior.
 
 With ``space_to_depth`` r > 1 the UNet works on r×r pixel blocks stacked as channels:
 NN_φ(z) = shuffle_r(UNet(unshuffle_r(z))), a UNet with r²·2C inputs and r²·C outputs on an
@@ -38,6 +43,36 @@ from .specs import HNetSpec
 from .unet import TimeScaling, TimeScalingConfig, UNet, UNetConfig
 
 
+class GaussianGuidance(BaseModel):
+    r"""c_0(t): the h-transform of the prior's Gaussian approximation, for a scalar A Aᵀ.
+
+    For x0 ~ N(μ, v I) and x_t = α x0 + σ ε, x0 | x_t ~ N(x̂0, r_t² I) with
+
+        r_t² = v σ² / (α² v + σ²),   ∂x̂0/∂x_t = J_t I,   J_t = α v / (α² v + σ²),
+
+    so p(y | x_t) = N(y; A x̂0, σ_y² I + r_t² A Aᵀ). With A Aᵀ = λ_A I its score is exactly
+
+        ∇_{x_t} log p(y | x_t) = −c_0(t) g,   c_0(t) = J_t σ_y² / (σ_y² + λ_A r_t²),
+
+    with g the likelihood gradient at x̂0. λ_A = ‖A Aᵀ‖ (:func:`~deftcli.operators.gram_norm`) is
+    exact for super-resolution (1/f²) and inpainting (1); for a blur it is the largest eigenvalue,
+    which under-guides the frequencies the blur damps. c_0 → 1 as t → 0 and ≈ 0 at t = 1.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sigma_y: float = Field(gt=0, description="σ_y of the operator's noise")
+    gram_norm: float = Field(gt=0, description="λ_A = ‖A Aᵀ‖")
+    data_variance: float = Field(gt=0, description="v: the prior's per-pixel variance")
+
+    def scale(self, t: Tensor, sde: VPSDE) -> Tensor:
+        """c_0(t) for t (B,) → (B, 1, 1, 1)."""
+        alpha, sigma, v = sde.alpha(t), sde.sigma(t), self.data_variance
+        denominator = alpha**2 * v + sigma**2
+        jacobian, posterior_variance = alpha * v / denominator, v * sigma**2 / denominator
+        return (jacobian * self.sigma_y**2 / (self.sigma_y**2 + self.gram_norm * posterior_variance))[:, None, None, None]
+
+
 class HTransformConfig(BaseModel):
     """Architecture of an :class:`HTransform`, stored next to its weights."""
 
@@ -46,9 +81,12 @@ class HTransformConfig(BaseModel):
     network: Annotated[UNetConfig | MLPConfig, Field(discriminator="kind")]
     time_scaling: TimeScalingConfig
     space_to_depth: int = Field(1, ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)")
+    guidance: GaussianGuidance | None = Field(None, description="the fixed start c_0(t); None: c_0 = 0")
 
     @classmethod
-    def from_spec(cls, spec: HNetSpec, image_shape: tuple[int, int, int], max_period: float) -> "HTransformConfig":
+    def from_spec(
+        cls, spec: HNetSpec, image_shape: tuple[int, int, int], max_period: float, guidance: GaussianGuidance | None = None
+    ) -> "HTransformConfig":
         channels = image_shape[0]
         r = spec.space_to_depth if spec.architecture == "unet" else 1
         network: UNetConfig | MLPConfig
@@ -78,15 +116,16 @@ class HTransformConfig(BaseModel):
                 time_embedding_dim=spec.time_embedding_dim, hidden=spec.time_hidden, max_period=max_period, init_scale=spec.init_scale
             ),
             space_to_depth=r,
+            guidance=guidance,
         )
 
 
 class HTransform(nn.Module):
-    """h(x_t, t, g) = NN_φ([g, x_t], t) − c_ψ(t) g."""
+    """h(x_t, t, g) = NN_φ([g, x_t], t) − (c_0(t) + c_ψ(t)) g."""
 
     def __init__(self, config: HTransformConfig, sde: VPSDE) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.sde = config, sde
         net = config.network
         self.cond_model = UNet(net, sde.sigma) if isinstance(net, UNetConfig) else MLPNet(net, sde.sigma)
         self.time_model = TimeScaling(config.time_scaling)
@@ -94,7 +133,10 @@ class HTransform(nn.Module):
     def forward(self, x: Tensor, t: Tensor, g: Tensor) -> Tensor:
         inputs, r = torch.cat([g, x], dim=1), self.config.space_to_depth
         nn_out = self.cond_model(inputs, t) if r == 1 else F.pixel_shuffle(self.cond_model(F.pixel_unshuffle(inputs, r), t), r)
-        return nn_out - self.time_model(t).to(nn_out.dtype) * g
+        scale = self.time_model(t)
+        if self.config.guidance is not None:
+            scale = scale + self.config.guidance.scale(t, self.sde)
+        return nn_out - scale.to(nn_out.dtype) * g
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -139,6 +139,17 @@ class Operator(torch.nn.Module, abc.ABC):
         gradient = self.A_adjoint(self.A(x0) - y)
         return gradient if self.sigma == 0 else gradient / self.sigma**2
 
+    def gram_norm(self, image_shape: ImageShape, iterations: int = 50) -> float:
+        """λ_A = ‖A Aᵀ‖, the largest eigenvalue of A Aᵀ (= that of Aᵀ A), by power iteration on Aᵀ A
+        from a fixed random image, in float64."""
+        self.measurement_shape(image_shape)
+        x = torch.randn((1, *image_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        eigenvalue = 0.0
+        for _ in range(iterations):
+            x = self.A_adjoint(self.A(x / x.norm()))
+            eigenvalue = float(x.norm())
+        return eigenvalue
+
     def matrix(self, image_shape: ImageShape) -> Tensor:
         """Dense float64 matrix M (m, d) of A for one image of shape (C, H, W), with
         d = C·H·W and m the measurement size: vec(A x) = M vec(x).

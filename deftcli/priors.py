@@ -54,6 +54,11 @@ class Prior(nn.Module):
         """What a run records to name the exact prior it was fine-tuned on."""
         raise NotImplementedError
 
+    def pixel_variance(self) -> float:
+        """v, the per-pixel variance of the prior's data about its per-channel mean; 1 where the prior
+        does not record it (an upper bound for images in [-1, 1])."""
+        return 1.0
+
 
 @dataclass(frozen=True)
 class GaussianScore:
@@ -110,6 +115,9 @@ class UNetPrior(Prior):
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "image_shape": list(self.image_shape), **self.source}
+
+    def pixel_variance(self) -> float:
+        return self.gaussian.variance if self.gaussian is not None else super().pixel_variance()
 
 
 def state_dict_mismatch(model: nn.Module, state: dict[str, Tensor]) -> str | None:

@@ -102,6 +102,12 @@ class HNetSpec(StrictModel):
     time_embedding_dim: int = Field(64, ge=2)
     time_hidden: int = Field(64, ge=1)
     init_scale: float = 5e-3
+    start: Literal["zero", "gaussian"] = Field(
+        "zero",
+        description="zero: h starts at ≈ 0, the prior, as the original; gaussian: h starts at the exact h-transform of the "
+        "prior's Gaussian approximation, −c_0(t) g, and learns the rest (needs σ_y > 0): a lower J and a data residual "
+        "at σ_y sooner, not a higher PSNR on petals (benchmarks/README.md)",
+    )
     mlp_hidden: int = Field(256, ge=1, description="MLP architecture: hidden width")
     mlp_layers: int = Field(3, ge=1, description="MLP architecture: hidden layers")
 

@@ -11,6 +11,7 @@ from conftest import TINY_HNET, assert_user_error
 from deftcli.errors import DeftError
 from deftcli.finetune import Finetuner, TrainingDiverged, finetune
 from deftcli.htransform import load_htransform
+from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.specs import FinetuneSpec, build_spec
 
@@ -158,13 +159,13 @@ def test_default_h_network_is_sized_to_the_prior():
     sizes = []
     for fraction in (0.1, 0.5):
         spec = FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16})
-        htransform = build_htransform(spec, prior)
+        htransform = build_htransform(spec, prior, create("superres", factor=4, sigma=0.05))
         assert htransform.num_parameters() <= fraction * prior_params
         blocks = htransform.config.space_to_depth ** 2
         assert htransform.config.network.in_channels == 2 * prior.image_shape[0] * blocks
         sizes.append(htransform.config.network.model_channels)
     assert sizes[0] < sizes[1]
-    assert build_htransform(FinetuneSpec(hnet={"model_channels": 12}), prior).config.network.model_channels == 12
+    assert build_htransform(FinetuneSpec(hnet={"model_channels": 12}), prior, create("superres", factor=4, sigma=0.05)).config.network.model_channels == 12
 
 
 def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size_in_the_checkpoint(tmp_path):
@@ -176,7 +177,7 @@ def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size
 
     prior = UNetPrior(UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), norm_groups=8), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
     spec = FinetuneSpec(hnet={"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16})
-    htransform = build_htransform(spec, prior)
+    htransform = build_htransform(spec, prior, create("superres", factor=4, sigma=0.05))
     assert (htransform.config.network.in_channels, htransform.config.network.out_channels) == (96, 48)
     with torch.no_grad():
         for p in htransform.parameters():
@@ -200,3 +201,14 @@ def test_the_time_scaling_network_learns_at_its_own_rate(gmm_problem, tmp_path):
     assert {id(p) for p in time_group["params"]} == {id(p) for p in trainer.htransform.time_model.parameters()}
     trainer.step()  # inside the warm-up: both rates scaled by the same factor
     assert time_group["lr"] == pytest.approx(3 * cond_group["lr"]) and cond_group["lr"] < 1e-3
+
+
+def test_gaussian_start_begins_closer_to_the_optimum_and_is_saved_with_the_run(gmm_problem, tmp_path):
+    first_j = {}
+    for start in ("zero", "gaussian"):
+        run_dir = tmp_path / start
+        finetune(gmm_spec(gmm_problem, run_dir, **{"iterations": 1, "hnet.start": start}), quiet=True)
+        first_j[start] = metric_lines(run_dir)[0]["J"]
+        htransform, _ = load_htransform(run_dir / "hnet_last.safetensors", load_prior(gmm_problem["prior_dir"]))
+        assert (htransform.config.guidance is not None) == (start == "gaussian")
+    assert first_j["gaussian"] < 0.8 * first_j["zero"]

@@ -497,3 +497,11 @@ def test_a_name_registered_twice_is_reported(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(DeftError, match="operators.superres:SuperResolution from deft"):
         create("superres")
     assert available()["blur"].error is None
+
+
+@pytest.mark.parametrize("case", MATRIX_CASES, ids=str)
+def test_gram_norm_is_the_largest_eigenvalue_of_A_At(case: Case, image_files: dict[str, Path]) -> None:
+    operator = build(case, image_files)
+    matrix = operator.matrix(case.image_shape)
+    expected = float(torch.linalg.eigvalsh(matrix @ matrix.T).max())
+    assert operator.gram_norm(case.image_shape) == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,75 @@
+"""The h-transform's start −c_0(t) g: the exact h-transform of a Gaussian prior when A Aᵀ is scalar."""
+
+import pytest
+import torch
+
+from deftcli.finetune import build_htransform
+from deftcli.gmm import GaussianMixturePrior
+from deftcli.htransform import HTransformConfig, load_htransform, save_htransform
+from deftcli.operators import Operator, create
+from deftcli.specs import FinetuneSpec
+
+IMAGE_SHAPE = (2, 4, 4)
+VARIANCE = 0.3
+SPEC = FinetuneSpec(hnet={"start": "gaussian", "model_channels": 8, "channel_mult": [1], "space_to_depth": 1, "time_embedding_dim": 16, "time_hidden": 16})
+
+
+def gaussian_prior() -> GaussianMixturePrior:
+    """N(μ, v I) with a per-channel constant mean: one mixture component."""
+    means = torch.tensor([-0.3, 0.2])[:, None, None].expand(IMAGE_SHAPE)[None].clone()
+    return GaussianMixturePrior(means, torch.ones(1), VARIANCE**0.5)
+
+
+def exact_log_likelihood(operator: Operator, prior: GaussianMixturePrior, x_t: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+    """log p(y | x_t) of the joint Gaussian of (x0, x_t, y), by dense conditioning (no scalar shortcut)."""
+    matrix = operator.matrix(IMAGE_SHAPE)
+    alpha, sigma = (float(v) for v in (prior.sde.alpha(torch.tensor(t)), prior.sde.sigma(torch.tensor(t))))
+    mu = prior.means[0].flatten()
+    gain = alpha * VARIANCE / (alpha**2 * VARIANCE + sigma**2)
+    mean = matrix @ (mu + gain * (x_t.flatten() - alpha * mu))
+    covariance = VARIANCE * (1 - alpha * gain) * matrix @ matrix.T + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=torch.float64)
+    return torch.distributions.MultivariateNormal(mean, covariance).log_prob(y.flatten())
+
+
+@pytest.mark.parametrize("operator", [create("superres", factor=2, sigma=0.1), create("inpaint", mask="random", sigma=0.05)], ids=["superres", "inpaint"])
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_start_is_the_exact_score_of_the_likelihood_for_a_gaussian_prior(operator: Operator, t: float) -> None:
+    prior = gaussian_prior()
+    guidance = build_htransform(SPEC, prior, operator).config.guidance
+    assert guidance is not None and guidance.data_variance == pytest.approx(VARIANCE)
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn((1, *IMAGE_SHAPE), generator=generator, dtype=torch.float64).requires_grad_(True)
+    y = operator.measure(prior.sample(1, generator).double(), generator)
+    (expected,) = torch.autograd.grad(exact_log_likelihood(operator, prior, x_t, t, y), x_t)
+    time = torch.tensor([t])
+    x0_hat = prior.sde.tweedie_x0(x_t.detach(), prior.score(x_t.detach(), time), time)
+    start = -guidance.scale(time.double(), prior.sde) * operator.likelihood_grad(x0_hat, y)
+    torch.testing.assert_close(start, expected)
+
+
+def test_untrained_h_network_is_the_start_plus_the_small_learned_scale() -> None:
+    prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.1)
+    htransform = build_htransform(SPEC, prior, operator)
+    x, g, t = torch.randn(3, *IMAGE_SHAPE), torch.randn(3, *IMAGE_SHAPE), torch.tensor([0.05, 0.5, 0.95])
+    scale = htransform.config.guidance.scale(t, prior.sde) + htransform.time_model(t)
+    torch.testing.assert_close(htransform(x, t, g), -scale * g)
+    assert scale[0].item() > 0.5 > 0.01 > scale[-1].item()  # c_0 → 1 as t → 0 and ≈ 0 at t = 1
+
+
+def test_zero_start_the_default_and_noiseless_measurements_have_no_start() -> None:
+    prior = gaussian_prior()
+    zero = SPEC.model_copy(update={"hnet": SPEC.hnet.model_copy(update={"start": "zero"})})
+    assert build_htransform(zero, prior, create("superres", factor=2, sigma=0.1)).config.guidance is None
+    assert FinetuneSpec().hnet.start == "zero"
+    assert build_htransform(SPEC, prior, create("superres", factor=2, sigma=0.0)).config.guidance is None
+
+
+def test_start_is_kept_in_the_checkpoint_and_older_configs_load_without_one(tmp_path) -> None:
+    prior = gaussian_prior()
+    htransform = build_htransform(SPEC, prior, create("superres", factor=2, sigma=0.1))
+    save_htransform(htransform, tmp_path / "h.safetensors", {})
+    loaded, _ = load_htransform(tmp_path / "h.safetensors", prior)
+    assert loaded.config == htransform.config
+    legacy = htransform.config.model_dump(mode="json")
+    del legacy["guidance"], legacy["space_to_depth"]
+    assert HTransformConfig.model_validate(legacy).guidance is None
