@@ -44,7 +44,7 @@ from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
 from .specs import FinetuneSpec, HNetSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, scale_learning_rates, warmup_cosine_factor
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, scale_learning_rates, warmup_cosine_factor
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
 
@@ -229,7 +229,7 @@ class Finetuner:
             raise DeftError(f"{path}: does not match this run's h-network ({problem})")
         try:
             self.htransform.load_state_dict(state["htransform"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise DeftError(f"{path}: does not match this run's spec ({' '.join(str(exc).split())[:200]})") from None
         self.data_gen.set_state(state["data_rng"])

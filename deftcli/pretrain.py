@@ -36,7 +36,7 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, scale_learning_rates, warmup_cosine_factor
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, scale_learning_rates, warmup_cosine_factor
 from .unet import UNet
 
 T_EPS = 1e-5
@@ -131,7 +131,7 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         state = load_state(state_path)
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])

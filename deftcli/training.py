@@ -24,6 +24,15 @@ def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float
     return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore an optimizer's state from a checkpoint; each group keeps the ``base_lr`` it was built with
+    from the spec (states saved before ``base_lr`` existed do not have it)."""
+    base_lrs = [group["base_lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        group["base_lr"] = base_lr
+
+
 def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Set every parameter group's learning rate to its ``base_lr`` × ``factor`` (the schedule is a pure
     function of the step, so a resumed run continues it exactly)."""
