@@ -54,9 +54,10 @@ class GaussianGuidance(BaseModel):
 
         ∇_{x_t} log p(y | x_t) = −c_0(t) g,   c_0(t) = J_t σ_y² / (σ_y² + λ_A r_t²),
 
-    with g the likelihood gradient at x̂0. λ_A = ‖A Aᵀ‖ (:func:`~deftcli.operators.gram_norm`) is
-    exact for super-resolution (1/f²) and inpainting (1); for a blur it is the largest eigenvalue,
-    which under-guides the frequencies the blur damps. c_0 → 1 as t → 0 and ≈ 0 at t = 1.
+    with g the likelihood gradient at x̂0. λ_A = ‖A Aᵀ‖ (:meth:`~deftcli.operators.Operator.gram_norm`)
+    makes this exact for super-resolution (A Aᵀ = I/f²) and inpainting (A Aᵀ a projection, λ_A = 1);
+    for a blur it is the largest eigenvalue, which under-guides the frequencies the blur damps.
+    c_0 → 1 as t → 0 and ≈ 0 at t = 1.
     """
 
     model_config = ConfigDict(extra="forbid")
