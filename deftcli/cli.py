@@ -152,7 +152,7 @@ def pretrain_cmd(
     model_channels: Annotated[Optional[int], typer.Option("--model-channels", help="UNet base channels")] = None,
     channel_mult: Annotated[Optional[str], typer.Option("--channel-mult", help="e.g. 1,2,2")] = None,
     iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop and save after this wall time")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop and save after this wall time, counted over every leg of a resumed run")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay")] = None,

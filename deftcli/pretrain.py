@@ -135,6 +135,9 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])
+        if spec.max_minutes is not None and step < spec.iterations and spec.max_minutes * 60 <= elapsed:
+            raise DeftError(f"--max-minutes {spec.max_minutes:g} is already spent: this run has trained {elapsed / 60:.1f} minutes "
+                            "(the budget counts every leg of a resumed run); give a larger one")
         metrics.truncate_after(step)
     commands = [" ".join(shlex.quote(a) for a in (command or sys.argv))]
     if resume and (out / "config.json").exists():  # keep the commands of the earlier legs of a resumed run

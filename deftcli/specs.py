@@ -70,7 +70,7 @@ class PretrainSpec(StrictModel):
     )
     sde: SDEConfig = SDEConfig()
     iterations: int = Field(20000, ge=1)
-    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much wall time")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much wall time, counted over every leg of a resumed run")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(200, ge=0, description="linear learning-rate warm-up steps")

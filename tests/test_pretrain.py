@@ -72,6 +72,15 @@ def test_a_run_saved_before_learning_rates_had_a_base_resumes_and_can_be_extende
     assert summary["steps"] == 6 and len(losses(out)) == 6
 
 
+def test_resuming_with_a_time_budget_already_spent_is_a_user_error_that_keeps_the_run(tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_spec(out), quiet=True)
+    before = {name: (out / name).read_bytes() for name in ("model.safetensors", "spec.json", "config.json", "metrics.jsonl")}
+    with pytest.raises(DeftError, match="already spent"):
+        pretrain(tiny_spec(out, iterations=6, max_minutes=1e-6), resume=True, quiet=True)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 def test_ema_warm_up_follows_the_raw_weights_early():
     model = torch.nn.Linear(2, 2)
     ema = EMA(model, decay=0.999)
