@@ -3,9 +3,10 @@
 Runs the default fine-tuning (``deft finetune --operator superres --factor 4``, with snapshots of
 the h-network every ``--snapshot-every`` steps) unless ``--run`` names a finished run, then, on the
 first ``--n`` val images with measurements drawn once (seed 0), evaluates in this one process:
-A†y, the unconditional prior, DPS (ζ chosen by a sweep on train images) and deft, each with k
-samples per image at the run's number of time steps; and deft's PSNR for every snapshot, against
-the fine-tuning minutes it had. A second, smaller comparison (``--prior-truth`` images) replaces
+A†y, the unconditional prior, DPS (ζ chosen by a sweep on train images), deft (γ = 1, the
+fine-tuned posterior) and deft at the guidance scale γ that the same sweep selects, each with k
+samples per image at the run's number of time steps; and deft's PSNR (at both γ) for every
+snapshot, against the fine-tuning minutes it had. A second, smaller comparison (``--prior-truth`` images) replaces
 the val images by samples of the prior itself: there the prior is exact, which separates what the
 prior's mismatch with petals costs each method from how close each sampler is to the posterior.
 Sampling speed is measured separately, so that no method pays for another's warm-up: one batch of
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from deftcli.data import open_dataset
-from deftcli.evaluate import SWEEP_IMAGES, interleaved_seconds_per_image, per_image_metrics, sweep_dps_zeta
+from deftcli.evaluate import SWEEP_IMAGES, interleaved_seconds_per_image, per_image_metrics, sweep_on_train
 from deftcli.finetune import finetune
 from deftcli.htransform import load_htransform
 from deftcli.methods import Reconstructor
@@ -39,13 +40,13 @@ def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int
     return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
 
 
-def prior_truth_comparison(rec: Reconstructor, n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
-    """deft and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior (200-step reverse SDE, seed 123)."""
+def prior_truth_comparison(rec: Reconstructor, gamma: float, n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
+    """deft (γ = 1 and ``gamma``) and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior (200-step reverse SDE, seed 123)."""
     truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
     x = truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
     y = rec.operator.measure(x, generator=torch.Generator().manual_seed(0))
     images, rows = list(range(n)), {}
-    runs = [("dagger", "dagger", rec, 1), ("deft", "deft", rec, k), *((f"dps_zeta_{z:g}", "dps", replace(rec, dps_zeta=z), k) for z in zetas)]
+    runs = [("dagger", "dagger", rec, 1), ("deft", "deft", rec, k), (f"deft_gamma_{gamma:g}", "deft", replace(rec, guidance_scale=gamma), k), *((f"dps_zeta_{z:g}", "dps", replace(rec, dps_zeta=z), k) for z in zetas)]
     for name, method, method_rec, samples in runs:
         per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, samples, batch_size, seed=0)
         rows[name] = summarise(per_image, seconds, n, samples)
@@ -85,38 +86,48 @@ def main() -> None:
     y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
     steps = run.spec.time_steps
     rec = Reconstructor(run.prior, run.operator, run.htransform, steps, denoise_final=True)
-    zeta, sweep = sweep_dps_zeta(rec, run, EvalSpec(batch_size=args.batch_size), torch.device("cpu"))
-    rec.dps_zeta = zeta
+    sweep_spec = EvalSpec(batch_size=args.batch_size)
+    zeta, sweep = sweep_on_train(rec, "dps", sweep_spec.dps_sweep, run, sweep_spec, torch.device("cpu"))
+    gamma, gamma_sweep = sweep_on_train(rec, "deft", sweep_spec.guidance_sweep, run, sweep_spec, torch.device("cpu"))
+    guided = replace(rec, guidance_scale=gamma)
+    rec.guidance_scale = 1.0
 
     methods = {}
-    for method in ("dagger", "prior", "dps", "deft"):
+    for name, method, method_rec in (("dagger", "dagger", rec), ("prior", "prior", rec), ("dps", "dps", rec), ("deft", "deft", rec),
+                                     ("deft_guided", "deft", guided)):
         k = 1 if method == "dagger" else args.k
-        per_image, _, seconds = per_image_metrics(rec, method, x, y, images, k, args.batch_size, seed=0)
-        methods[method] = summarise(per_image, seconds, len(images), k)
-        print(f"{method:7s} PSNR sample {methods[method]['psnr_sample']:6.2f}  PSNR mean {methods[method]['psnr_mean']:6.2f}  "
-              f"SSIM mean {methods[method]['ssim_mean']:.3f}  {methods[method]['seconds_per_image']:.2f} s/image", flush=True)
+        per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, k, args.batch_size, seed=0)
+        methods[name] = {**method_rec.parameters(method), **summarise(per_image, seconds, len(images), k)}
+        print(f"{name:11s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
+              f"SSIM mean {methods[name]['ssim_mean']:.3f}  {methods[name]['seconds_per_image']:.2f} s/image", flush=True)
 
     speed = interleaved_seconds_per_image({m: (rec, m) for m in ("deft", "dps", "prior")}, y[: args.batch_size], args.speed_rounds)
     print("seconds per image (median of interleaved rounds): " + ", ".join(f"{m} {v['median']:.3f}" for m, v in speed.items()), flush=True)
 
     neighbours = sorted(z for z in EvalSpec().dps_sweep if zeta / 3.5 <= z <= zeta * 3.5)
-    prior_truth = prior_truth_comparison(rec, args.prior_truth, args.k, args.batch_size, neighbours) if args.prior_truth else None
+    prior_truth = prior_truth_comparison(rec, gamma, args.prior_truth, args.k, args.batch_size, neighbours) if args.prior_truth else None
 
     curve = []
     for path in sorted((run_dir / "snapshots").glob("hnet_step_*.safetensors")):
         htransform, meta = load_htransform(path, run.prior)
-        snap = Reconstructor(run.prior, run.operator, htransform.eval(), steps, denoise_final=True)
-        per_image, _, seconds = per_image_metrics(snap, "deft", x, y, images, args.k, args.batch_size, seed=0)
-        row = {"step": meta["step"], "finetune_minutes": round(meta["seconds"] / 60, 2), **summarise(per_image, seconds, len(images), args.k)}
+        row = {"step": meta["step"], "finetune_minutes": round(meta["seconds"] / 60, 2)}
+        for key, scale in (("deft", 1.0), ("deft_guided", gamma)):
+            snap = Reconstructor(run.prior, run.operator, htransform.eval(), steps, denoise_final=True, guidance_scale=scale)
+            per_image, _, seconds = per_image_metrics(snap, "deft", x, y, images, args.k, args.batch_size, seed=0)
+            row[key] = {"guidance_scale": scale, **summarise(per_image, seconds, len(images), args.k)}
         curve.append(row)
-        print(f"snapshot step {row['step']:4d} ({row['finetune_minutes']:5.2f} min)  PSNR mean {row['psnr_mean']:6.2f}", flush=True)
+        print(f"snapshot step {row['step']:4d} ({row['finetune_minutes']:5.2f} min)  PSNR mean {row['deft']['psnr_mean']:6.2f}, "
+              f"γ = {gamma:g}: {row['deft_guided']['psnr_mean']:6.2f}", flush=True)
 
-    passed = [row for row in curve if row["psnr_mean"] > methods["dps"]["psnr_mean"]]
+    def minutes_to_pass_dps(key: str) -> float | None:
+        passed = [row for row in curve if row[key]["psnr_mean"] > methods["dps"]["psnr_mean"]]
+        return passed[0]["finetune_minutes"] if passed else None
     result = {
         "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": steps, "k": args.k,
                   "run": str(run_dir), "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
         "finetune": finetune_summary,
         "dps_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta},
+        "guidance_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": gamma_sweep, "selected": gamma},
         "methods": methods,
         "sampling_speed": {"batch": min(args.batch_size, len(images)), "rounds": args.speed_rounds, "seconds_per_image": speed},
         "curve": curve,
@@ -124,8 +135,10 @@ def main() -> None:
         "targets": {
             "deft_mean_psnr_above_dps": methods["deft"]["psnr_mean"] > methods["dps"]["psnr_mean"],
             "deft_mean_psnr_above_dagger": methods["deft"]["psnr_mean"] > methods["dagger"]["psnr_mean"],
+            "deft_guided_mean_psnr_above_dps": methods["deft_guided"]["psnr_mean"] > methods["dps"]["psnr_mean"],
             "dps_over_deft_seconds_per_image": round(speed["dps"]["median"] / speed["deft"]["median"], 2),
-            "finetune_minutes_to_pass_dps": passed[0]["finetune_minutes"] if passed else None,
+            "finetune_minutes_to_pass_dps": minutes_to_pass_dps("deft"),
+            "finetune_minutes_to_pass_dps_guided": minutes_to_pass_dps("deft_guided"),
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

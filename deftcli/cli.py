@@ -256,6 +256,7 @@ def sample_cmd(
     steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's)")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="deft, dps, prior or dagger")] = None,
     dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size ζ")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="deft: γ in s_θ + γ h (1: the fine-tuned posterior)")] = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in the sampler")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     seed: SeedOpt = None,
@@ -268,7 +269,7 @@ def sample_cmd(
 
     overrides = {
         "out": out, "run": run, "prior.path": prior, "unconditional": unconditional or None, "n": n, "steps": steps,
-        "method": method, "dps_zeta": dps_zeta, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
+        "method": method, "dps_zeta": dps_zeta, "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
     }
     resolved = build_spec(SampleSpec, spec, overrides)
     print_json(sample_command(resolved, measurement, force))
@@ -284,6 +285,7 @@ def eval_cmd(
     methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated: deft,dps,prior,dagger")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's)")] = None,
     dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size (default: chosen by a sweep on train images)")] = None,
+    guidance_scale: Annotated[Optional[str], typer.Option("--guidance-scale", help="deft's γ (default 1: the fine-tuned posterior), or 'sweep' to choose it on train images like ζ")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -296,7 +298,7 @@ def eval_cmd(
 
     method_list = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     overrides = {"run": run, "split": split, "n": n, "k": k, "methods": method_list, "steps": steps, "dps_zeta": dps_zeta,
-                 "batch_size": batch_size, "seed": seed, "device": device, "out": out}
+                 "guidance_scale": guidance_scale, "batch_size": batch_size, "seed": seed, "device": device, "out": out}
     print_json(evaluate(build_spec(EvalSpec, spec, overrides), force))
 
 

@@ -6,7 +6,9 @@ own random stream (seed, i, j), so results do not depend on batching or on how `
 shards the images over processes (rank r evaluates images r, r + R, …; rank 0 gathers and writes). Reported per method: PSNR and
 SSIM (torchmetrics, images mapped to [0, 1]) of the samples (averaged) and of the posterior mean
 over k, the data residual ‖A x̂ − y‖/√m against σ_y, seconds and network evaluations per image.
-DPS uses the ζ that a small sweep on *training* images selects (reported), unless ζ is given.
+DPS uses the ζ that a small sweep on *training* images selects (reported), unless ζ is given; deft
+samples its fine-tuned posterior (γ = 1) unless a guidance scale γ is given, or ``sweep`` selects γ
+on the same training images.
 """
 
 from __future__ import annotations
@@ -96,19 +98,30 @@ def interleaved_seconds_per_image(samplers: dict[str, tuple[Reconstructor, str]]
     return {name: {"median": round(statistics.median(t), 4), "all": [round(v, 4) for v in t]} for name, t in times.items()}
 
 
-def sweep_dps_zeta(rec: Reconstructor, run: FinetunedRun, spec: EvalSpec, device: torch.device) -> tuple[float, list[dict[str, float]]]:
-    """Pick ζ by the PSNR of one DPS sample per image on the first training images."""
+SWEPT = {"dps": ("dps_zeta", "zeta"), "deft": ("guidance_scale", "gamma")}
+"""The knob of each tunable method (its :class:`Reconstructor` field, its key in a sweep table): DPS's
+step size ζ and deft's guidance scale γ."""
+
+
+def sweep_on_train(rec: Reconstructor, method: str, values: Sequence[float], run: FinetunedRun, spec: EvalSpec, device: torch.device) -> tuple[float, list[dict[str, float]]]:
+    """Pick ``method``'s knob (:data:`SWEPT`) by the PSNR of one sample per image on the first training images.
+
+    The training images and their measurements (seed + 7) are the same for every method and value,
+    and never the evaluated split's. Sets the selected value on ``rec``.
+    """
+    field, key = SWEPT[method]
     train = open_dataset(run.spec.data, "train", rec.prior.image_shape[-1], rec.prior.image_shape[0])
     images = range(min(SWEEP_IMAGES, len(train)))
     x = train.batch(images).to(device)
     y = rec.operator.measure(x, generator=torch.Generator(device="cpu").manual_seed(spec.seed + 7)).to(device)
     table = []
-    for zeta in spec.dps_sweep:
-        rec.dps_zeta = zeta
-        samples = draw_per_image(rec, "dps", y, images, 1, spec.batch_size, spec.seed)[:, 0]
-        table.append({"zeta": zeta, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
-    best = max(table, key=lambda row: row["psnr"])
-    return best["zeta"], table
+    for value in values:
+        setattr(rec, field, value)
+        samples = draw_per_image(rec, method, y, images, 1, spec.batch_size, spec.seed)[:, 0]
+        table.append({key: value, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
+    best = max(table, key=lambda row: row["psnr"])[key]
+    setattr(rec, field, best)
+    return best, table
 
 
 def output_folder(spec: EvalSpec, run: FinetunedRun, force: bool) -> Path:
@@ -144,14 +157,17 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
         "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed,
         "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size, "methods": {},
     }
-    if "dps" in spec.methods:
-        if spec.dps_zeta is None:
-            zeta, sweep = ctx.broadcast(sweep_dps_zeta(rec, run, spec, device) if ctx.is_main else None)
-            results["dps_sweep"] = {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta}
+    sweeps = {"dps": (spec.dps_zeta, spec.dps_sweep), "deft": (None if spec.guidance_scale == "sweep" else spec.guidance_scale, spec.guidance_sweep)}
+    for method, (given, values) in sweeps.items():
+        if method not in spec.methods:
+            continue
+        if given is None:
+            chosen, sweep = ctx.broadcast(sweep_on_train(rec, method, values, run, spec, device) if ctx.is_main else None)
+            results[f"{method}_sweep"] = {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": chosen}
         else:
-            zeta = spec.dps_zeta
-        rec.dps_zeta = zeta
-        results["dps_zeta"] = zeta
+            chosen = given
+        setattr(rec, SWEPT[method][0], chosen)
+        results[SWEPT[method][0]] = chosen
     grid_samples: dict[str, Tensor] = {}
     for method in spec.methods:
         k = 1 if method == "dagger" else spec.k
@@ -199,6 +215,8 @@ def print_table(results: dict[str, Any]) -> None:
         table.add_column(col, justify="right")
     for name, m in results["methods"].items():
         label = f"dps (ζ={results['dps_zeta']:g})" if name == "dps" else name
+        if name == "deft" and results["guidance_scale"] != 1:
+            label = f"deft (γ={results['guidance_scale']:g})"
         nfe = f"{m['nfe_prior_per_image']}/{m['nfe_hnet_per_image']}/{m['backward_prior_per_image']}"  # DPS's cost is its backward passes
         table.add_row(label, f"{m['psnr_sample']:.2f}", f"{m['ssim_sample']:.3f}", f"{m['psnr_mean']:.2f}", f"{m['ssim_mean']:.3f}",
                       f"{m['data_residual']:.4f}", f"{m['sigma_y']:g}", f"{m['seconds_per_image']:.2f}", nfe)

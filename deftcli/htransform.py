@@ -155,15 +155,21 @@ def guidance_inputs(prior: Prior, operator: Operator, x: Tensor, t: Tensor, y: T
 
 
 class ConditionalScore:
-    """The fine-tuned score s_θ(x, t) + h(x, t, g) for measurements y (one per batch row), as a score function."""
+    r"""The fine-tuned score s_θ(x, t) + γ h(x, t, g) for measurements y (one per batch row), as a score function.
 
-    def __init__(self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor) -> None:
+    γ = 1 (the default) is the fine-tuned posterior. Since h ≈ ∇ log p_t(y | x_t), a guidance scale
+    γ ≠ 1 samples approximately the tempered posterior p(x) p(y | x)^γ, i.e. σ_y → σ_y / √γ. This is
+    the same approximation as a classifier-guidance scale. γ = 0 is the prior.
+    """
+
+    def __init__(self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor, guidance_scale: float = 1.0) -> None:
         self.prior, self.htransform, self.operator, self.y = prior, htransform, operator, y
+        self.guidance_scale = guidance_scale
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         score, g = guidance_inputs(self.prior, self.operator, x, t, self.y)
         with torch.no_grad():
-            return score + self.htransform(x, t, g)
+            return score + self.guidance_scale * self.htransform(x, t, g)
 
 
 def save_htransform(htransform: HTransform, path: Path, info: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 r"""Reconstruction methods as samplers over the same Euler–Maruyama loop.
 
-- ``deft``: the fine-tuned score s_θ + h (:class:`~deftcli.htransform.ConditionalScore`);
+- ``deft``: the fine-tuned score s_θ + γ h (:class:`~deftcli.htransform.ConditionalScore`; γ = 1 is
+  the fine-tuned posterior, γ > 1 a sharper likelihood);
 - ``dps``: diffusion posterior sampling (Chung et al. 2023): after each prior reverse-SDE step,
   x ← x − ζ ∇_{x_t} ‖y − A x̂0(x_t)‖ (autograd through the prior);
 - ``prior``: unconditional samples of the prior (ignores y);
@@ -51,6 +52,7 @@ class Reconstructor:
     denoise_final: bool = True
     clip_x0: bool = False
     dps_zeta: float = DEFAULT_DPS_ZETA
+    guidance_scale: float = 1.0
 
     @property
     def grid(self) -> list[float]:
@@ -74,6 +76,10 @@ class Reconstructor:
             return Cost(prior=n)
         return Cost()
 
+    def parameters(self, method: str) -> dict[str, float]:
+        """The method's own knob, for the record: γ for deft, ζ for DPS."""
+        return {"deft": {"guidance_scale": self.guidance_scale}, "dps": {"dps_zeta": self.dps_zeta}}.get(method, {})
+
     def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
         """One sample per row of y (B, …) → (B, C, H, W)."""
         if method == "prior":
@@ -86,7 +92,7 @@ class Reconstructor:
         if method == "deft":
             if self.htransform is None:
                 raise DeftError("method 'deft' needs a fine-tuned run (pass --run DIR or run `deft finetune`)")
-            score = ConditionalScore(self.prior, self.htransform, self.operator, y)
+            score = ConditionalScore(self.prior, self.htransform, self.operator, y, self.guidance_scale)
             if self.clip_x0:
                 score = clip_denoised(score, self.prior.sde)
             return sample_reverse_sde(score, self.prior.sde, x, self.grid, generator, self.denoise_final)

@@ -73,7 +73,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
 
     run = open_run(spec.run, device)
     steps = spec.steps or run.spec.time_steps
-    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, spec.dps_zeta)
+    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, spec.dps_zeta, spec.guidance_scale)
     expected = run.operator.measurement_shape(run.prior.image_shape)
     inputs = measurement_inputs(measurement)
     folders = [out] if len(inputs) == 1 else [out / p.name.removesuffix(TENSOR_SUFFIX).rsplit(".", 1)[0] for p in inputs]
@@ -102,6 +102,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
             "measurement": str(path),
             "run": str(run.path),
             "method": spec.method,
+            **rec.parameters(spec.method),
             "operator": run.operator.describe(),
             "n": spec.n,
             "steps": steps,

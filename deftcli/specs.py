@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import DeftError
 from .unet import UNetConfig
@@ -146,6 +146,10 @@ class FinetuneSpec(StrictModel):
     run_dir: str | None = None
 
 
+GuidanceScale = Annotated[float, Field(ge=0)]
+"""γ of deft's sampler s_θ + γ h (:class:`~deftcli.htransform.ConditionalScore`)."""
+
+
 class SampleSpec(StrictModel):
     """``deft sample``: posterior (or unconditional) samples."""
 
@@ -157,6 +161,7 @@ class SampleSpec(StrictModel):
     steps: int | None = Field(None, ge=3, description="grid points (default: the run's time_steps, or 100)")
     batch_size: int = Field(16, ge=1)
     dps_zeta: float = Field(DEFAULT_DPS_ZETA, gt=0, description="DPS step size ζ (the sweep of `deft eval` picks it per problem)")
+    guidance_scale: GuidanceScale = Field(1.0, description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
     seed: int = 0
@@ -175,11 +180,26 @@ class EvalSpec(StrictModel):
     steps: int | None = Field(None, ge=3)
     dps_zeta: float | None = Field(None, gt=0, description="None: select ζ by a sweep on training images")
     dps_sweep: list[float] = [0.3, 1.0, 3.0, 10.0, 30.0]
+    guidance_scale: float | Literal["sweep"] = Field(1.0, description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ")
+    guidance_sweep: list[GuidanceScale] = [1.0, 1.5, 2.0, 3.0, 5.0]
     denoise_final: bool = True
     seed: int = 0
     device: Device = "auto"
     batch_size: int = Field(32, ge=1)
     out: str | None = None
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _number_or_sweep(cls, value: Any) -> Any:
+        if value == "sweep":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = -1.0
+        if not number >= 0:
+            raise ValueError("a number ≥ 0 or 'sweep'")
+        return number
 
 
 S = TypeVar("S", bound=BaseModel)

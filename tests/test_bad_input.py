@@ -399,6 +399,8 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("finetune-hnet-blocks-not-dividing-the-image", lambda w: finetune(w, "--hnet-space-to-depth", "3"), ["space_to_depth 3", "divide"]),
     ("finetune-hnet-blocks-zero", lambda w: finetune(w, "--hnet-space-to-depth", "0"), ["space_to_depth", "greater than or equal to 1"]),
     ("finetune-hnet-start-unknown", lambda w: finetune(w, "--hnet-start", "half"), ["hnet.start", "'zero' or 'gaussian'"]),
+    ("sample-guidance-scale-negative", lambda w: sample(w, w.y, "--guidance-scale", "-1"), ["guidance_scale", "greater than or equal to 0"]),
+    ("eval-guidance-scale-not-a-number", lambda w: evaluate(w, None, "--guidance-scale", "lots"), ["guidance_scale", "a number ≥ 0 or 'sweep'"]),
     ("check-gmm-unknown-operator", lambda w: ["check", "gmm", "--operator", "warp"], ["warp", "superres"]),
     ("degrade-factor-0", lambda w: degrade(w, w.flower, "--factor", "0"), ["factor", "greater than or equal to 2"]),
     ("degrade-factor-1", lambda w: degrade(w, w.flower, "--factor", "1"), ["factor", "greater than or equal to 2"]),

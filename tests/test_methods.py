@@ -1,0 +1,79 @@
+"""deft's guidance scale γ (s_θ + γ h) and its selection on training images, like DPS's ζ."""
+
+import json
+
+import torch
+
+from conftest import TINY_HNET
+from deftcli.finetune import build_htransform
+from deftcli.htransform import ConditionalScore
+from deftcli.images import save_image
+from deftcli.methods import Reconstructor
+from deftcli.sample import data_residual
+from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
+
+GAUSSIAN_START = build_spec(FinetuneSpec, overrides={**TINY_HNET, "hnet.start": "gaussian", "hnet.space_to_depth": 1})
+
+
+def reconstructor(problem, guidance_scale: float) -> Reconstructor:
+    htransform = build_htransform(GAUSSIAN_START, problem["prior"], problem["operator"]).eval().requires_grad_(False)
+    return Reconstructor(problem["prior"], problem["operator"], htransform, steps=20, guidance_scale=guidance_scale)
+
+
+def test_the_conditional_score_is_the_prior_score_plus_gamma_times_h(gmm_problem):
+    rec = reconstructor(gmm_problem, 1.0)
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.1, 0.4, 0.7, 0.95])
+    y = gmm_problem["y"].expand(4, -1, -1, -1)
+    prior_score = gmm_problem["prior"].score(x, t)
+    h = ConditionalScore(rec.prior, rec.htransform, rec.operator, y)(x, t) - prior_score
+    assert h.abs().mean() > 1e-2  # the Gaussian start guides from the first step
+    for gamma in (0.0, 2.5):
+        torch.testing.assert_close(ConditionalScore(rec.prior, rec.htransform, rec.operator, y, gamma)(x, t), prior_score + gamma * h)
+
+
+def test_gamma_zero_samples_the_prior_with_the_same_noise(gmm_problem):
+    rec = reconstructor(gmm_problem, 0.0)
+    y = gmm_problem["y"].expand(3, -1, -1, -1)
+    deft = rec.sample("deft", y, torch.Generator().manual_seed(5))
+    prior = rec.sample("prior", y, torch.Generator().manual_seed(5))
+    assert torch.equal(deft, prior)
+
+
+def test_a_larger_gamma_fits_the_measurement_more_tightly(gmm_problem):
+    y = gmm_problem["y"].expand(64, -1, -1, -1)
+    residuals = []
+    for gamma in (0.0, 1.0, 3.0):
+        x = reconstructor(gmm_problem, gamma).sample("deft", y, torch.Generator().manual_seed(0))
+        residuals.append(float(data_residual(gmm_problem["operator"], x, y).mean()))
+    assert residuals[0] > residuals[1] > residuals[2]
+    assert residuals[1] < 2 * gmm_problem["operator"].sigma < residuals[0]
+
+
+def test_eval_selects_gamma_on_training_images_when_asked_and_sample_records_it(run_cli, tiny_prior, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2", "--iterations", "1",
+                           "--time-steps", "4", "--measurements-per-batch", "1", "--trajectories", "2", "--hnet-channels", "8",
+                           "--hnet-mult", "1", "--device", "cpu", "--run-dir", str(run_dir), "--quiet")
+    assert code == 0, err
+    common = ("eval", "--run", str(run_dir), "--n", "2", "-k", "1", "--methods", "deft,dagger", "--steps", "4", "--device", "cpu")
+    code, _, err = run_cli(*common, "-o", str(tmp_path / "plain"))
+    assert code == 0, err
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert plain["guidance_scale"] == 1.0 and "deft_sweep" not in plain
+
+    code, _, err = run_cli(*common, "--guidance-scale", "sweep", "-o", str(tmp_path / "swept"))
+    assert code == 0, err
+    swept = json.loads((tmp_path / "swept" / "results.json").read_text())
+    table = swept["deft_sweep"]["table"]
+    assert [row["gamma"] for row in table] == EvalSpec().guidance_sweep
+    best = max(table, key=lambda row: row["psnr"])["gamma"]
+    assert swept["deft_sweep"]["selected"] == swept["guidance_scale"] == best
+    assert len({row["psnr"] for row in table}) > 1  # γ changes the samples
+
+    y = tmp_path / "y.safetensors"
+    save_image(torch.zeros(3, 8, 8), y)
+    code, out, err = run_cli("sample", str(y), "--run", str(run_dir), "-n", "2", "--steps", "4", "--guidance-scale", "2",
+                             "--device", "cpu", "-o", str(tmp_path / "s"))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["method"] == "deft" and summary["guidance_scale"] == 2.0
