@@ -203,7 +203,7 @@ def finetune_cmd(
     method: Annotated[Optional[str], typer.Option("--method", help="vargrad (default) or backprop")] = None,
     measurement: Annotated[Optional[str], typer.Option("--measurement", help="fine-tune for this one measurement (image or .safetensors)")] = None,
     iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop (and save) after this wall time")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop (and save) after this wall time, counted over every leg of a resumed run")] = None,
     time_steps: Annotated[Optional[int], typer.Option("--time-steps", help="N, points of the time grid")] = None,
     measurements_per_batch: Annotated[Optional[int], typer.Option("--measurements-per-batch", help="M (amortised)")] = None,
     trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="K per measurement")] = None,

@@ -236,6 +236,10 @@ class Finetuner:
         self.noise_gen.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
         self.step_count, self.seconds = int(state["step"]), float(state["seconds"])
+        budget = self.spec.max_minutes
+        if budget is not None and self.step_count < self.spec.iterations and budget * 60 <= self.seconds:
+            raise DeftError(f"--max-minutes {budget:g} is already spent: this run has trained {self.seconds / 60:.1f} minutes "
+                            "(the budget counts every leg of a resumed run); give a larger one")
         self.skipped_total, self.bad_in_row = int(state["skipped_total"]), int(state["bad_in_row"])
         self.j_smooth, self.best_j = state["j_smooth"], float(state["best_j"])
         self.metrics.truncate_after(self.step_count)
@@ -335,7 +339,7 @@ class Finetuner:
 
     def run(self) -> dict[str, Any]:
         spec = self.spec
-        deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60
+        deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60 - self.seconds
         stopped_by = "iterations"
         with GracefulInterrupt() as interrupt, TrainingProgress(
             f"finetune {spec.method}", spec.iterations, self.step_count, self.quiet, ["loss", "J", "D", "KL", "skipped_total"]

@@ -121,7 +121,7 @@ class FinetuneSpec(StrictModel):
     measurement: str | None = Field(None, description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split")
     method: Method = "vargrad"
     iterations: int = Field(100, ge=1, description="≈ 4.5 minutes for the default 4× super-resolution on a 2-core CPU")
-    max_minutes: float | None = Field(None, gt=0)
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much training time, counted over every leg of a resumed run")
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
     trajectories: int = Field(4, ge=2, description="K trajectories per measurement")

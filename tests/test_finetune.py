@@ -73,6 +73,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(gmm_problem, tmp_pat
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_time_budget_stops_and_saves_and_counts_every_leg_of_a_resumed_run(gmm_problem, tmp_path):
+    run_dir = tmp_path / "run"
+    first = finetune(gmm_spec(gmm_problem, run_dir, max_minutes=1e-6), quiet=True)
+    assert first["stopped_by"] == "max_minutes" and first["steps"] == 1
+    files = ("hnet_last.safetensors", "hnet_best.safetensors", "state_last.safetensors", "metrics.jsonl", "spec.json", "run.json")
+    before = {name: (run_dir / name).read_bytes() for name in files}
+    with pytest.raises(DeftError, match="already spent"):  # a per-leg budget would train one more step
+        finetune(gmm_spec(gmm_problem, run_dir, max_minutes=1e-6), resume=True, quiet=True)
+    assert {name: (run_dir / name).read_bytes() for name in files} == before
+    rest = finetune(gmm_spec(gmm_problem, run_dir, max_minutes=60), resume=True, quiet=True)
+    assert rest["stopped_by"] == "iterations" and rest["steps"] == 4
+    assert [line["step"] for line in metric_lines(run_dir)] == [1, 2, 3, 4]
+
+
 def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(gmm_problem, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     prior_cls = type(gmm_problem["prior"])
