@@ -97,7 +97,7 @@ def main() -> None:
                                      ("deft_guided", "deft", guided)):
         k = 1 if method == "dagger" else args.k
         per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, k, args.batch_size, seed=0)
-        methods[name] = {**method_rec.parameters(method), **summarise(per_image, seconds, len(images), k)}
+        methods[name] = {**method_rec.settings(method), **summarise(per_image, seconds, len(images), k)}
         print(f"{name:11s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
               f"SSIM mean {methods[name]['ssim_mean']:.3f}  {methods[name]['seconds_per_image']:.2f} s/image", flush=True)
 

@@ -76,7 +76,7 @@ class Reconstructor:
             return Cost(prior=n)
         return Cost()
 
-    def parameters(self, method: str) -> dict[str, float]:
+    def settings(self, method: str) -> dict[str, float]:
         """The method's own knob, for the record: γ for deft, ζ for DPS."""
         return {"deft": {"guidance_scale": self.guidance_scale}, "dps": {"dps_zeta": self.dps_zeta}}.get(method, {})
 

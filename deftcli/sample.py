@@ -102,7 +102,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
             "measurement": str(path),
             "run": str(run.path),
             "method": spec.method,
-            **rec.parameters(spec.method),
+            **rec.settings(spec.method),
             "operator": run.operator.describe(),
             "n": spec.n,
             "steps": steps,
