@@ -55,13 +55,15 @@ def test_a_two_process_run_writes_one_run_folder_that_samples_and_evaluates_like
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     assert sorted(p.name for p in run_dir.iterdir() if p.suffix == ".safetensors") == ["hnet_best.safetensors", "hnet_last.safetensors", "state_last.safetensors"]
 
-    common = ["eval", "--run", str(run_dir), "--n", "5", "-k", "2", "--steps", "4", "--methods", "deft,dps,dagger", "--dps-zeta", "0.5", "--device", "cpu"]
+    common = ["eval", "--run", str(run_dir), "--n", "5", "-k", "2", "--steps", "4", "--methods", "deft,dps,dagger", "--dps-zeta", "0.5",
+              "--guidance-scale", "sweep", "--device", "cpu"]
     one = subprocess.run([sys.executable, "-m", "deftcli", *common, "-o", str(tmp_path / "eval1")], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun("-m", "deftcli", "--", *common, "-o", str(tmp_path / "eval2"))  # "--": eval's --n/--run would match torchrun's own options
     r1 = json.loads((tmp_path / "eval1" / "results.json").read_text())
     r2 = json.loads((tmp_path / "eval2" / "results.json").read_text())
     assert r2["processes"] == 2
+    assert r2["deft_sweep"] == r1["deft_sweep"] and r2["guidance_scale"] == r1["guidance_scale"] != 1  # rank 0 sweeps, every rank samples with its γ
     for method in ("deft", "dps", "dagger"):
         for key in ("psnr_sample", "ssim_sample", "psnr_mean", "ssim_mean", "data_residual"):
             assert r1["methods"][method][key] == pytest.approx(r2["methods"][method][key], rel=1e-5, abs=1e-6), (method, key)
