@@ -89,8 +89,8 @@ def main() -> None:
     sweep_spec = EvalSpec(batch_size=args.batch_size)
     zeta, sweep = sweep_on_train(rec, "dps", sweep_spec.dps_sweep, run, sweep_spec, torch.device("cpu"))
     gamma, gamma_sweep = sweep_on_train(rec, "deft", sweep_spec.guidance_sweep, run, sweep_spec, torch.device("cpu"))
+    rec = replace(rec, dps_zeta=zeta)
     guided = replace(rec, guidance_scale=gamma)
-    rec.guidance_scale = 1.0
 
     methods = {}
     for name, method, method_rec in (("dagger", "dagger", rec), ("prior", "prior", rec), ("dps", "dps", rec), ("deft", "deft", rec),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def sweep_on_train(rec: Reconstructor, method: str, values: Sequence[float], run
     """Pick ``method``'s knob (:data:`SWEPT`) by the PSNR of one sample per image on the first training images.
 
     The training images and their measurements (seed + 7) are the same for every method and value,
-    and never the evaluated split's. Sets the selected value on ``rec``.
+    and never the evaluated split's. ``rec`` itself is left as it was.
     """
     field, key = SWEPT[method]
     train = open_dataset(run.spec.data, "train", rec.prior.image_shape[-1], rec.prior.image_shape[0])
@@ -116,12 +117,9 @@ def sweep_on_train(rec: Reconstructor, method: str, values: Sequence[float], run
     y = rec.operator.measure(x, generator=torch.Generator(device="cpu").manual_seed(spec.seed + 7)).to(device)
     table = []
     for value in values:
-        setattr(rec, field, value)
-        samples = draw_per_image(rec, method, y, images, 1, spec.batch_size, spec.seed)[:, 0]
+        samples = draw_per_image(replace(rec, **{field: value}), method, y, images, 1, spec.batch_size, spec.seed)[:, 0]
         table.append({key: value, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
-    best = max(table, key=lambda row: row["psnr"])[key]
-    setattr(rec, field, best)
-    return best, table
+    return max(table, key=lambda row: row["psnr"])[key], table
 
 
 def output_folder(spec: EvalSpec, run: FinetunedRun, force: bool) -> Path:

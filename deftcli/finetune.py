@@ -44,7 +44,7 @@ from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
 from .specs import FinetuneSpec, HNetSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, scale_learning_rates, warmup_cosine_factor
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, refuse_spent_budget, scale_learning_rates, warmup_cosine_factor
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
 
@@ -236,10 +236,7 @@ class Finetuner:
         self.noise_gen.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
         self.step_count, self.seconds = int(state["step"]), float(state["seconds"])
-        budget = self.spec.max_minutes
-        if budget is not None and self.step_count < self.spec.iterations and budget * 60 <= self.seconds:
-            raise DeftError(f"--max-minutes {budget:g} is already spent: this run has trained {self.seconds / 60:.1f} minutes "
-                            "(the budget counts every leg of a resumed run); give a larger one")
+        refuse_spent_budget(self.spec.max_minutes, self.step_count, self.spec.iterations, self.seconds)
         self.skipped_total, self.bad_in_row = int(state["skipped_total"]), int(state["bad_in_row"])
         self.j_smooth, self.best_j = state["j_smooth"], float(state["best_j"])
         self.metrics.truncate_after(self.step_count)

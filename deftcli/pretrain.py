@@ -36,7 +36,7 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, scale_learning_rates, warmup_cosine_factor
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, refuse_spent_budget, scale_learning_rates, warmup_cosine_factor
 from .unet import UNet
 
 T_EPS = 1e-5
@@ -135,9 +135,7 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])
-        if spec.max_minutes is not None and step < spec.iterations and spec.max_minutes * 60 <= elapsed:
-            raise DeftError(f"--max-minutes {spec.max_minutes:g} is already spent: this run has trained {elapsed / 60:.1f} minutes "
-                            "(the budget counts every leg of a resumed run); give a larger one")
+        refuse_spent_budget(spec.max_minutes, step, spec.iterations, elapsed)
         metrics.truncate_after(step)
     commands = [" ".join(shlex.quote(a) for a in (command or sys.argv))]
     if resume and (out / "config.json").exists():  # keep the commands of the earlier legs of a resumed run

@@ -15,6 +15,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .errors import DeftError
+
 
 def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float) -> float:
     """Learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine from 1 to ``final_factor`` at ``total``."""
@@ -31,6 +33,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict(state)
     for group, base_lr in zip(optimizer.param_groups, base_lrs):
         group["base_lr"] = base_lr
+
+
+def refuse_spent_budget(max_minutes: float | None, step: int, iterations: int, seconds: float) -> None:
+    """A resumed run with steps left whose ``--max-minutes`` (counted over every leg) is already spent
+    is a user error, raised before anything is written."""
+    if max_minutes is not None and step < iterations and max_minutes * 60 <= seconds:
+        raise DeftError(f"--max-minutes {max_minutes:g} is already spent: this run has trained {seconds / 60:.1f} minutes "
+                        "(the budget counts every leg of a resumed run); give a larger one")
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
