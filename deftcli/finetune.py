@@ -173,6 +173,8 @@ class Finetuner:
         self.autocast = autocast(self.device, spec.precision)
         self.prior = load_prior(spec.prior.path).to(self.device)
         self.operator = create(spec.operator.name, **spec.operator.params)
+        if self.operator.sigma <= 0:
+            raise DeftError("fine-tuning needs measurement noise --sigma > 0 (the data term is ‖A x − y‖²/(2 σ_y²))")
         self.source = MeasurementSource(spec, self.prior, self.operator, self.device)
         torch.manual_seed(spec.seed)
         self.htransform = build_htransform(spec, self.prior, self.operator).to(self.device)

@@ -393,6 +393,7 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     # --- operators and their parameters
     ("degrade-unknown-operator", lambda w: degrade(w, w.flower, "--operator", "warp"), ["warp", "superres", "blur", "inpaint"]),
     ("finetune-unknown-operator", lambda w: finetune(w, "--operator", "warp"), ["warp", "superres"]),
+    ("finetune-noiseless-operator", lambda w: finetune(w, "--sigma", "0"), ["--sigma", "> 0"]),
     ("check-gmm-shape-of-two", lambda w: ["check", "gmm", "--shape", "1,8"], ["--shape", "3 comma-separated"]),
     ("check-gmm-shape-zero", lambda w: ["check", "gmm", "--shape", "0,8,8"], ["--shape", "positive"]),
     ("finetune-hnet-mult-zero", lambda w: finetune(w, "--hnet-mult", "0"), ["--hnet-mult", "positive"]),
