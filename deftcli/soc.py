@@ -9,6 +9,10 @@ Per trajectory, with g_t = √β and sg the stop-gradient,
     T1 = −½ Σ β ‖h‖² Δs,   T2 = Σ β ⟨h, sg(h)⟩ Δs,   T3 = Σ g_t ⟨h, ΔW⟩,   D = ‖A x_final − y‖² / (2 σ_y²)
     log-RND  L = D + T1 + T2 + T3,        SOC objective  J = mean(D − T1)  (data term + KL).
 
+x_final is the state after the last step (t = ε) itself, not its Tweedie-denoised version, as in the
+original code; `deft sample` and `deft eval` return the denoised x̂0 at t = ε by default (one more
+score evaluation, ``denoise_final``).
+
 VarGrad minimises Var(L). With the trajectory detached, L depends on the parameters only through h
 at the gradient-carrying steps S, and ∇Var(L) = Σ_b w_b ∇L_b with w_b = ∂Var/∂L_b
 (= 2 (L_b − L̄)/(B − 1) for one group). So :func:`rollout` computes every L_b without any autograd
