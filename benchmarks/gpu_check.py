@@ -14,8 +14,10 @@ Also the embedded default's sampling cost (issue 5's speed target, on this devic
 ``petals32`` prior with an auto-sized h-network (random weights), 4× super-resolution, N = 50: samples
 per second of deft, DPS and the prior, batch ``--sample-batch``.
 
-Then a smoke run of the command line on the same random prior with the embedded data at 64 px:
-``deft finetune`` (a few iterations, amortised) and ``deft eval`` (a few val images, all methods).
+Then a smoke run of the command line on the shipped prior and the embedded data: ``deft finetune``
+(a few iterations, amortised; a random prior would only make the divergence guard skip every step,
+so the smoke fails when any step is skipped) and ``deft eval`` (a few val images, all methods).
+Temporary paths are written as ``<tmp>``.
 Writes JSON (``--out``) and prints a table::
 
     python benchmarks/gpu_check.py --device cuda [--steps 50 200] [--out benchmarks/results/gpu_check.json]
@@ -133,23 +135,29 @@ def finetune_and_sample(tmp: Path, steps: int, args: argparse.Namespace, device:
     return row
 
 
-def cli_smoke(tmp: Path, device: torch.device) -> list[dict]:
-    """`deft finetune` and `deft eval` through the command line on the random original-size prior."""
+def cli_smoke(tmp: Path, device: torch.device) -> dict:
+    """`deft finetune` and `deft eval` through the command line on the shipped prior; passed when both
+    exit 0, no fine-tuning step was skipped and the table has every method."""
     run = tmp / "cli-run"
     commands = [
-        ["finetune", "--prior", str(tmp / "prior"), "--dataset", "petals", "--operator", "superres", "--factor", str(FACTOR),
-         "--sigma", str(SIGMA_Y), "--iterations", "3", "--time-steps", "20", "--device", str(device), "--run-dir", str(run), "--quiet"],
+        ["finetune", "--operator", "superres", "--factor", str(FACTOR), "--sigma", str(SIGMA_Y), "--iterations", "5",
+         "--time-steps", "20", "--device", str(device), "--run-dir", str(run), "--quiet"],
         ["eval", "--run", str(run), "--split", "val", "--n", "4", "-k", "2", "--steps", "20", "--device", str(device), "-o", str(tmp / "eval")],
     ]
     results = []
     for command in commands:
         began = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "deftcli", *command], capture_output=True, text=True)
-        results.append({"command": "deft " + " ".join(command), "exit_code": done.returncode, "seconds": round(time.perf_counter() - began, 1),
-                        "output_tail": (done.stdout + done.stderr)[-1500:]})
+        results.append({"command": "deft " + " ".join(command).replace(str(tmp), "<tmp>"), "exit_code": done.returncode,
+                        "seconds": round(time.perf_counter() - began, 1), "output_tail": (done.stdout + done.stderr)[-1500:].replace(str(tmp), "<tmp>")})
         print(f"deft {command[0]}: exit {done.returncode} in {results[-1]['seconds']} s", flush=True)
-    results.append({"eval_results": json.loads((tmp / "eval" / "results.json").read_text()) if (tmp / "eval" / "results.json").exists() else None})
-    return results
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+    table = json.loads((tmp / "eval" / "results.json").read_text())["methods"] if (tmp / "eval" / "results.json").exists() else {}
+    skipped = sum(1 for row in metrics if row.get("skipped"))
+    passed = all(r["exit_code"] == 0 for r in results) and len(metrics) == 5 and not skipped and set(table) == {"deft", "dps", "prior", "dagger"}
+    print(f"CLI smoke {'passed' if passed else 'FAILED'}: {len(metrics)} fine-tuning steps logged, {skipped} skipped", flush=True)
+    return {"passed": passed, "finetune_steps_logged": len(metrics), "finetune_steps_skipped": skipped,
+            "eval_psnr_mean": {name: round(row["psnr_mean"], 2) for name, row in table.items()}, "commands": results}
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--hnet-start", choices=["zero", "gaussian"], help="the h-network's start (default: deft's default)")
     parser.add_argument("--prior-truth", type=int, default=32, help="images drawn from the prior for the prior-is-exact comparison (0: skip)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--speed-rounds", type=int, default=9, help="interleaved timed rounds (3 left ±7–10 %% noise on the ratio)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_quality.json"))
     args = parser.parse_args()
