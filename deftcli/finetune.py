@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .checkpoint import file_sha256, load_state, rng_state, save_state, set_rng_state, write_json
+from .checkpoint import file_sha256, load_state, read_json, rng_state, save_state, set_rng_state, write_json
 from .data import ImageDataset, open_dataset
 from .devices import autocast, resolve_device
 from .distributed import Distributed, setup, teardown
@@ -43,7 +43,7 @@ from .runs import latest_run
 from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
-from .specs import FinetuneSpec, HNetSpec
+from .specs import FinetuneSpec, HNetSpec, read_saved_spec
 from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, refuse_spent_budget, scale_learning_rates, warmup_cosine_factor
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
@@ -418,14 +418,55 @@ def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, comm
         run_dir = Path(ctx.broadcast(str(resolve_run_dir(spec, resume)) if ctx.is_main else None))
         if resume:
             spec = spec.model_copy(update={"run_dir": str(run_dir)})
+            refuse_problem_change(run_dir, spec)
         trainer = Finetuner(spec, run_dir, resume, quiet, ctx)  # checks prior, operator, measurement first
-        if not resume and ctx.is_main:
-            output_folder(run_dir)
-            write_run_info(trainer, run_dir, command)
+        if ctx.is_main:
+            if resume:
+                record_resumed_leg(trainer, run_dir, command)
+            else:
+                output_folder(run_dir)
+                write_run_info(trainer, run_dir, command)
         ctx.barrier()
         return trainer.run()
     finally:
         teardown(ctx)
+
+
+def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
+    """A one-line error, before anything is read into training or written, when ``--resume`` would
+    change what the run solves or the network it trains.
+
+    A resumed leg may change the schedule (iterations, time budget, learning rate, N, batch size,
+    device) and where files are (the data root, the prior's or the measurement's path), not the
+    operator, the data set, the mode (amortised or one measurement), the h-network, the prior's
+    weights (their SHA-256 in ``run.json``) or the measurement (the run's ``measurement.safetensors``).
+    """
+    saved = FinetuneSpec.model_validate(read_saved_spec(run_dir / "spec.json"))
+    recorded = read_json(run_dir / "run.json").get("prior", {}).get("sha256")
+    current = load_prior(resumed.prior.path).identity().get("sha256")
+    if recorded and current and recorded != current:
+        raise DeftError(f"{run_dir}: --resume with a different prior (sha256 {current[:12]}… ≠ recorded {recorded[:12]}…)")
+    fixed = {
+        "operator": (saved.operator.model_dump(mode="json"), resumed.operator.model_dump(mode="json")),
+        "dataset": (saved.data.dataset, resumed.data.dataset),
+        "mode": tuple("amortised" if s.measurement is None else "per-measurement" for s in (saved, resumed)),
+        "h-network": (saved.hnet.model_dump(mode="json"), resumed.hnet.model_dump(mode="json")),
+    }
+    for name, (before, after) in fixed.items():
+        if before != after:
+            raise DeftError(f"--resume cannot change the run's {name} ({before} → {after}); start a new run for a different problem")
+    kept = run_dir / "measurement.safetensors"
+    if resumed.measurement is not None and kept.exists() and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept)):
+        raise DeftError(f"--resume cannot change the run's measurement ({resumed.measurement} differs from the {kept} it was fine-tuned for)")
+
+
+def record_resumed_leg(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
+    """``spec.json`` becomes the resumed leg's spec; ``run.json`` lists every resumed leg's command."""
+    info = read_json(run_dir / "run.json")
+    write_json(trainer.spec.model_dump(mode="json"), run_dir / "spec.json")
+    info["resumed"] = [*info.get("resumed", []), {"command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
+                                                   "started": datetime.now().isoformat(timespec="seconds"), "at_step": trainer.step_count}]
+    write_json(info, run_dir / "run.json")
 
 
 def write_run_info(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:

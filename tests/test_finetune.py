@@ -11,6 +11,7 @@ from conftest import TINY_HNET, assert_user_error
 from deftcli.errors import DeftError
 from deftcli.finetune import Finetuner, TrainingDiverged, finetune
 from deftcli.htransform import load_htransform
+from deftcli.images import read_measurement, save_image
 from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.specs import FinetuneSpec, build_spec
@@ -85,6 +86,28 @@ def test_a_time_budget_stops_and_saves_and_counts_every_leg_of_a_resumed_run(gmm
     rest = finetune(gmm_spec(gmm_problem, run_dir, max_minutes=60), resume=True, quiet=True)
     assert rest["stopped_by"] == "iterations" and rest["steps"] == 4
     assert [line["step"] for line in metric_lines(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_resumed_leg_may_change_the_schedule_and_is_recorded(gmm_problem, tmp_path):
+    run_dir = tmp_path / "run"
+    finetune(gmm_spec(gmm_problem, run_dir, iterations=2), quiet=True)
+    summary = finetune(gmm_spec(gmm_problem, run_dir, iterations=3, lr=2e-3), resume=True, quiet=True, command=["deft", "finetune", "--resume"])
+    assert summary["steps"] == 3
+    spec = json.loads((run_dir / "spec.json").read_text())
+    assert (spec["iterations"], spec["lr"]) == (3, 2e-3)  # what `deft eval` and a later --resume read is the last leg's spec
+    assert json.loads((run_dir / "run.json").read_text())["resumed"][0] | {"started": None} == {
+        "command": "deft finetune --resume", "started": None, "at_step": 2}
+
+
+def test_a_resumed_leg_may_not_change_the_measurement(gmm_problem, tmp_path):
+    run_dir = tmp_path / "run"
+    finetune(gmm_spec(gmm_problem, run_dir, iterations=2), quiet=True)
+    other = tmp_path / "other_y.safetensors"
+    save_image(read_measurement(gmm_problem["y_path"]) + 0.5, other)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(DeftError, match="cannot change the run's measurement"):
+        finetune(gmm_spec(gmm_problem, run_dir, iterations=3, measurement=str(other)), resume=True, quiet=True)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(gmm_problem, tmp_path, monkeypatch):
