@@ -40,7 +40,11 @@ class FinetunedRun:
 
 
 def open_run(path: str | Path | None, device: torch.device, checkpoint: Literal["last", "best"] = "last", prior_override: str | None = None) -> FinetunedRun:
-    """Open ``path`` (default: the latest run); the prior must be the one the run was fine-tuned on."""
+    """Open ``path`` (default: the latest run); the prior must be the one the run was fine-tuned on.
+
+    ``prior_override`` loads it from another place (a moved or copied prior); its weights must still
+    have the SHA-256 recorded in ``run.json``.
+    """
     run_dir = Path(path) if path is not None else latest_run()
     if not run_dir.exists():
         raise DeftError(f"run '{run_dir}': no such folder")

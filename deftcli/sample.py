@@ -71,7 +71,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
             raise DeftError("give a measurement image (or a folder of them), or --unconditional for prior samples")
         return sample_unconditional(spec, out, device, generator, force)
 
-    run = open_run(spec.run, device)
+    run = open_run(spec.run, device, prior_override=spec.prior.path)
     steps = spec.steps or run.spec.time_steps
     rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, spec.dps_zeta, spec.guidance_scale)
     expected = run.operator.measurement_shape(run.prior.image_shape)
@@ -101,6 +101,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
         summary = {
             "measurement": str(path),
             "run": str(run.path),
+            "prior": run.prior.identity(),
             "method": spec.method,
             **rec.settings(spec.method),
             "operator": run.operator.describe(),
