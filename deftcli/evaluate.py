@@ -150,9 +150,9 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     y_all = operator.measure(x_all, generator=torch.Generator(device="cpu").manual_seed(spec.seed))
     x_true, y = x_all[mine].to(device), y_all[mine].to(device)
     steps = spec.steps or run.spec.time_steps
-    rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final)
+    rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final, spec.clip_x0)
     results: dict[str, Any] = {
-        "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed,
+        "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
         "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size, "methods": {},
     }
     sweeps = {"dps": (spec.dps_zeta, spec.dps_sweep), "deft": (None if spec.guidance_scale == "sweep" else spec.guidance_scale, spec.guidance_sweep)}

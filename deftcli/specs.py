@@ -120,7 +120,7 @@ class FinetuneSpec(StrictModel):
     data: DataSpec = DataSpec()
     measurement: str | None = Field(None, description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split")
     method: Method = "vargrad"
-    iterations: int = Field(100, ge=1, description="≈ 4.5 minutes for the default 4× super-resolution on a 2-core CPU")
+    iterations: int = Field(100, ge=1, description="≈ 5 minutes for the default 4× super-resolution on a 2-core CPU")
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much training time, counted over every leg of a resumed run")
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
@@ -183,6 +183,7 @@ class EvalSpec(StrictModel):
     guidance_scale: float | Literal["sweep"] = Field(1.0, description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ")
     guidance_sweep: list[GuidanceScale] = [1.0, 1.5, 2.0, 3.0, 5.0]
     denoise_final: bool = True
+    clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)")
     seed: int = 0
     device: Device = "auto"
     batch_size: int = Field(32, ge=1)
