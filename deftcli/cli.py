@@ -38,7 +38,7 @@ app.add_typer(check_app, name="check")
 
 # ---------------------------------------------------------------- shared options
 SpecOpt = Annotated[Optional[Path], typer.Option("--spec", help="run spec file (YAML, TOML or JSON); flags override it")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (default 0)")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="plain log lines instead of a progress bar")]
 OperatorOpt = Annotated[Optional[str], typer.Option("--operator", help="forward operator (see `deft operators`)")]
@@ -151,10 +151,10 @@ def pretrain_cmd(
     channels: Annotated[Optional[int], typer.Option("--channels", help="1 (grey) or 3 (RGB)")] = None,
     model_channels: Annotated[Optional[int], typer.Option("--model-channels", help="UNet base channels")] = None,
     channel_mult: Annotated[Optional[str], typer.Option("--channel-mult", help="e.g. 1,2,2")] = None,
-    iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help="training steps (default 20000)")] = None,
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop and save after this wall time, counted over every leg of a resumed run")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="images per step (default 64)")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default 5e-4)")] = None,
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay")] = None,
     sample_every: Annotated[Optional[int], typer.Option("--sample-every")] = None,
     seed: SeedOpt = None,
@@ -202,12 +202,12 @@ def finetune_cmd(
     param: ParamOpt = None,
     method: Annotated[Optional[str], typer.Option("--method", help="vargrad (default) or backprop")] = None,
     measurement: Annotated[Optional[str], typer.Option("--measurement", help="fine-tune for this one measurement (image or .safetensors)")] = None,
-    iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help="gradient steps (default 100)")] = None,
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="stop (and save) after this wall time, counted over every leg of a resumed run")] = None,
-    time_steps: Annotated[Optional[int], typer.Option("--time-steps", help="N, points of the time grid")] = None,
-    measurements_per_batch: Annotated[Optional[int], typer.Option("--measurements-per-batch", help="M (amortised)")] = None,
-    trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="K per measurement")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    time_steps: Annotated[Optional[int], typer.Option("--time-steps", help="N, points of the time grid (default 50)")] = None,
+    measurements_per_batch: Annotated[Optional[int], typer.Option("--measurements-per-batch", help="M, measurements per step (amortised; default 2)")] = None,
+    trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="K, trajectories per measurement (default 4)")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate of the h-network (default 5e-4)")] = None,
     hnet_channels: Annotated[Optional[int], typer.Option("--hnet-channels", help="h-network UNet base channels")] = None,
     hnet_mult: Annotated[Optional[str], typer.Option("--hnet-mult", help="h-network channel multipliers, e.g. 1,2")] = None,
     hnet_space_to_depth: Annotated[Optional[int], typer.Option("--hnet-space-to-depth", help="h-network UNet on r×r pixel blocks (1: full resolution)")] = None,
@@ -250,20 +250,21 @@ def sample_cmd(
     out: Annotated[Optional[str], typer.Option("-o", "--out", help="output folder")] = None,
     spec: SpecOpt = None,
     run: Annotated[Optional[str], typer.Option("--run", "--run-dir", help="run folder (default: the latest under runs/); spell it --run-dir under torchrun")] = None,
-    prior: PriorOpt = None,
+    prior: Annotated[Optional[str], typer.Option("--prior", help="with --unconditional: the prior (default: the run's, else model_weights/petals32); "
+                                                 "with a run: where its prior now is, if it moved (the weights must match)")] = None,
     unconditional: Annotated[bool, typer.Option("--unconditional", help="samples of the prior, no measurement")] = False,
-    n: Annotated[Optional[int], typer.Option("-n", help="number of samples")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's)")] = None,
+    n: Annotated[Optional[int], typer.Option("-n", help="samples per measurement (default 8)")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's; 100 with --unconditional)")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="deft, dps, prior or dagger")] = None,
-    dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size ζ")] = None,
+    dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size ζ (default 10)")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="deft: γ in s_θ + γ h (1: the fine-tuned posterior)")] = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in the sampler")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 16)")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing outputs")] = False,
 ) -> None:
-    """Posterior samples (or prior samples with --unconditional): sample_###.png, mean.png, std.png, summary.json."""
+    """Posterior samples: sample_###.png, mean.png, std.png, summary.json (with --unconditional, prior samples: sample_###.png, grid.png, summary.json)."""
     from .sample import sample_command
     from .specs import SampleSpec, build_spec
 
@@ -279,14 +280,15 @@ def sample_cmd(
 def eval_cmd(
     spec: SpecOpt = None,
     run: Annotated[Optional[str], typer.Option("--run", "--run-dir", help="run folder (default: the latest under runs/); spell it --run-dir under torchrun")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="train, val or test")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="number of images (the first n of the split)")] = None,
-    k: Annotated[Optional[int], typer.Option("-k", help="samples per image")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated: deft,dps,prior,dagger")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="train, val or test (default val)")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="number of images, the first n of the split (default 64)")] = None,
+    k: Annotated[Optional[int], typer.Option("-k", help="samples per image (default 4)")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated (default deft,dps,prior,dagger)")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's)")] = None,
     dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size (default: chosen by a sweep on train images)")] = None,
     guidance_scale: Annotated[Optional[str], typer.Option("--guidance-scale", help="deft's γ (default 1: the fine-tuned posterior), or 'sweep' to choose it on train images like ζ")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in every sampler (default off)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 32)")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Optional[str], typer.Option("-o", "--out", help="output folder (default: <run>/eval-<split>-<time>)")] = None,
@@ -298,14 +300,14 @@ def eval_cmd(
 
     method_list = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     overrides = {"run": run, "split": split, "n": n, "k": k, "methods": method_list, "steps": steps, "dps_zeta": dps_zeta,
-                 "guidance_scale": guidance_scale, "batch_size": batch_size, "seed": seed, "device": device, "out": out}
+                 "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device, "out": out}
     print_json(evaluate(build_spec(EvalSpec, spec, overrides), force))
 
 
 @check_app.command("gmm")
 def check_gmm_cmd(
     shape: Annotated[Optional[str], typer.Option("--shape", help="C,H,W of the image-shaped mixture (default 1,8,8)")] = None,
-    components: Annotated[Optional[int], typer.Option("--components", help="K, an even number (pairs b ± n)")] = None,
+    components: Annotated[Optional[int], typer.Option("--components", help="K, an even number: pairs b ± n (default 4)")] = None,
     operator: OperatorOpt = None,
     factor: FactorOpt = None,
     sigma: SigmaOpt = None,
@@ -315,11 +317,11 @@ def check_gmm_cmd(
     mask: MaskOpt = None,
     param: ParamOpt = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="per-measurement or amortised")] = None,
-    iterations: Annotated[Optional[int], typer.Option("--iterations")] = None,
-    time_steps: Annotated[Optional[int], typer.Option("--time-steps")] = None,
-    trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="trajectories per batch")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="samples per method")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help="gradient steps (default 600)")] = None,
+    time_steps: Annotated[Optional[int], typer.Option("--time-steps", help="N, points of the time grid (default 100)")] = None,
+    trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="trajectories per batch (default 64)")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default 1e-3)")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="samples per method (default 2000)")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="keep the fine-tuning run here (default: a temporary folder)")] = None,

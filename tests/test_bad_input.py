@@ -363,6 +363,10 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("finetune-missing-data-root", lambda w: finetune(w, "--dataset", "folder", "--data-root", w.path("nope")), ["nope", "no such folder"]),
     ("eval-missing-run", lambda w: evaluate(w, w.path("nope")), ["nope", "no such folder"]),
     ("finetune-resume-missing-run", lambda w: ["finetune", "--resume", "--run-dir", w.path("nope")], ["nope"]),
+    ("finetune-resume-changes-the-operator", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--sigma", "0.3", "--iterations", "2"],
+     ["--resume", "operator", "0.3"]),
+    ("finetune-resume-with-other-prior-weights", lambda w: ["finetune", "--resume", "--run-dir", w.run_with_moved_prior(perturb_weights), "--iterations", "2"],
+     ["--resume", "different prior"]),
     ("pretrain-resume-missing-out", lambda w: pretrain(w, "--resume", "--out", w.path("nope")), ["nope", "no such file"]),
     # --- empty, truncated and non-image files
     ("degrade-empty-file", lambda w: degrade(w, w.file("empty.png")), ["empty.png", "not an image"]),
@@ -441,6 +445,8 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
                                                           "--iterations", "2", "--quiet"], ["state_last.safetensors", "does not match"]),
     ("sample-run-prior-deleted", lambda w: sample(w, w.y, run=w.run_with_moved_prior(shutil.rmtree)), ["prior_copy", "no such folder"]),
     ("sample-run-prior-weights-changed", lambda w: sample(w, w.y, run=w.run_with_moved_prior(perturb_weights)), ["prior", "changed since fine-tuning"]),
+    ("sample-prior-given-for-run-missing", lambda w: sample(w, w.y, "--prior", w.path("nope")), ["nope", "no such folder"]),
+    ("sample-prior-given-for-run-other-weights", lambda w: sample(w, w.y, "--prior", w.prior_copy(perturb_weights)), ["prior", "changed since fine-tuning"]),
     # --- priors
     ("sample-prior-wrong-format", lambda w: unconditional(w, w.folder("weird", {"weights.bin": b"1234"})), ["weird", "unrecognised"]),
     ("sample-prior-is-a-file", lambda w: unconditional(w, w.file("prior.bin", b"1234")), ["prior.bin", "expected a folder"]),
@@ -566,6 +572,17 @@ def test_sample_converts_an_rgba_measurement_to_rgb(run_cli, assets, tmp_path):
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert len(summary["data_residual"]) == 2
     assert all((tmp_path / "s" / name).exists() for name in ("sample_000.png", "sample_001.png", "mean.png", "std.png"))
+
+
+def test_sample_finds_a_moved_prior_through_prior_and_records_it(run_cli, assets, tmp_path):
+    moved = tmp_path / "moved_prior"
+    shutil.copytree(assets.prior, moved)
+    code, _, err = run_cli("sample", str(assets.y), "--run", str(assets.run), "--prior", str(moved), "-n", "1", "--steps", "3",
+                           "--device", "cpu", "-o", str(tmp_path / "s"))
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "s" / "summary.json").read_text())["prior"]
+    assert recorded["path"] == str(moved)
+    assert recorded["sha256"] == json.loads((assets.run / "run.json").read_text())["prior"]["sha256"]
 
 
 def test_sample_converts_a_palette_measurement_to_rgb(run_cli, assets, tmp_path):

@@ -33,6 +33,41 @@ def test_help_through_the_entry_point_and_python_m(python):
             assert name in result.stdout
 
 
+def test_the_defaults_that_help_texts_quote_are_the_specs_defaults():
+    """`--help` says "(default X)" for the main options; X must be what the command really uses."""
+    import re
+
+    import typer
+
+    from deftcli.check_gmm import GMMCheckSpec
+    from deftcli.cli import app
+    from deftcli.specs import EvalSpec, FinetuneSpec, PretrainSpec, SampleSpec
+
+    group = typer.main.get_command(app)
+    commands = {name: group.commands[name] for name in ("finetune", "sample", "eval", "pretrain")} | {"gmm": group.commands["check"].commands["gmm"]}
+    specs = {"finetune": FinetuneSpec, "sample": SampleSpec, "eval": EvalSpec, "pretrain": PretrainSpec, "gmm": GMMCheckSpec}
+    checked = []
+    for name, command in commands.items():
+        for param in command.params:
+            quoted = re.search(r"default ([^:;()]+)\)", param.help or "")
+            if quoted is None or param.name not in specs[name].model_fields:
+                continue
+            default = specs[name].model_fields[param.name].default
+            if default is None:  # a described default, e.g. "runs/<operator>-<timestamp>"
+                continue
+            text = quoted.group(1).strip()
+            if isinstance(default, bool):
+                assert text == ("on" if default else "off"), (name, param.name)
+            elif isinstance(default, (list, tuple)):
+                assert text == ",".join(map(str, default)), (name, param.name)
+            elif isinstance(default, (int, float)):
+                assert float(text) == default, (name, param.name, text, default)
+            else:
+                assert text == str(default), (name, param.name)
+            checked.append(f"{name} --{param.name}")
+    assert len(checked) >= 20, checked
+
+
 def test_operators_lists_the_built_ins_with_parameters_and_provider(run_cli):
     code, out, err = run_cli("operators")
     assert code == 0, err

@@ -61,6 +61,12 @@ def test_eval_selects_gamma_on_training_images_when_asked_and_sample_records_it(
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     assert plain["guidance_scale"] == 1.0 and "deft_sweep" not in plain
 
+    code, _, err = run_cli(*common, "--clip-x0", "-o", str(tmp_path / "clipped"))
+    assert code == 0, err
+    clipped = json.loads((tmp_path / "clipped" / "results.json").read_text())
+    assert (plain["clip_x0"], clipped["clip_x0"]) == (False, True)
+    assert clipped["methods"]["deft"]["psnr_mean"] != plain["methods"]["deft"]["psnr_mean"]  # the random prior's x̂0 leaves [-1, 1]
+
     code, _, err = run_cli(*common, "--guidance-scale", "sweep", "-o", str(tmp_path / "swept"))
     assert code == 0, err
     swept = json.loads((tmp_path / "swept" / "results.json").read_text())
