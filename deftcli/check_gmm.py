@@ -29,7 +29,8 @@ from pydantic import Field
 from torch import Tensor
 
 from .devices import resolve_device
-from .finetune import finetune
+from .errors import DeftError
+from .finetune import finetune, resolve_run_dir
 from .gmm import GaussianMixturePosterior, GaussianMixturePrior, exact_posterior, hard_mixture
 from .htransform import load_htransform
 from .images import save_image
@@ -37,7 +38,7 @@ from .methods import Reconstructor
 from .operators import Operator, create
 from .samplers import sample_reverse_sde
 from .sde import reverse_time_grid
-from .specs import FinetuneSpec, HNetSpec, OperatorSpec, StrictModel
+from .specs import FinetuneSpec, HNetSpec, OperatorSpec, Seed, StrictModel
 
 SWEEP_MEASUREMENTS = 2
 SWEEP_SAMPLES = 500
@@ -60,7 +61,7 @@ class GMMCheckSpec(StrictModel):
     hnet: HNetSpec = HNetSpec(architecture="mlp", time_embedding_dim=32, time_hidden=32)
     samples: int = Field(2000, ge=10)
     dps_sweep: list[float] = [0.03, 0.1, 0.3, 1.0, 3.0]
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     run_dir: str | None = None
 
@@ -133,13 +134,19 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="deft-check-gmm-") as scratch:
         work = Path(spec.run_dir) if spec.run_dir else Path(scratch) / "run"
-        prior.save(work.parent / f"{work.name}-prior")
-        save_image(y[0], work.parent / f"{work.name}-y.safetensors")
+        kept_inputs = (work.parent / f"{work.name}-prior", work.parent / f"{work.name}-y.safetensors")
+        if spec.run_dir:  # the kept run's inputs go beside it: refuse before writing anything, never overwrite
+            resolve_run_dir(FinetuneSpec(run_dir=str(work)), resume=False)
+            for path in kept_inputs:
+                if path.exists():
+                    raise DeftError(f"{path}: exists (--run-dir {work} keeps its prior and measurement there; choose another --run-dir)")
+        prior.save(kept_inputs[0])
+        save_image(y[0], kept_inputs[1])
         amortised = spec.mode == "amortised"
         ft_spec = FinetuneSpec(
-            prior={"path": str(work.parent / f"{work.name}-prior")},
+            prior={"path": str(kept_inputs[0])},
             operator=spec.operator,
-            measurement=None if amortised else str(work.parent / f"{work.name}-y.safetensors"),
+            measurement=None if amortised else str(kept_inputs[1]),
             iterations=spec.iterations,
             time_steps=spec.time_steps,
             trajectories=max(2, spec.trajectories // spec.measurements_per_batch) if amortised else spec.trajectories,

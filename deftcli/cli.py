@@ -38,7 +38,7 @@ app.add_typer(check_app, name="check")
 
 # ---------------------------------------------------------------- shared options
 SpecOpt = Annotated[Optional[Path], typer.Option("--spec", help="run spec file (YAML, TOML or JSON); flags override it")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="random seed (default 0)")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="random seed (default 0)")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="plain log lines instead of a progress bar")]
 OperatorOpt = Annotated[Optional[str], typer.Option("--operator", help="forward operator (see `deft operators`)")]
@@ -72,10 +72,13 @@ def operator_overrides(
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise DeftError(f"--param expects key=value, got '{item}'")
+        name = key.strip().replace("-", "_")
+        if name in params:
+            raise DeftError(f"operator parameter '{name}' is given twice (--param {item} and --{name.replace('_', '-')} or another --param)")
         try:
-            params[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            params[name] = yaml.safe_load(value)
         except yaml.YAMLError:
-            params[key.strip().replace("-", "_")] = value
+            params[name] = value
     return {"operator.name": operator, "operator.params": params or None}
 
 
@@ -119,7 +122,7 @@ def degrade_cmd(
     kernel_size: KernelSizeOpt = None,
     mask: MaskOpt = None,
     param: ParamOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="noise seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="noise seed (default 0)")] = 0,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output file")] = False,
 ) -> None:
     """Make a measurement y = A(x) + σ·noise from a clean image."""
@@ -268,6 +271,10 @@ def sample_cmd(
     from .sample import sample_command
     from .specs import SampleSpec, build_spec
 
+    posterior_only = {"--method": method, "--dps-zeta": dps_zeta, "--guidance-scale": guidance_scale}
+    if unconditional and any(value is not None for value in posterior_only.values()):
+        given = ", ".join(flag for flag, value in posterior_only.items() if value is not None)
+        raise DeftError(f"{given}: a posterior sampler's option, but --unconditional draws prior samples")
     overrides = {
         "out": out, "run": run, "prior.path": prior, "unconditional": unconditional or None, "n": n, "steps": steps,
         "method": method, "dps_zeta": dps_zeta, "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
@@ -369,9 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     except USAGE_ERRORS as exc:
         if debug:
             raise
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        print(f"deft: error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)  # type: ignore[attr-defined]
+        message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+        if message:  # empty when no command was given: the help has been shown, there is nothing to add
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"deft: error: {message}{hint}", file=sys.stderr)
         sys.exit(2)
     except ABORTS:
         print("deft: aborted", file=sys.stderr)

@@ -15,6 +15,7 @@ All files are written atomically, so an interrupted or killed run keeps its last
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import shlex
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .checkpoint import file_sha256, load_state, read_json, rng_state, save_state, set_rng_state, write_json
+from .checkpoint import file_sha256, load_state, rng_state, save_state, set_rng_state, write_json
 from .data import ImageDataset, open_dataset
 from .devices import autocast, resolve_device
 from .distributed import Distributed, setup, teardown
@@ -39,12 +40,22 @@ from .htransform import GaussianGuidance, HTransform, HTransformConfig, save_htr
 from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
 from .operators import Operator, create
 from .priors import Prior, load_prior, state_dict_mismatch
-from .runs import latest_run
+from .runs import latest_run, read_run_record, refuse_other_prior
 from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
 from .specs import FinetuneSpec, HNetSpec, read_saved_spec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, refuse_spent_budget, scale_learning_rates, warmup_cosine_factor
+from .training import (
+    GracefulInterrupt,
+    MetricsLog,
+    TrainingProgress,
+    cleared_on_failure,
+    load_optimizer_state,
+    refuse_resume_with_nothing_to_do,
+    scale_learning_rates,
+    warmup_cosine_factor,
+)
+from .unet import UNetConfig
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
 
@@ -135,6 +146,9 @@ def build_htransform(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HT
     r, (_, height, width) = hnet.space_to_depth, prior.image_shape
     if hnet.architecture == "unet" and (height % r or width % r):
         raise DeftError(f"hnet.space_to_depth {r} must divide the prior's image size {height}×{width}")
+    if hnet.architecture == "unet":
+        UNetConfig(channel_mult=hnet.channel_mult).check_image_size(
+            height // r, width // r, f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)")
     if hnet.model_channels is None:
         hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, prior)})
     guidance = None
@@ -238,7 +252,7 @@ class Finetuner:
         self.noise_gen.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
         self.step_count, self.seconds = int(state["step"]), float(state["seconds"])
-        refuse_spent_budget(self.spec.max_minutes, self.step_count, self.spec.iterations, self.seconds)
+        refuse_resume_with_nothing_to_do(self.spec.max_minutes, self.step_count, self.spec.iterations, self.seconds)
         self.skipped_total, self.bad_in_row = int(state["skipped_total"]), int(state["bad_in_row"])
         self.j_smooth, self.best_j = state["j_smooth"], float(state["best_j"])
         self.metrics.truncate_after(self.step_count)
@@ -359,9 +373,10 @@ class Finetuner:
                     if main:
                         self._save_best()
                 if self.bad_in_row >= spec.max_bad_steps:
+                    kept = "last good checkpoint kept in" if (self.run_dir / "state_last.safetensors").exists() else "no checkpoint written yet; metrics in"
                     raise TrainingDiverged(
                         f"{self.bad_in_row} skipped steps in a row (non-finite or filtered losses); stopped at step "
-                        f"{self.step_count}, last good checkpoint kept in {self.run_dir} (try a lower --lr)"
+                        f"{self.step_count}, {kept} {self.run_dir} (try a lower --lr)"
                     )
                 timed_out = self.ctx.any(deadline is not None and time.perf_counter() > deadline)
                 interrupted = self.ctx.any(interrupt.requested)
@@ -420,14 +435,16 @@ def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, comm
             spec = spec.model_copy(update={"run_dir": str(run_dir)})
             refuse_problem_change(run_dir, spec)
         trainer = Finetuner(spec, run_dir, resume, quiet, ctx)  # checks prior, operator, measurement first
-        if ctx.is_main:
-            if resume:
-                record_resumed_leg(trainer, run_dir, command)
-            else:
-                output_folder(run_dir)
-                write_run_info(trainer, run_dir, command)
-        ctx.barrier()
-        return trainer.run()
+        fresh = not resume and ctx.is_main
+        with cleared_on_failure(run_dir, run_dir / "state_last.safetensors", keep=(TrainingDiverged,)) if fresh else contextlib.nullcontext():
+            if ctx.is_main:
+                if resume:
+                    record_resumed_leg(trainer, run_dir, command)
+                else:
+                    output_folder(run_dir)
+                    write_run_info(trainer, run_dir, command)
+            ctx.barrier()
+            return trainer.run()
     finally:
         teardown(ctx)
 
@@ -442,10 +459,7 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
     weights (their SHA-256 in ``run.json``) or the measurement (the run's ``measurement.safetensors``).
     """
     saved = FinetuneSpec.model_validate(read_saved_spec(run_dir / "spec.json"))
-    recorded = read_json(run_dir / "run.json").get("prior", {}).get("sha256")
-    current = load_prior(resumed.prior.path).identity().get("sha256")
-    if recorded and current and recorded != current:
-        raise DeftError(f"{run_dir}: --resume with a different prior (sha256 {current[:12]}… ≠ recorded {recorded[:12]}…)")
+    refuse_other_prior(run_dir, read_run_record(run_dir), load_prior(resumed.prior.path))
     fixed = {
         "operator": (saved.operator.model_dump(mode="json"), resumed.operator.model_dump(mode="json")),
         "dataset": (saved.data.dataset, resumed.data.dataset),
@@ -462,7 +476,7 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
 
 def record_resumed_leg(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
     """``spec.json`` becomes the resumed leg's spec; ``run.json`` lists every resumed leg's command."""
-    info = read_json(run_dir / "run.json")
+    info = read_run_record(run_dir)
     write_json(trainer.spec.model_dump(mode="json"), run_dir / "spec.json")
     info["resumed"] = [*info.get("resumed", []), {"command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
                                                    "started": datetime.now().isoformat(timespec="seconds"), "at_step": trainer.step_count}]

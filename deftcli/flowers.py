@@ -128,6 +128,6 @@ class Flowers102Dataset:
                     images.append(flowers_transform(img, self.size))
             except FileNotFoundError:
                 raise DeftError(f"Flowers102: {path} is missing (download {SOURCE})") from None
-            except (UnidentifiedImageError, OSError) as exc:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 raise DeftError(f"Flowers102: cannot read {path} ({exc})") from None
         return torch.stack(images)

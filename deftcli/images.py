@@ -64,6 +64,8 @@ def read_image(path: str | os.PathLike) -> Tensor:
             arr = _pil_to_unit_array(img)
     except UnidentifiedImageError:
         raise DeftError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise DeftError(f"{path}: image too large to read safely (over Pillow's {Image.MAX_IMAGE_PIXELS} × 2 pixels)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DeftError(f"{path}: cannot read image ({exc})") from None
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -82,6 +84,8 @@ def read_tensor(path: str | os.PathLike) -> Tensor:
         raise DeftError(f"{path}: not a readable safetensors file ({exc})") from None
     if "image" not in tensors:
         raise DeftError(f"{path}: expected a tensor named 'image', found {sorted(tensors)}")
+    if not tensors["image"].is_floating_point():
+        raise DeftError(f"{path}: the image tensor is {str(tensors['image'].dtype).removeprefix('torch.')}; expected floating point in the model's [-1, 1] scale")
     x = tensors["image"].float()
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
@@ -122,6 +126,12 @@ def output_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path``, so readers never see half a file.
 
@@ -143,6 +153,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what a plain open() would give; some writers create their files 0600
         os.replace(tmp, path)
     except OSError as exc:
         kept = "; the previous version of the file is unchanged" if existed else ""

@@ -47,7 +47,7 @@ class OperatorParams(BaseModel):
     Unknown parameter names are rejected (``extra="forbid"``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sigma: float = Field(
         0.05, ge=0, description="std of the Gaussian measurement noise, in the [-1, 1] pixel scale"

@@ -16,6 +16,7 @@ The output folder is a prior that :func:`deftcli.priors.load_prior` reads: ``con
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shlex
 import sys
@@ -35,8 +36,8 @@ from .images import image_grid, output_folder, save_image
 from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
-from .specs import PretrainSpec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, load_optimizer_state, refuse_spent_budget, scale_learning_rates, warmup_cosine_factor
+from .specs import PretrainSpec, read_saved_spec
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, load_optimizer_state, refuse_resume_with_nothing_to_do, scale_learning_rates, warmup_cosine_factor
 from .unet import UNet
 
 T_EPS = 1e-5
@@ -100,6 +101,18 @@ def prior_config(spec: PretrainSpec, name: str, gaussian: GaussianScore | None, 
     }
 
 
+def refuse_prior_change(saved: PretrainSpec, resumed: PretrainSpec) -> None:
+    """A resumed leg may change the schedule (iterations, time budget, learning rate, batch, device) and the
+    data root, not the data set, the image size, the channels, the parametrisation, the SDE or the network."""
+    fixed = ("image_size", "channels", "parametrisation", "sde", "unet")
+    changes = {name: (getattr(saved, name), getattr(resumed, name)) for name in fixed}
+    changes["dataset"] = (saved.data.dataset, resumed.data.dataset)
+    for name, (before, after) in changes.items():
+        if before != after:
+            shown = [v.model_dump(mode="json") if hasattr(v, "model_dump") else v for v in (before, after)]
+            raise DeftError(f"--resume cannot change the prior's {name} ({shown[0]} → {shown[1]}); train a new prior in another --out")
+
+
 def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None) -> dict[str, Any]:
     """Train a prior as described by ``spec`` into ``spec.out``; returns a summary (steps, seconds, losses)."""
     out = Path(spec.out)
@@ -108,11 +121,12 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         raise DeftError(f"{out}: nothing to resume (no training_state.safetensors)")
     if not resume and out.is_dir() and any(out.iterdir()):
         raise DeftError(f"{out}: output folder exists and is not empty (use --resume to continue it, or another --out)")
-    output_folder(out)
-    output_folder(out / "samples")
     name = spec.name or out.name
     device = resolve_device(spec.device)
     spec = spec.model_copy(update={"unet": spec.unet.model_copy(update={"in_channels": spec.channels, "out_channels": spec.channels})})
+    spec.unet.check_image_size(spec.image_size, spec.image_size, "--image-size")
+    if resume:
+        refuse_prior_change(PretrainSpec.model_validate(read_saved_spec(out / "spec.json")), spec)
 
     torch.manual_seed(spec.seed)
     sde = VPSDE(**spec.sde.model_dump())
@@ -129,81 +143,87 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     metrics = MetricsLog(out / "metrics.jsonl")
     if resume:
         state = load_state(state_path)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        load_optimizer_state(optimizer, state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.model.load_state_dict(state["ema"])
+            load_optimizer_state(optimizer, state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise DeftError(f"{state_path}: does not match this prior's network ({' '.join(str(exc).split())[:200]})") from None
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])
-        refuse_spent_budget(spec.max_minutes, step, spec.iterations, elapsed)
+        refuse_resume_with_nothing_to_do(spec.max_minutes, step, spec.iterations, elapsed)
         metrics.truncate_after(step)
-    commands = [" ".join(shlex.quote(a) for a in (command or sys.argv))]
-    if resume and (out / "config.json").exists():  # keep the commands of the earlier legs of a resumed run
-        commands = read_json(out / "config.json").get("training", {}).get("commands", []) + commands
-    write_json(spec.model_dump(mode="json"), out / "spec.json")
+    with cleared_on_failure(out, state_path) if not resume else contextlib.nullcontext():  # a failed start leaves no half-made prior
+        output_folder(out)
+        output_folder(out / "samples")
+        commands = [" ".join(shlex.quote(a) for a in (command or sys.argv))]
+        if resume and (out / "config.json").exists():  # keep the commands of the earlier legs of a resumed run
+            commands = read_json(out / "config.json").get("training", {}).get("commands", []) + commands
+        write_json(spec.model_dump(mode="json"), out / "spec.json")
 
-    def save(val_loss: float | None) -> None:
-        extra = {"commands": commands, "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": val_loss, "ema_decay": spec.ema_decay}
-        save_weights(ema.model.state_dict(), out / "model.safetensors")
-        write_json(prior_config(spec, name, gaussian, extra), out / "config.json")
-        save_state(
-            {
-                "model": model.state_dict(),
-                "ema": ema.model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "data_rng": data_gen.get_state(),
-                "rng": rng_state(),
-                "step": step,
-                "seconds": elapsed,
-            },
-            state_path,
-        )
+        def save(val_loss: float | None) -> None:
+            extra = {"commands": commands, "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": val_loss, "ema_decay": spec.ema_decay}
+            save_weights(ema.model.state_dict(), out / "model.safetensors")
+            write_json(prior_config(spec, name, gaussian, extra), out / "config.json")
+            save_state(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "data_rng": data_gen.get_state(),
+                    "rng": rng_state(),
+                    "step": step,
+                    "seconds": elapsed,
+                },
+                state_path,
+            )
 
-    def sample_grid() -> None:
-        prior = UNetPrior(ema.model, sde, (spec.channels, spec.image_size, spec.image_size), name, {}, gaussian)
-        g = torch.Generator(device=device).manual_seed(1234)
-        x = torch.randn((16, spec.channels, spec.image_size, spec.image_size), generator=g, device=device)
-        x = sample_reverse_sde(prior.score, sde, x, reverse_time_grid(spec.sample_steps), g, denoise_final=True)
-        save_image(image_grid([x[:8], x[8:]]), out / "samples" / f"step_{step:07d}.png")
-        ema.model.requires_grad_(False)
+        def sample_grid() -> None:
+            prior = UNetPrior(ema.model, sde, (spec.channels, spec.image_size, spec.image_size), name, {}, gaussian)
+            g = torch.Generator(device=device).manual_seed(1234)
+            x = torch.randn((16, spec.channels, spec.image_size, spec.image_size), generator=g, device=device)
+            x = sample_reverse_sde(prior.score, sde, x, reverse_time_grid(spec.sample_steps), g, denoise_final=True)
+            save_image(image_grid([x[:8], x[8:]]), out / "samples" / f"step_{step:07d}.png")
+            ema.model.requires_grad_(False)
 
-    last_val: float | None = None
-    deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60 - elapsed
-    model.train()
-    with GracefulInterrupt() as interrupt, TrainingProgress("pretrain", spec.iterations, step, quiet, ["loss", "val", "lr"]) as progress:
-        while step < spec.iterations:
-            t0 = time.perf_counter()
-            idx = torch.randint(len(train), (spec.batch_size,), generator=data_gen)
-            x0 = train.batch(idx.tolist()).to(device)
-            t = torch.rand(spec.batch_size, device=device) * (1 - T_EPS) + T_EPS
-            z = torch.randn_like(x0)
-            loss = dsm_loss(score_fn, sde, x0, t, z)
-            factor = warmup_cosine_factor(step, spec.warmup, spec.iterations, final_factor=0.1)
-            scale_learning_rates(optimizer, factor)
-            lr = spec.lr * factor
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            optimizer.step()
-            ema.update(model, step)
-            step += 1
-            elapsed += time.perf_counter() - t0
-            record: dict[str, Any] = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "seconds": round(elapsed, 3)}
-            stop = interrupt.requested or (deadline is not None and time.perf_counter() > deadline) or step == spec.iterations
-            if step % spec.sample_every == 0 or stop:
-                model.eval()
-                last_val = val.loss(ema_score_fn, sde, device)
-                record["val_loss_ema"] = last_val
-                record["val_loss_raw"] = val.loss(score_fn, sde, device)
-                sample_grid()
-                model.train()
-            metrics.append(record)
-            progress.update(step, {"loss": record["loss"], "val": last_val or float("nan"), "lr": record["lr"]})
-            if step % spec.checkpoint_every == 0 or stop:
-                save(last_val)
-            if stop:
-                break
-    if interrupt.requested:
-        progress.log(f"interrupted at step {step}: checkpoint saved in {out} (continue with --resume)")
-    return {"out": str(out), "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": last_val, "interrupted": interrupt.requested}
+        last_val: float | None = None
+        deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60 - elapsed
+        model.train()
+        with GracefulInterrupt() as interrupt, TrainingProgress("pretrain", spec.iterations, step, quiet, ["loss", "val", "lr"]) as progress:
+            while step < spec.iterations:
+                t0 = time.perf_counter()
+                idx = torch.randint(len(train), (spec.batch_size,), generator=data_gen)
+                x0 = train.batch(idx.tolist()).to(device)
+                t = torch.rand(spec.batch_size, device=device) * (1 - T_EPS) + T_EPS
+                z = torch.randn_like(x0)
+                loss = dsm_loss(score_fn, sde, x0, t, z)
+                factor = warmup_cosine_factor(step, spec.warmup, spec.iterations, final_factor=0.1)
+                scale_learning_rates(optimizer, factor)
+                lr = spec.lr * factor
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                optimizer.step()
+                ema.update(model, step)
+                step += 1
+                elapsed += time.perf_counter() - t0
+                record: dict[str, Any] = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "seconds": round(elapsed, 3)}
+                stop = interrupt.requested or (deadline is not None and time.perf_counter() > deadline) or step == spec.iterations
+                if step % spec.sample_every == 0 or stop:
+                    model.eval()
+                    last_val = val.loss(ema_score_fn, sde, device)
+                    record["val_loss_ema"] = last_val
+                    record["val_loss_raw"] = val.loss(score_fn, sde, device)
+                    sample_grid()
+                    model.train()
+                metrics.append(record)
+                progress.update(step, {"loss": record["loss"], "val": last_val or float("nan"), "lr": record["lr"]})
+                if step % spec.checkpoint_every == 0 or stop:
+                    save(last_val)
+                if stop:
+                    break
+        if interrupt.requested:
+            progress.log(f"interrupted at step {step}: checkpoint saved in {out} (continue with --resume)")
+        return {"out": str(out), "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": last_val, "interrupted": interrupt.requested}
 

@@ -20,8 +20,8 @@ RUNS_ROOT = Path("runs")
 
 
 def latest_run(root: Path = RUNS_ROOT) -> Path:
-    """The most recently started run folder under ``root``."""
-    candidates = [p for p in root.glob("*") if (p / "run.json").exists()] if root.is_dir() else []
+    """The most recently started run folder under ``root`` that holds an h-network checkpoint."""
+    candidates = [p for p in root.glob("*") if (p / "run.json").exists() and (p / "hnet_last.safetensors").exists()] if root.is_dir() else []
     if not candidates:
         raise DeftError(f"no fine-tuned run found under {root}/ (run `deft finetune` first, or pass --run DIR)")
     return max(candidates, key=lambda p: (p / "run.json").stat().st_mtime)
@@ -54,19 +54,34 @@ def open_run(path: str | Path | None, device: torch.device, checkpoint: Literal[
         spec = FinetuneSpec.model_validate(read_saved_spec(run_dir / "spec.json"))
     except ValidationError as exc:
         raise DeftError(validation_message(exc, str(run_dir / "spec.json"))) from None
-    info = read_json(run_dir / "run.json")
-    if not isinstance(info, dict):
-        raise DeftError(f"{run_dir / 'run.json'}: expected a JSON object, got {type(info).__name__}")
+    info = read_run_record(run_dir)
     prior = load_prior(prior_override or spec.prior.path).to(device)
-    recorded = info["prior"].get("sha256") if isinstance(info.get("prior"), dict) else None
-    current = prior.identity().get("sha256")
-    if recorded and current and recorded != current:
-        raise DeftError(f"{run_dir}: the prior's weights changed since fine-tuning (sha256 {current[:12]}… ≠ recorded {recorded[:12]}…)")
+    refuse_other_prior(run_dir, info, prior)
     operator = create(spec.operator.name, **spec.operator.params)
     weights = run_dir / f"hnet_{checkpoint}.safetensors"
     htransform, _ = load_htransform(weights, prior)
     check_htransform_belongs_to_run(htransform, info, prior, weights)
     return FinetunedRun(run_dir, spec, info, prior, operator, htransform.to(device).eval().requires_grad_(False))
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """``run.json``, which must hold the ``prior`` object that ``deft finetune`` wrote (with the SHA-256 of
+    the prior's weights, for every prior that has weights)."""
+    path = run_dir / "run.json"
+    info = read_json(path)
+    if not isinstance(info, dict):
+        raise DeftError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    prior = info.get("prior")
+    if not isinstance(prior, dict) or not isinstance(prior.get("sha256", ""), str):
+        raise DeftError(f"{path}: not a run record deft wrote (its 'prior' entry is missing or malformed)")
+    return info
+
+
+def refuse_other_prior(run_dir: Path, info: dict[str, Any], prior: Prior) -> None:
+    """The prior must have the weights the run was fine-tuned on (the SHA-256 in ``run.json``)."""
+    recorded, current = info["prior"].get("sha256"), prior.identity().get("sha256")
+    if recorded is not None and recorded != current:
+        raise DeftError(f"{run_dir}: the prior's weights changed since fine-tuning (sha256 {str(current)[:12]}… ≠ recorded {recorded[:12]}…)")
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

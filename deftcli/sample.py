@@ -66,6 +66,8 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
     device = resolve_device(spec.device)
     out = Path(spec.out)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
+    if spec.unconditional and measurement is not None:
+        raise DeftError(f"--unconditional draws prior samples, which take no measurement ({measurement}): give one or the other")
     if spec.unconditional or measurement is None:
         if not spec.unconditional:
             raise DeftError("give a measurement image (or a folder of them), or --unconditional for prior samples")
@@ -77,6 +79,9 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
     expected = run.operator.measurement_shape(run.prior.image_shape)
     inputs = measurement_inputs(measurement)
     folders = [out] if len(inputs) == 1 else [out / p.name.removesuffix(TENSOR_SUFFIX).rsplit(".", 1)[0] for p in inputs]
+    for i, folder in enumerate(folders):  # a.png and a.safetensors would write the same out/a/
+        if folder in folders[:i]:
+            raise DeftError(f"{inputs[folders.index(folder)]} and {inputs[i]} would both write {folder}/ (rename one of them)")
     measurements = []
     for path in inputs:
         y = read_measurement(path)

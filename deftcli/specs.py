@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import DeftError
 from .unet import UNetConfig
@@ -28,7 +28,10 @@ SamplerName = Literal["deft", "dps", "prior", "dagger"]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="random seed (0 ≤ seed < 2⁶³, what torch.Generator accepts)")]
 
 
 class SDEConfig(StrictModel):
@@ -79,7 +82,7 @@ class PretrainSpec(StrictModel):
     sample_every: int = Field(500, ge=1, description="steps between sample grids")
     checkpoint_every: int = Field(100, ge=1)
     sample_steps: int = Field(250, ge=2, description="reverse-SDE grid points for the sample grids")
-    seed: int = 0
+    seed: Seed = 0
     device: Device = "auto"
     out: str = "runs/prior"
     name: str | None = Field(None, description="the prior's name (default: the output folder's name)")
@@ -141,7 +144,7 @@ class FinetuneSpec(StrictModel):
     preview_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     snapshot_every: int | None = Field(None, ge=1, description="also keep the h-network every this many steps (snapshots/)")
-    seed: int = 0
+    seed: Seed = 0
     device: Device = "auto"
     run_dir: str | None = None
 
@@ -157,14 +160,14 @@ class SampleSpec(StrictModel):
     prior: PriorSpec = PriorSpec()
     method: SamplerName = "deft"
     unconditional: bool = False
-    n: int = Field(8, ge=1)
+    n: int = Field(8, ge=1, le=100_000, description="samples per measurement")
     steps: int | None = Field(None, ge=3, description="grid points (default: the run's time_steps, or 100)")
     batch_size: int = Field(16, ge=1)
     dps_zeta: float = Field(DEFAULT_DPS_ZETA, gt=0, description="DPS step size ζ (the sweep of `deft eval` picks it per problem)")
     guidance_scale: GuidanceScale = Field(1.0, description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
-    seed: int = 0
+    seed: Seed = 0
     device: Device = "auto"
     out: str = "out"
 
@@ -176,7 +179,7 @@ class EvalSpec(StrictModel):
     split: Literal["train", "val", "test"] = "val"
     n: int = Field(64, ge=1)
     k: int = Field(4, ge=1, description="samples per image (posterior mean over k)")
-    methods: list[SamplerName] = ["deft", "dps", "prior", "dagger"]
+    methods: list[SamplerName] = Field(["deft", "dps", "prior", "dagger"], min_length=1)
     steps: int | None = Field(None, ge=3)
     dps_zeta: float | None = Field(None, gt=0, description="None: select ζ by a sweep on training images")
     dps_sweep: list[float] = [0.3, 1.0, 3.0, 10.0, 30.0]
@@ -184,7 +187,7 @@ class EvalSpec(StrictModel):
     guidance_sweep: list[GuidanceScale] = [1.0, 1.5, 2.0, 3.0, 5.0]
     denoise_final: bool = True
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)")
-    seed: int = 0
+    seed: Seed = 0
     device: Device = "auto"
     batch_size: int = Field(32, ge=1)
     out: str | None = None
@@ -201,6 +204,12 @@ class EvalSpec(StrictModel):
         if not number >= 0:
             raise ValueError("a number ≥ 0 or 'sweep'")
         return number
+
+    @model_validator(mode="after")
+    def _sweep_needs_deft(self) -> "EvalSpec":
+        if self.guidance_scale == "sweep" and "deft" not in self.methods:
+            raise ValueError("guidance_scale 'sweep' selects deft's γ, but deft is not among the methods")
+        return self
 
 
 S = TypeVar("S", bound=BaseModel)

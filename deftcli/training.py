@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,12 +38,31 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         group["base_lr"] = base_lr
 
 
-def refuse_spent_budget(max_minutes: float | None, step: int, iterations: int, seconds: float) -> None:
-    """A resumed run with steps left whose ``--max-minutes`` (counted over every leg) is already spent
-    is a user error, raised before anything is written."""
-    if max_minutes is not None and step < iterations and max_minutes * 60 <= seconds:
+def refuse_resume_with_nothing_to_do(max_minutes: float | None, step: int, iterations: int, seconds: float) -> None:
+    """A resume that could train no step is a user error, raised before anything is written: ``--iterations``
+    not above the steps already done, or a ``--max-minutes`` (counted over every leg) already spent."""
+    if iterations <= step:
+        raise DeftError(f"--iterations {iterations}: this run has already trained {step} steps; give more to continue it")
+    if max_minutes is not None and max_minutes * 60 <= seconds:
         raise DeftError(f"--max-minutes {max_minutes:g} is already spent: this run has trained {seconds / 60:.1f} minutes "
                         "(the budget counts every leg of a resumed run); give a larger one")
+
+
+@contextmanager
+def cleared_on_failure(folder: Path, first_checkpoint: Path, keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """A new output folder (absent or empty before) is emptied again, and removed if it was absent, when
+    the command fails before ``first_checkpoint`` exists: a failed start leaves no half-made run that would
+    block the next attempt (or be taken for the latest run). Exceptions in ``keep`` leave it as it is."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException as exc:
+        if not isinstance(exc, keep) and not first_checkpoint.exists() and folder.is_dir():
+            for child in folder.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if not existed:
+                folder.rmdir()
+        raise
 
 
 def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:

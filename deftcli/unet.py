@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import DeftError
+
 
 class UNetConfig(BaseModel):
     """Architecture of a :class:`UNet` (the keys of the original ``report.yaml`` ``model`` section)."""
@@ -38,6 +40,14 @@ class UNetConfig(BaseModel):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in UNet(self, sigma_fn=None).parameters())
+
+    def check_image_size(self, height: int, width: int, what: str) -> None:
+        """The network halves the resolution len(channel_mult) − 1 times, so H and W must be multiples of
+        2^(len(channel_mult) − 1); otherwise its skip connections do not line up (a DeftError naming ``what``)."""
+        step = 2 ** (len(self.channel_mult) - 1)
+        if height % step or width % step:
+            raise DeftError(f"{what}: {height}×{width} does not fit a UNet with {len(self.channel_mult)} levels "
+                            f"(channel_mult {','.join(map(str, self.channel_mult))}): the size must be a multiple of {step}")
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float) -> Tensor:

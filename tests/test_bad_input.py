@@ -121,6 +121,12 @@ class Workspace:
         p.write_bytes(content.encode() if isinstance(content, str) else content)
         return str(p)
 
+    def huge_image(self) -> str:
+        """A tiny file that decodes to 4·10⁸ pixels (past Pillow's decompression-bomb limit)."""
+        path = self.tmp / "huge.png"
+        Image.new("1", (20000, 20000)).save(path)
+        return str(path)
+
     def folder(self, name: str, files: dict[str, bytes | str] | None = None) -> str:
         (self.tmp / name).mkdir(parents=True, exist_ok=True)
         for fname, content in (files or {}).items():
@@ -282,6 +288,9 @@ def cut_in_half(name: str) -> Callable[[Path], None]:
     return mutate
 
 
+GMM_QUICK = ["check", "gmm", "--iterations", "1", "--samples", "10", "--time-steps", "3", "--device", "cpu"]
+
+
 def replace_with(name: str, text: str) -> Callable[[Path], None]:
     return lambda run: (run / name).write_text(text)
 
@@ -366,7 +375,27 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("finetune-resume-changes-the-operator", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--sigma", "0.3", "--iterations", "2"],
      ["--resume", "operator", "0.3"]),
     ("finetune-resume-with-other-prior-weights", lambda w: ["finetune", "--resume", "--run-dir", w.run_with_moved_prior(perturb_weights), "--iterations", "2"],
-     ["--resume", "different prior"]),
+     ["prior", "changed since fine-tuning"]),
+    ("sample-folder-two-measurements-one-name", lambda w: sample(w, w.folder("ys", {"a.png": Path(w.y).read_bytes(), "a.safetensors": b""})),
+     ["a.png", "a.safetensors", "both write"]),
+    ("sample-unconditional-with-a-measurement", lambda w: unconditional(w, w.prior, w.y), ["--unconditional", "measurement"]),
+    ("sample-unconditional-with-dps-zeta", lambda w: unconditional(w, w.prior, "--dps-zeta", "3"), ["--dps-zeta", "--unconditional"]),
+    ("eval-no-methods", lambda w: evaluate(w, None, "--methods", ","), ["methods", "at least 1"]),
+    ("eval-gamma-sweep-without-deft", lambda w: evaluate(w, None, "--guidance-scale", "sweep"), ["sweep", "deft is not among the methods"]),
+    ("sample-a-trillion-samples", lambda w: sample(w, w.y, "-n", str(10**12)), ["n:", "100000"]),
+    ("finetune-lr-infinite", lambda w: finetune(w, "--lr", "inf"), ["lr", "finite"]),
+    ("degrade-sigma-infinite", lambda w: degrade(w, w.flower, "--sigma", "inf"), ["sigma", "finite"]),
+    ("degrade-seed-beyond-64-bits", lambda w: degrade(w, w.flower, "--seed", str(2**70)), ["--seed"]),
+    ("degrade-factor-given-twice", lambda w: degrade(w, w.flower, "--factor", "2", "--param", "factor=4"), ["factor", "twice"]),
+    ("degrade-decompression-bomb", lambda w: degrade(w, w.huge_image()), ["huge.png", "too large"]),
+    ("finetune-hnet-too-deep-for-the-image", lambda w: finetune(w, "--hnet-mult", "1,1,1,1,1,1"), ["--hnet-mult", "multiple of"]),
+    ("pretrain-image-size-not-a-multiple", lambda w: pretrain(w, "--image-size", "12", "--channel-mult", "1,1,1,1"), ["--image-size", "multiple of 8"]),
+    ("finetune-resume-with-iterations-already-done", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--iterations", "1"],
+     ["--iterations 1", "already trained 1 steps"]),
+    ("sample-integer-tensor-measurement", lambda w: sample(w, w.tensor("y8.safetensors", {"image": torch.zeros(3, 8, 8, dtype=torch.uint8)})), ["y8.safetensors", "uint8"]),
+    ("sample-run-record-without-prior", lambda w: sample(w, w.y, run=w.run_copy(replace_with("run.json", '{"prior": "x"}'))), ["run.json", "prior"]),
+    ("finetune-resume-run-record-a-list", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("run.json", "[]")), "--iterations", "2"],
+     ["run.json", "expected a JSON object"]),
     ("pretrain-resume-missing-out", lambda w: pretrain(w, "--resume", "--out", w.path("nope")), ["nope", "no such file"]),
     # --- empty, truncated and non-image files
     ("degrade-empty-file", lambda w: degrade(w, w.file("empty.png")), ["empty.png", "not an image"]),
@@ -407,6 +436,9 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("sample-guidance-scale-negative", lambda w: sample(w, w.y, "--guidance-scale", "-1"), ["guidance_scale", "greater than or equal to 0"]),
     ("eval-guidance-scale-not-a-number", lambda w: evaluate(w, None, "--guidance-scale", "lots"), ["guidance_scale", "a number ≥ 0 or 'sweep'"]),
     ("check-gmm-unknown-operator", lambda w: ["check", "gmm", "--operator", "warp"], ["warp", "superres"]),
+    ("check-gmm-kept-input-exists", lambda w: [*GMM_QUICK, "--run-dir", str(Path(w.file("g-y.safetensors", b"precious")).with_name("g"))],
+     ["g-y.safetensors", "exists"]),
+    ("check-gmm-run-dir-not-empty", lambda w: [*GMM_QUICK, "--run-dir", w.folder("g", {"notes.txt": "mine"})], ["not empty"]),
     ("degrade-factor-0", lambda w: degrade(w, w.flower, "--factor", "0"), ["factor", "greater than or equal to 2"]),
     ("degrade-factor-1", lambda w: degrade(w, w.flower, "--factor", "1"), ["factor", "greater than or equal to 2"]),
     ("degrade-factor-3-on-32px", lambda w: degrade(w, w.flower, "--factor", "3"), ["factor 3", "32x32"]),

@@ -33,6 +33,12 @@ def test_help_through_the_entry_point_and_python_m(python):
             assert name in result.stdout
 
 
+@pytest.mark.parametrize("args", [(), ("check",)])
+def test_no_command_shows_the_help_and_no_empty_error_line(run_cli, args):
+    code, out, err = run_cli(*args)
+    assert code == 2 and "Usage" in out + err and "error" not in err
+
+
 def test_the_defaults_that_help_texts_quote_are_the_specs_defaults():
     """`--help` says "(default X)" for the main options; X must be what the command really uses."""
     import re

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import TINY_HNET
 from deftcli.checkpoint import load_state
@@ -100,6 +101,18 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(gmm_p
     assert "\n" not in str(info.value) and "unchanged" in str(info.value)
     assert int(load_state(tmp_path / "run" / "state_last.safetensors")["step"]) == 2
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_written_files_get_the_permissions_of_the_umask_like_any_other_file(tmp_path):
+    from deftcli.checkpoint import save_weights, write_json
+
+    old = os.umask(0o027)
+    try:
+        save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # safetensors alone would create it 0600
+        write_json({"a": 1}, tmp_path / "a.json")
+    finally:
+        os.umask(old)
+    assert [(tmp_path / name).stat().st_mode & 0o777 for name in ("w.safetensors", "a.json")] == [0o640, 0o640]
 
 
 def test_same_seed_gives_bit_identical_samples_and_the_same_eval_metrics(run_cli, tiny_prior, tmp_path):

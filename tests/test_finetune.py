@@ -110,6 +110,26 @@ def test_a_resumed_leg_may_not_change_the_measurement(gmm_problem, tmp_path):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
+def test_a_failed_start_leaves_no_half_made_run_folder(gmm_problem, tmp_path, monkeypatch):
+    def unreadable(self):
+        raise DeftError("an image of the data set cannot be read")
+
+    monkeypatch.setattr(Finetuner, "step", unreadable)  # fails at the first step, after spec.json and run.json were written
+    with pytest.raises(DeftError, match="cannot be read"):
+        finetune(gmm_spec(gmm_problem, tmp_path / "run"), quiet=True)
+    assert not (tmp_path / "run").exists()  # so the same command can be run again, and `deft sample` finds no stub
+
+
+def test_the_latest_run_is_the_newest_with_a_checkpoint(tmp_path):
+    from deftcli.runs import latest_run
+
+    for name, files in (("a", ("run.json", "hnet_last.safetensors")), ("b", ("run.json",))):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("{}")
+    assert latest_run(tmp_path) == tmp_path / "a"
+
+
 def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(gmm_problem, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     prior_cls = type(gmm_problem["prior"])

@@ -81,6 +81,34 @@ def test_resuming_with_a_time_budget_already_spent_is_a_user_error_that_keeps_th
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.parametrize("change", [{"image_size": 8}, {"unet.model_channels": 16}, {"parametrisation": "plain"}])
+def test_resuming_may_not_change_the_network_or_the_images_and_keeps_the_run(tmp_path, change):
+    out = tmp_path / "run"
+    pretrain(tiny_spec(out), quiet=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(DeftError, match="--resume cannot change the prior's"):
+        pretrain(tiny_spec(out, iterations=6, **change), resume=True, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_failed_start_leaves_no_half_made_prior_folder(tmp_path, monkeypatch):
+    import deftcli.pretrain as module
+
+    def unreadable(*args, **kwargs):
+        raise DeftError("an image of the data set cannot be read")
+
+    monkeypatch.setattr(module, "dsm_loss", unreadable)  # fails at the first step, after the folder was made
+    with pytest.raises(DeftError, match="cannot be read"):
+        pretrain(tiny_spec(tmp_path / "p"), quiet=True)
+    assert not (tmp_path / "p").exists()
+    (tmp_path / "q").mkdir()
+    with pytest.raises(DeftError, match="cannot be read"):
+        pretrain(tiny_spec(tmp_path / "q"), quiet=True)
+    assert (tmp_path / "q").is_dir() and not any((tmp_path / "q").iterdir())  # the user's empty folder stays, emptied again
+    monkeypatch.undo()
+    assert pretrain(tiny_spec(tmp_path / "q"), quiet=True)["steps"] == 4  # so a retry is not blocked
+
+
 def test_ema_warm_up_follows_the_raw_weights_early():
     model = torch.nn.Linear(2, 2)
     ema = EMA(model, decay=0.999)
