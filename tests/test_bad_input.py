@@ -618,7 +618,10 @@ def test_sample_finds_a_moved_prior_through_prior_and_records_it(run_cli, assets
 
 
 def test_sample_converts_a_palette_measurement_to_rgb(run_cli, assets, tmp_path):
-    pil_image("P", (8, 8), seed=6).save(tmp_path / "y.png")
+    palette = pil_image("P", (8, 8), seed=6)
+    palette.save(tmp_path / "y.png")
+    expected = torch.from_numpy(2 * expected_unit("P", palette) - 1).float()
+    assert torch.allclose(read_measurement(tmp_path / "y.png"), expected, atol=1e-6)
     code, _, err = run_cli("sample", str(tmp_path / "y.png"), "--run", str(assets.run), "-n", "1", "--steps", "3",
                            "--device", "cpu", "-o", str(tmp_path / "s"))
     assert code == 0, err

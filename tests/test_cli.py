@@ -98,11 +98,15 @@ def test_degrade_is_reproducible_with_a_seed_and_exact_as_safetensors(run_cli, f
     assert (a - clean).std().item() == pytest.approx(0.1, rel=0.15)
 
 
-def test_degrade_with_param_and_blur(run_cli, flower, tmp_path):
-    out = tmp_path / "b.png"
-    code, _, err = run_cli("degrade", str(flower), "--operator", "blur", "--param", "kernel=uniform", "--kernel-size", "5", "-o", str(out))
+def test_degrade_with_param_and_blur_applies_the_operator_it_was_given(run_cli, flower, tmp_path):
+    out = tmp_path / "b.safetensors"
+    code, _, err = run_cli("degrade", str(flower), "--operator", "blur", "--param", "kernel=uniform", "--kernel-size", "5",
+                           "--sigma", "0", "-o", str(out))
     assert code == 0, err
-    assert read_image(out).shape == (3, 32, 32)
+    x = read_image(flower)
+    box = torch.nn.functional.pad(x[None], (2, 2, 2, 2), mode="circular")
+    box = torch.nn.functional.avg_pool2d(box, 5, stride=1)[0]  # a 5×5 uniform kernel, circular padding, computed here
+    torch.testing.assert_close(read_measurement(out), box, atol=1e-5, rtol=0)
 
 
 def test_degrade_refuses_to_overwrite_without_force(run_cli, flower, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +169,9 @@ def test_flowers_bad_split_or_channels(tmp_path, offline):
         open_dataset(DataSpec(dataset="flowers102", root=str(tmp_path)), "val", 64, 1)
 
 
-def test_flowers_empty_root_offline_fails_fast(tmp_path, offline):
-    t0 = time.perf_counter()
+def test_flowers_empty_root_offline_fails_without_trying_to_download(tmp_path, offline):
     with pytest.raises(DeftError, match="setid.mat") as info:
         open_dataset(DataSpec(dataset="flowers102", root=str(tmp_path / "nothing-here")), "val", 64, 3)
-    assert time.perf_counter() - t0 < 2
     assert "cannot be reached" in str(info.value) and "--data-root" in str(info.value)
     assert offline == ["reachable"]  # checked the connection, never called torchvision's download
 
@@ -190,11 +187,24 @@ def test_flowers_failed_download_is_reported(tmp_path, monkeypatch):
         Flowers102Dataset(tmp_path, "val", 64, 3)
 
 
-def test_reachable_is_bounded_in_time():
-    # .invalid never resolves (RFC 6761); whatever the network does, the answer comes within the timeout
-    t0 = time.perf_counter()
-    assert flowers.reachable("deft-test.invalid", timeout=1.0) is False
-    assert time.perf_counter() - t0 < 1.5
+def test_reachable_answers_false_while_the_connection_still_hangs(monkeypatch):
+    """A DNS lookup or connect that never returns (and ignores socket timeouts) must not hold the caller."""
+    import contextlib
+    import threading
+
+    release = threading.Event()
+
+    def hanging_connection(address, timeout):
+        release.wait()  # until the test is over: the probe thread is still stuck when reachable() answers
+        raise OSError("released")
+
+    monkeypatch.setattr(flowers.socket, "create_connection", hanging_connection)
+    try:
+        assert flowers.reachable("example.org", timeout=0.05) is False
+    finally:
+        release.set()
+    monkeypatch.setattr(flowers.socket, "create_connection", lambda address, timeout: contextlib.nullcontext())
+    assert flowers.reachable("example.org", timeout=5.0) is True
 
 
 # --------------------------------------------------------------------------------------------------

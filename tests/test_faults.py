@@ -103,6 +103,23 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(gmm_p
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+def test_a_write_that_fails_halfway_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from pathlib import Path
+
+    from deftcli.images import atomic_write
+
+    path = tmp_path / "state.json"
+    path.write_text("old")
+
+    def half_then_disk_full(tmp):
+        Path(tmp).write_text("ne")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DeftError, match="No space left on device.*previous version of the file is unchanged"):
+        atomic_write(path, half_then_disk_full)
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
+
+
 def test_written_files_get_the_permissions_of_the_umask_like_any_other_file(tmp_path):
     from deftcli.checkpoint import save_weights, write_json
 

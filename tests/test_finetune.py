@@ -69,9 +69,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(gmm_problem, tmp_pat
     assert [line["step"] for line in b] == [1, 2, 3, 4]
     for key in ("loss", "J", "D", "KL", "lr"):
         assert [line[key] for line in a] == [line[key] for line in b], key
-    sa = load_htransform(straight / "hnet_last.safetensors", gmm_problem["prior"])[0].state_dict()
-    sb = load_htransform(interrupted / "hnet_last.safetensors", gmm_problem["prior"])[0].state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for key in ("J_smooth", "skipped_total"):
+        assert [line[key] for line in a] == [line[key] for line in b], key
+    for name in ("hnet_last.safetensors", "hnet_best.safetensors"):  # the best-J bookkeeping resumes too
+        sa = load_htransform(straight / name, gmm_problem["prior"])[0].state_dict()
+        sb = load_htransform(interrupted / name, gmm_problem["prior"])[0].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
 def test_a_time_budget_stops_and_saves_and_counts_every_leg_of_a_resumed_run(gmm_problem, tmp_path):
@@ -120,14 +123,40 @@ def test_a_failed_start_leaves_no_half_made_run_folder(gmm_problem, tmp_path, mo
     assert not (tmp_path / "run").exists()  # so the same command can be run again, and `deft sample` finds no stub
 
 
+def test_an_amortised_batch_holds_m_measurements_each_repeated_for_its_k_trajectories(gmm_problem, tmp_path):
+    from deftcli.distributed import Distributed
+    from deftcli.finetune import MeasurementSource
+
+    spec = gmm_spec(gmm_problem, tmp_path / "run", measurement=None, measurements_per_batch=3, trajectories=2)
+    batch = MeasurementSource(spec, gmm_problem["prior"], gmm_problem["operator"], torch.device("cpu")).draw(torch.Generator().manual_seed(0), Distributed())
+    assert batch.groups.tolist() == [0, 0, 1, 1, 2, 2]  # the variance is taken within these groups, never across y
+    assert torch.equal(batch.y, batch.y_unique.repeat_interleave(2, dim=0))
+    assert all(not torch.equal(batch.y_unique[i], batch.y_unique[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    torch.testing.assert_close(gmm_problem["operator"].A(batch.x_true), batch.y_unique, atol=0.5, rtol=0)  # y = A x + σ noise
+
+
+def test_a_diverging_run_ends_with_exit_code_1_and_one_line_from_the_command_line(run_cli, gmm_problem, tmp_path, monkeypatch):
+    monkeypatch.setattr(type(gmm_problem["prior"]), "score", lambda self, x, t: torch.full_like(x, float("nan")))
+    (tmp_path / "spec.yaml").write_text("max_bad_steps: 2\n")
+    code, _, err = run_cli("finetune", "--spec", str(tmp_path / "spec.yaml"), "--prior", str(gmm_problem["prior_dir"]),
+                           "--measurement", str(gmm_problem["y_path"]), "--factor", "2", "--sigma", "0.1", "--iterations", "5",
+                           "--time-steps", "4", "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1",
+                           "--device", "cpu", "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert code == 1  # not a user mistake (2): the training itself failed
+    assert len(err.strip().splitlines()) == 1 and "2 skipped steps in a row" in err and "Traceback" not in err
+
+
 def test_the_latest_run_is_the_newest_with_a_checkpoint(tmp_path):
     from deftcli.runs import latest_run
 
-    for name, files in (("a", ("run.json", "hnet_last.safetensors")), ("b", ("run.json",))):
+    started = {"older": 1_000, "newer": 2_000, "newest-without-checkpoint": 3_000}
+    for name, when in started.items():
         (tmp_path / name).mkdir()
-        for file in files:
-            (tmp_path / name / file).write_text("{}")
-    assert latest_run(tmp_path) == tmp_path / "a"
+        (tmp_path / name / "run.json").write_text("{}")
+        os.utime(tmp_path / name / "run.json", (when, when))
+        if "without" not in name:
+            (tmp_path / name / "hnet_last.safetensors").write_text("")
+    assert latest_run(tmp_path) == tmp_path / "newer"
 
 
 def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(gmm_problem, tmp_path, monkeypatch):

@@ -51,6 +51,26 @@ def test_exact_posterior_matches_importance_sampling(problem):
     assert torch.allclose((w[:, None] * resp).sum(0), posterior.weights, atol=0.02)
 
 
+def test_exact_posterior_weights_match_importance_sampling_when_the_evidence_decides(problem):
+    """y between the two pairs' bases: the evidence N(y; A μ_k, s² A Aᵀ + σ_y² I), not the prior weights alone, sets w'.
+    σ_y = 0.5 keeps the likelihood broad enough for importance sampling from the prior to be accurate."""
+    _, prior, _, _ = problem
+    op = create("superres", factor=2, sigma=0.5)
+    means = prior.means.reshape(-1, *prior.image_shape)
+    b0, b1 = means[0:2].mean(0, keepdim=True), means[2:4].mean(0, keepdim=True)
+    gap = op.A(b1) - op.A(b0)
+    variance = prior.std**2 / 4 + op.sigma**2  # A Aᵀ = I/4 for 2× super-resolution
+    y = op.A((b0 + b1) / 2) + 0.75 * variance / gap.pow(2).sum() * gap  # half the Mahalanobis gap is 0.75
+    posterior = exact_posterior(prior, op, y[0])
+    pairs = posterior.weights.reshape(2, 2).sum(1)
+    assert 0.2 < pairs[0] < 0.8  # neither pair wins outright
+
+    x = prior.sample(400_000, torch.Generator().manual_seed(3)).double()
+    w = torch.softmax(-data_term(op, x, y.double()), dim=0)
+    resp = prior.responsibilities(x, torch.zeros(x.shape[0], dtype=torch.float64))
+    assert torch.allclose((w[:, None] * resp).sum(0), posterior.weights, atol=0.02)
+
+
 class ExactHTransform(nn.Module):
     """h* = ∇ log p_t^post − ∇ log p_t: the optimal control, known in closed form for a mixture."""
 

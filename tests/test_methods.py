@@ -1,6 +1,7 @@
 """deft's guidance scale γ (s_θ + γ h) and its selection on training images, like DPS's ζ."""
 
 import json
+import math
 
 import torch
 
@@ -47,6 +48,29 @@ def test_a_larger_gamma_fits_the_measurement_more_tightly(gmm_problem):
         residuals.append(float(data_residual(gmm_problem["operator"], x, y).mean()))
     assert residuals[0] > residuals[1] > residuals[2]
     assert residuals[1] < 2 * gmm_problem["operator"].sigma < residuals[0]
+
+
+def test_one_dps_step_is_the_prior_step_minus_zeta_times_the_gradient_of_the_residual_norm():
+    """With the prior N(0, I) (score −x) Tweedie gives x̂0 = α x, so ∇_x ‖y − A x̂0‖ = −α Aᵀ(y − α A x)/‖y − α A x‖."""
+    from types import SimpleNamespace
+
+    from deftcli.methods import sample_dps
+    from deftcli.operators import create
+    from deftcli.samplers import standard_noise
+    from deftcli.sde import VPSDE
+
+    sde, op, zeta, (s0, s1) = VPSDE(), create("superres", factor=2, sigma=0.1), 0.7, (0.5, 0.6)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.tensor([0.3, -0.2], dtype=torch.float64).reshape(2, 1, 1, 1)
+    got = sample_dps(lambda v, t: -v, SimpleNamespace(sde=sde), op, y, x, [s0, s1], zeta, torch.Generator().manual_seed(1), False)
+
+    t = 1 - s0
+    beta, alpha = 0.1 + t * 19.9, math.exp(-0.25 * t**2 * 19.9 - 0.5 * t * 0.1)
+    xi = standard_noise(x, torch.Generator().manual_seed(1))
+    prior_step = x + (0.5 * beta * x - beta * x) * (s1 - s0) + math.sqrt(beta * (s1 - s0)) * xi
+    residual = y - alpha * x.mean(dim=(2, 3), keepdim=True)
+    grad = -alpha * residual.expand_as(x) / 4 / residual.flatten(1).norm(dim=1).reshape(2, 1, 1, 1)  # Aᵀ spreads r/4 over the block
+    torch.testing.assert_close(got, prior_step - zeta * grad)
 
 
 def test_eval_selects_gamma_on_training_images_when_asked_and_sample_records_it(run_cli, tiny_prior, tmp_path):

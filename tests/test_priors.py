@@ -2,6 +2,7 @@
 
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_original_format_loads_a_gpu_saved_state_dict_on_cpu(tmp_path):
     (folder / "report.yaml").write_text(yaml.safe_dump({"model": report["model"], "diffusion": {"sde": "VPSDE", "beta_min": 0.1, "beta_max": 20}}))
     prior = load_prior(folder)
     assert prior.identity()["format"] == "original" and prior.image_shape == (3, 64, 64)
-    ref = load_file("tests/data/original_cond_model_reference.safetensors")
+    ref = load_file(Path(__file__).parent / "data" / "original_cond_model_reference.safetensors")
     with torch.no_grad():
         assert torch.allclose(prior.score(ref["x"], ref["t"]), ref["unet_out"], rtol=1e-4, atol=1e-5)
 

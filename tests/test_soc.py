@@ -72,6 +72,40 @@ def test_log_rnd_terms_match_a_hand_computation_for_a_linear_toy():
     assert traj.log_rnd(data_term(op, traj.x_final, y)).item() == pytest.approx(d + t1 + t2 + t3)
 
 
+def test_t1_plus_t2_carry_no_gradient_so_vargrad_learns_through_t3():
+    """T1 + T2 = −½β‖h‖²Δs + β⟨h, sg(h)⟩Δs: its value is ½β‖h‖²Δs, its gradient in h is zero."""
+    h = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    xi = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    t1, t2, t3 = step_terms(h, torch.full((3,), 7.0), 0.01, xi)
+    torch.testing.assert_close(t1 + t2, 0.5 * 7.0 * h.detach().flatten(1).pow(2).sum(1) * 0.01)
+    (grad_t12,) = torch.autograd.grad((t1 + t2).sum(), h, retain_graph=True)
+    (grad_t3,) = torch.autograd.grad(t3.sum(), h)
+    torch.testing.assert_close(grad_t12, torch.zeros_like(h), atol=1e-7, rtol=0)
+    torch.testing.assert_close(grad_t3, math.sqrt(7.0) * math.sqrt(0.01) * xi)
+
+
+def test_backprop_gradient_equals_autograd_of_j_written_out_for_a_linear_toy():
+    prior, control = StandardNormalPrior(), LinearControl(0.3)
+    op = create("superres", factor=2, sigma=0.2)
+    y = torch.tensor([0.4, -0.1], dtype=torch.float64).reshape(2, 1, 1, 1)
+    x0 = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grid = reverse_time_grid(4)
+    backprop_soc_gradient(prior, control, op, y, x0, grid, torch.Generator().manual_seed(5), None, False)
+
+    a, gen, x, kl = torch.tensor(0.3, dtype=torch.float64, requires_grad=True), torch.Generator().manual_seed(5), x0.clone(), 0.0
+    for k in range(len(grid) - 1):  # J = mean(D + ½ Σ β ‖h‖² Δs) along the same noise, by hand
+        s, ds = grid[k], grid[k + 1] - grid[k]
+        beta = 0.1 + (1 - s) * 19.9
+        xi = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        h = a * x
+        kl = kl + 0.5 * beta * h.flatten(1).pow(2).sum(1) * ds
+        x = x + (0.5 * beta * x + beta * (-x + h)) * ds + math.sqrt(beta * ds) * xi
+    d = (x.mean(dim=(1, 2, 3)) - y.flatten()).pow(2) / (2 * 0.2**2)
+    (expected,) = torch.autograd.grad((d + kl).mean(), a)
+    assert expected.abs() > 0
+    assert control.a.grad.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_vargrad_loss_is_the_mean_of_within_group_variances():
     log_rnd = torch.tensor([1.0, 3.0, 2.0, 10.0, 14.0, 12.0])
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
