@@ -64,7 +64,7 @@ def single_pass_step(trainer) -> None:
         total = total + terms
         x = reverse_sde_step(prior.sde, x, t, ds, score + hk.detach(), xi).detach()
     log_rnd = data_term(op, x, batch.y) + total
-    kept = vargrad_weights(log_rnd.detach(), batch.groups, spec.loss_threshold, spec.min_kept_fraction).kept
+    kept = vargrad_weights(log_rnd.detach(), batch.groups, trainer.loss_threshold, spec.min_kept_fraction).kept
     trainer.optimizer.zero_grad()
     log_rnd[kept].var().backward()
     trainer.optimizer.step()

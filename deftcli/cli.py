@@ -243,6 +243,8 @@ def finetune_cmd(
     resolved = build_spec(FinetuneSpec, spec, overrides, base=base)
     summary = finetune(resolved, resume=resume, quiet=quiet, command=["deft", *sys.argv[1:]])
     print_json(summary)
+    if summary["steps"] and summary["skipped_steps"] >= summary["steps"]:
+        print(f"deft: warning: all {summary['steps']} steps were skipped (non-finite or filtered losses): the h-network is untrained", file=sys.stderr)
     if summary["stopped_by"] == "interrupt":
         raise typer.Exit(130)
 

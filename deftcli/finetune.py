@@ -38,9 +38,9 @@ from .errors import DeftError
 from .gmm import GaussianMixturePrior
 from .htransform import GaussianGuidance, HTransform, HTransformConfig, save_htransform
 from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
-from .operators import Operator, create
+from .operators import Operator
 from .priors import Prior, load_prior, state_dict_mismatch
-from .runs import latest_run, read_run_record, refuse_other_prior
+from .runs import keep_operator_files, latest_run, read_run_record, refuse_other_prior, run_operator
 from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
@@ -172,6 +172,13 @@ def auto_channels(hnet: HNetSpec, prior: Prior) -> int:
     return best
 
 
+def default_loss_threshold(measurement_shape: tuple[int, ...]) -> float:
+    """5e4 · max(1, m/3072): the original's 5e4 was set for m = 3072 measured values (its VarGrad script's
+    2× super-resolution of 64×64 RGB); D = ‖A x − y‖²/(2σ_y²) grows with m, so an operator that measures
+    more (inpainting or deblurring of larger images) would otherwise have every early trajectory dropped."""
+    return 5e4 * max(1.0, math.prod(measurement_shape) / 3072)
+
+
 def versions() -> dict[str, str]:
     return {"deft": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -186,7 +193,7 @@ class Finetuner:
             raise DeftError("--precision bf16 needs a CUDA device (use fp32 on CPU/MPS)")
         self.autocast = autocast(self.device, spec.precision)
         self.prior = load_prior(spec.prior.path).to(self.device)
-        self.operator = create(spec.operator.name, **spec.operator.params)
+        self.operator = run_operator(spec, run_dir)
         if self.operator.sigma <= 0:
             raise DeftError("fine-tuning needs measurement noise --sigma > 0 (the data term is ‖A x − y‖²/(2 σ_y²))")
         self.source = MeasurementSource(spec, self.prior, self.operator, self.device)
@@ -205,6 +212,7 @@ class Finetuner:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
         self.grid = reverse_time_grid(spec.time_steps)
         self.global_batch = self.source.global_batch()
+        self.loss_threshold = spec.loss_threshold or default_loss_threshold(self.source.expected)
         self.rows = self._trajectory_rows()
         self.step_count, self.seconds, self.skipped_total, self.bad_in_row = 0, 0.0, 0, 0
         self.j_smooth: float | None = None
@@ -300,7 +308,7 @@ class Finetuner:
         steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
         traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps, self.autocast)
         d = data_term(self.operator, traj.x_final, batch.y)
-        filt = vargrad_weights(traj.log_rnd(d), batch.groups, spec.loss_threshold, spec.min_kept_fraction, ctx.gather_with_grad, ctx.gather_values)
+        filt = vargrad_weights(traj.log_rnd(d), batch.groups, self.loss_threshold, spec.min_kept_fraction, ctx.gather_with_grad, ctx.gather_values)
         if not filt.skipped:
             accumulate_vargrad_gradient(self.model, self.prior, self.grid, traj.stored, filt.weights, self.autocast, ctx.no_sync)
         d_all, t1_all, kept = ctx.gather_values(d), ctx.gather_values(traj.t1), filt.kept
@@ -486,7 +494,7 @@ def record_resumed_leg(trainer: Finetuner, run_dir: Path, command: list[str] | N
 def write_run_info(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
     """``spec.json`` and ``run.json``: what a later reader needs to know exactly what ran."""
     spec = trainer.spec
-    write_json(spec.model_dump(mode="json"), run_dir / "spec.json")
+    write_json(keep_operator_files(spec, run_dir).model_dump(mode="json"), run_dir / "spec.json")
     run_info = {
         "prior": trainer.prior.identity(),
         "operator": {"name": spec.operator.name, "params": trainer.operator.params.model_dump(mode="json"), "describe": trainer.operator.describe()},

@@ -9,6 +9,7 @@ tensor named ``image``), which keep noise and values outside [-1, 1] exactly.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,11 @@ def from_unit(x: Tensor) -> Tensor:
     return 2 * x - 1
 
 
-def _pil_to_unit_array(img: Image.Image) -> np.ndarray:
-    """(H, W, C) float32 array in [0, 1] for any Pillow mode."""
+def pil_to_unit_array(img: Image.Image) -> np.ndarray:
+    """(H, W, C) float32 array in [0, 1] for any Pillow mode; integer modes I;16 and I (how Pillow opens
+    16-bit PNG and TIFF files) are 16-bit, 0…65535, whatever values one image happens to hold."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return (arr / scale)[..., None].clip(0, 1)
+        return (np.asarray(img, dtype=np.float32) / 65535.0)[..., None].clip(0, 1)
     if img.mode == "F":
         return np.asarray(img, dtype=np.float32)[..., None].clip(0, 1)
     if img.mode in ("1", "L"):
@@ -51,6 +51,16 @@ def _pil_to_unit_array(img: Image.Image) -> np.ndarray:
     return rgba[..., :3] * rgba[..., 3:4]
 
 
+def open_unit_array(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file with :func:`pil_to_unit_array`; Pillow's decompression-bomb warning (past
+    its pixel limit) is raised as an error, like the bomb error past twice that limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_unit_array(img)
+
+
 def read_image(path: str | os.PathLike) -> Tensor:
     """Read an image file as a (C, H, W) float32 tensor in [-1, 1] (C = 1 or 3)."""
     path = Path(path)
@@ -59,13 +69,11 @@ def read_image(path: str | os.PathLike) -> Tensor:
     if path.is_dir():
         raise DeftError(f"{path}: is a folder, expected an image file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            arr = _pil_to_unit_array(img)
+        arr = open_unit_array(path)
     except UnidentifiedImageError:
         raise DeftError(f"{path}: not an image file Pillow can read") from None
-    except Image.DecompressionBombError:
-        raise DeftError(f"{path}: image too large to read safely (over Pillow's {Image.MAX_IMAGE_PIXELS} × 2 pixels)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DeftError(f"{path}: image too large to read safely (over Pillow's {Image.MAX_IMAGE_PIXELS} pixels)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DeftError(f"{path}: cannot read image ({exc})") from None
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from deftcli.errors import DeftError
+from deftcli.images import open_unit_array
 
 ENTRY_POINT_GROUP = "deft.operators"
 
@@ -181,11 +182,11 @@ def read_grayscale_image(path: str | Path, what: str, alternatives: Sequence[str
         listed = " or ".join([", ".join(options[:-1]), options[-1]] if alternatives else options)
         raise DeftError(f"{what} '{path}' is not {listed}")
     try:
-        with Image.open(file) as image:
-            gray = np.asarray(image.convert("L"), dtype=np.float64)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        unit = open_unit_array(file).astype(np.float64)  # 16-bit files keep their 16 bits
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise DeftError(f"{what} '{path}' is not a readable image: {error}") from error
-    return torch.from_numpy(gray / 255.0)
+    gray = unit[..., 0] if unit.shape[-1] == 1 else unit @ np.array([0.299, 0.587, 0.114])  # luma, as Pillow's "L"
+    return torch.from_numpy(np.ascontiguousarray(gray))
 
 
 @dataclass(frozen=True)

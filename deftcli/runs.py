@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from .checkpoint import read_json
 from .errors import DeftError
 from .htransform import HTransform, load_htransform
+from .images import atomic_write
 from .operators import Operator, create
 from .priors import Prior, load_prior
 from .specs import FinetuneSpec, read_saved_spec, validation_message
@@ -57,7 +59,7 @@ def open_run(path: str | Path | None, device: torch.device, checkpoint: Literal[
     info = read_run_record(run_dir)
     prior = load_prior(prior_override or spec.prior.path).to(device)
     refuse_other_prior(run_dir, info, prior)
-    operator = create(spec.operator.name, **spec.operator.params)
+    operator = run_operator(spec, run_dir)
     weights = run_dir / f"hnet_{checkpoint}.safetensors"
     htransform, _ = load_htransform(weights, prior)
     check_htransform_belongs_to_run(htransform, info, prior, weights)
@@ -82,6 +84,30 @@ def refuse_other_prior(run_dir: Path, info: dict[str, Any], prior: Prior) -> Non
     recorded, current = info["prior"].get("sha256"), prior.identity().get("sha256")
     if recorded is not None and recorded != current:
         raise DeftError(f"{run_dir}: the prior's weights changed since fine-tuning (sha256 {str(current)[:12]}… ≠ recorded {recorded[:12]}…)")
+
+
+OPERATOR_FILE_PREFIX = "operator-"
+"""A run keeps a copy of every file its operator reads (a blur kernel, an inpainting mask) as
+``operator-<parameter><suffix>``, and its ``spec.json`` names that copy: the run does not depend on the
+folder it is used from, and a file changed after fine-tuning cannot change the operator unseen."""
+
+
+def keep_operator_files(spec: FinetuneSpec, run_dir: Path) -> FinetuneSpec:
+    """Copy the files named by the operator's string parameters into ``run_dir``; the spec naming the copies."""
+    params = dict(spec.operator.params)
+    for key, value in spec.operator.params.items():
+        if isinstance(value, str) and Path(value).expanduser().is_file():
+            kept = f"{OPERATOR_FILE_PREFIX}{key}{Path(value).suffix}"
+            atomic_write(run_dir / kept, lambda tmp, source=Path(value).expanduser(): shutil.copyfile(source, tmp))
+            params[key] = kept
+    return spec.model_copy(update={"operator": spec.operator.model_copy(update={"params": params})})
+
+
+def run_operator(spec: FinetuneSpec, run_dir: Path) -> Operator:
+    """The run's operator, with the files it keeps (:func:`keep_operator_files`) read from ``run_dir``."""
+    params = {key: str(run_dir / value) if isinstance(value, str) and value.startswith(OPERATOR_FILE_PREFIX) and (run_dir / value).is_file() else value
+              for key, value in spec.operator.params.items()}
+    return create(spec.operator.name, **params)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -134,7 +134,9 @@ class FinetuneSpec(StrictModel):
     warmup: int = Field(10, ge=0, description="linear learning-rate warm-up steps (Adam's first steps are lr-sized in every parameter)")
     grad_clip: float = Field(1.0, gt=0)
     grad_fraction: float = Field(0.2, ge=0, le=1, description="fraction of steps that carry a gradient (plus the last two)")
-    loss_threshold: float = Field(5e4, gt=0, description="log-RND values above this are dropped before the variance")
+    loss_threshold: float | None = Field(
+        None, gt=0, description="log-RND values above this are dropped before the variance (default 5e4 · max(1, m/3072) for m measured values)"
+    )
     min_kept_fraction: float = Field(0.3, ge=0, le=1)
     max_bad_steps: int = Field(20, ge=1, description="stop after this many skipped steps in a row")
     micro_batch: int | None = Field(None, ge=1, description="backprop: trajectories per backward pass (gradient accumulation)")

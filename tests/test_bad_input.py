@@ -628,6 +628,29 @@ def test_sample_converts_a_palette_measurement_to_rgb(run_cli, assets, tmp_path)
     assert (tmp_path / "s" / "mean.png").exists()
 
 
+def test_a_run_keeps_its_mask_file_so_it_works_from_any_folder_and_ignores_later_edits(run_cli, assets, tmp_path, monkeypatch):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :8] = 255  # left half observed
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("finetune", "--prior", str(assets.prior), "--operator", "inpaint", "--mask", "mask.png", "--iterations", "1",
+                           "--time-steps", "3", "--measurements-per-batch", "1", "--trajectories", "2", "--hnet-channels", "8",
+                           "--hnet-mult", "1", "--device", "cpu", "--run-dir", "run", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "spec.json").read_text())["operator"]["params"]["mask"] == "operator-mask.png"
+    Image.fromarray(255 - mask).save(tmp_path / "mask.png")  # edited after fine-tuning: the run keeps its copy
+    y = torch.zeros(3, 16, 16)
+    y[:, :, :8] = 0.5  # a measurement through the kept mask: A†y fits it exactly; through the edited mask it would not
+    save_file({"image": y}, str(tmp_path / "y.safetensors"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli("sample", str(tmp_path / "y.safetensors"), "--run", str(tmp_path / "run"), "-n", "1", "--steps", "3",
+                           "--method", "dagger", "--device", "cpu", "-o", "s")
+    assert code == 0, err
+    assert json.loads((elsewhere / "s" / "summary.json").read_text())["data_residual"] == [0.0]
+
+
 def test_force_overwrites_only_when_asked(run_cli, assets, tmp_path):
     """The refusals above are about silence: --force replaces the previous outputs."""
     out = tmp_path / "s"

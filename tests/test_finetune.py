@@ -145,6 +145,13 @@ def test_a_diverging_run_ends_with_exit_code_1_and_one_line_from_the_command_lin
     assert code == 1  # not a user mistake (2): the training itself failed
     assert len(err.strip().splitlines()) == 1 and "2 skipped steps in a row" in err and "Traceback" not in err
 
+    (tmp_path / "spec.yaml").write_text("max_bad_steps: 20\n")  # too few steps for the guard: the run ends, untrained, and says so
+    code, _, err = run_cli("finetune", "--spec", str(tmp_path / "spec.yaml"), "--prior", str(gmm_problem["prior_dir"]),
+                           "--measurement", str(gmm_problem["y_path"]), "--factor", "2", "--sigma", "0.1", "--iterations", "2",
+                           "--time-steps", "4", "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1",
+                           "--device", "cpu", "--run-dir", str(tmp_path / "run2"), "--quiet")
+    assert code == 0 and "warning: all 2 steps were skipped" in err
+
 
 def test_the_latest_run_is_the_newest_with_a_checkpoint(tmp_path):
     from deftcli.runs import latest_run

@@ -374,6 +374,23 @@ def test_unreadable_image_files_raise(name: str, parameter: str, tmp_path: Path)
         create(name, **{parameter: str(tmp_path)})
 
 
+def test_16_bit_mask_and_kernel_images_keep_their_16_bits(tmp_path: Path) -> None:
+    levels = np.full((16, 16), 65535, dtype=np.uint16)
+    levels[4:12, 4:12] = 1000  # dark (missing) in 16 bits; an 8-bit reading would clip 1000 to white
+    Image.fromarray(levels).save(tmp_path / "mask16.png")
+    assert Image.open(tmp_path / "mask16.png").mode.startswith("I")
+    observed = create("inpaint", mask=str(tmp_path / "mask16.png"), sigma=0).A(torch.ones(1, 1, 16, 16))
+    assert int((observed == 0).sum()) == 64
+
+    gauss = np.exp(-((np.arange(9) - 4) ** 2) / 8.0)
+    kernel = np.outer(gauss, gauss)
+    Image.fromarray((kernel / kernel.max() * 65535).round().astype(np.uint16)).save(tmp_path / "k16.png")
+    Image.fromarray((kernel / kernel.max() * 255).round().astype(np.uint8)).save(tmp_path / "k8.png")
+    x = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    blur16, blur8 = (create("blur", kernel=str(tmp_path / f"{k}.png"), sigma=0).A(x) for k in ("k16", "k8"))
+    torch.testing.assert_close(blur16, blur8, atol=5e-3, rtol=0)
+
+
 def test_black_kernel_image_raises(tmp_path: Path) -> None:
     path = tmp_path / "black.png"
     Image.fromarray(np.zeros((3, 3), dtype=np.uint8), mode="L").save(path)
