@@ -273,10 +273,6 @@ def sample_cmd(
     from .sample import sample_command
     from .specs import SampleSpec, build_spec
 
-    posterior_only = {"--method": method, "--dps-zeta": dps_zeta, "--guidance-scale": guidance_scale}
-    if unconditional and any(value is not None for value in posterior_only.values()):
-        given = ", ".join(flag for flag, value in posterior_only.items() if value is not None)
-        raise DeftError(f"{given}: a posterior sampler's option, but --unconditional draws prior samples")
     overrides = {
         "out": out, "run": run, "prior.path": prior, "unconditional": unconditional or None, "n": n, "steps": steps,
         "method": method, "dps_zeta": dps_zeta, "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
@@ -387,4 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     except ABORTS:
         print("deft: aborted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one too
+        if debug or not any(words in str(exc) for words in ("can't allocate memory", "out of memory")):
+            raise
+        print(f"deft: error: not enough memory for these sizes ({str(exc).splitlines()[0][:160]})", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -54,7 +54,7 @@ def ssim(x: Tensor, ref: Tensor) -> Tensor:
 
 def sample_generators(seed: int, images: Sequence[int], k: int, device: torch.device) -> list[torch.Generator]:
     """One generator per (image, sample): the noise of a sample does not depend on its batch."""
-    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + 1000 * i + j) for i in images for j in range(k)]
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + 1000 * i + j) % 2**63) for i in images for j in range(k)]
 
 
 def draw_per_image(rec: Reconstructor, method: str, y: Tensor, images: Sequence[int], k: int, batch_size: int, seed: int) -> Tensor:
@@ -123,10 +123,13 @@ def sweep_on_train(rec: Reconstructor, method: str, values: Sequence[float], run
 
 
 def output_folder(spec: EvalSpec, run: FinetunedRun, force: bool) -> Path:
-    """The output folder, created before any work so that a location that cannot be written fails at once."""
+    """The output folder, made once the data set has opened and before any sampling, so that a location that cannot be written fails at once."""
     out = Path(spec.out) if spec.out else run.path / f"eval-{spec.split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DeftError(f"{out}: exists and is not empty (choose another -o or pass --force)")
+    for name in ("results.json", "grid.png"):
+        if (out / name).is_dir():
+            raise DeftError(f"{out / name}: is a folder, so the results cannot be written there (move it or choose another -o)")
     return make_output_folder(out)
 
 
@@ -141,9 +144,9 @@ def evaluate(spec: EvalSpec, force: bool = False) -> dict[str, Any]:
 def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     device = ctx.device(resolve_device(spec.device))
     run = open_run(spec.run, device)
-    out = Path(ctx.broadcast(str(output_folder(spec, run, force)) if ctx.is_main else None))
     prior, operator = run.prior, run.operator
     dataset = open_dataset(run.spec.data, spec.split, prior.image_shape[-1], prior.image_shape[0])
+    out = Path(ctx.broadcast(str(output_folder(spec, run, force)) if ctx.is_main else None))
     n = min(spec.n, len(dataset))
     mine = list(ctx.shard(n))
     x_all = dataset.batch(range(n))

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -107,9 +108,11 @@ class Flowers102Dataset:
 
         try:
             set_ids = loadmat(str(base / "setid.mat"), squeeze_me=True)
-            ids = [int(i) for key in SPLIT_KEYS[split] for i in set_ids[key].ravel()]
+            ids = [int(i) for key in SPLIT_KEYS[split] for i in np.atleast_1d(set_ids[key]).ravel()]
         except Exception as exc:  # a truncated or non-MAT file raises MatReadError, IndexError, ...
             raise DeftError(f"{base / 'setid.mat'}: cannot read the split ids ({type(exc).__name__}: {exc})") from None
+        if not ids:
+            raise DeftError(f"{base / 'setid.mat'}: the '{split}' split lists no images")
         self.files = [base / "jpg" / f"image_{i:05d}.jpg" for i in ids]
         absent = next((p for p in self.files if not p.is_file()), None)
         if absent is not None:  # fail now, not hours into a run

@@ -47,6 +47,12 @@ class DataSpec(StrictModel):
     dataset: DatasetName = "petals"
     root: str | None = Field(None, description="data folder (flowers102: download target or local copy; folder: the images)")
 
+    @model_validator(mode="after")
+    def _petals_has_no_folder(self) -> "DataSpec":
+        if self.dataset == "petals" and self.root is not None:
+            raise ValueError("petals is generated, not read from a folder: give --dataset folder or flowers102 with --data-root")
+        return self
+
 
 class OperatorSpec(StrictModel):
     """A forward operator by registry name and its parameters (validated by the operator's own model)."""
@@ -75,7 +81,7 @@ class PretrainSpec(StrictModel):
     iterations: int = Field(20000, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much wall time, counted over every leg of a resumed run")
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-4, gt=0, le=1)
     warmup: int = Field(200, ge=0, description="linear learning-rate warm-up steps")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
@@ -93,7 +99,7 @@ class HNetSpec(StrictModel):
 
     architecture: Literal["unet", "mlp"] = "unet"
     model_channels: int | None = Field(
-        None, ge=1, description="UNet base channels; None: the largest multiple of 4 within size_fraction of the prior's parameters"
+        None, ge=1, le=1024, description="UNet base channels; None: the largest multiple of 4 within size_fraction of the prior's parameters"
     )
     size_fraction: float = Field(0.09, gt=0, le=1, description="automatic size: h-network parameters / prior parameters at most this")
     channel_mult: tuple[int, ...] = (1, 2)
@@ -128,7 +134,7 @@ class FinetuneSpec(StrictModel):
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
     trajectories: int = Field(4, ge=2, description="K trajectories per measurement")
-    lr: float = Field(5e-4, gt=0, description="Adam learning rate of the h-network (c_ψ: × time_lr_factor)")
+    lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate of the h-network (c_ψ: × time_lr_factor)")
     time_lr_factor: float = Field(5.0, gt=0, description="c_ψ(t) learns at lr × this: it must grow by an order of magnitude from its small initial value")
     lr_final_factor: float = Field(1e-3, gt=0, le=1, description="cosine decay to lr · this factor")
     warmup: int = Field(10, ge=0, description="linear learning-rate warm-up steps (Adam's first steps are lr-sized in every parameter)")
@@ -173,6 +179,17 @@ class SampleSpec(StrictModel):
     device: Device = "auto"
     out: str = "out"
 
+    @model_validator(mode="after")
+    def _options_of_the_sampler(self) -> "SampleSpec":
+        options = {"method": ("--method", None), "dps_zeta": ("--dps-zeta", "dps"), "guidance_scale": ("--guidance-scale", "deft")}
+        given = {field: options[field] for field in options if field in self.model_fields_set}
+        if self.unconditional and given:
+            raise ValueError(f"{', '.join(flag for flag, _ in given.values())}: a posterior sampler's option, but --unconditional draws prior samples")
+        for flag, method in given.values():
+            if method is not None and self.method != method:
+                raise ValueError(f"{flag} is an option of --method {method}, not of --method {self.method}")
+        return self
+
 
 class EvalSpec(StrictModel):
     """``deft eval``: metrics on a data split for the fine-tuned run and baselines."""
@@ -184,9 +201,9 @@ class EvalSpec(StrictModel):
     methods: list[SamplerName] = Field(["deft", "dps", "prior", "dagger"], min_length=1)
     steps: int | None = Field(None, ge=3)
     dps_zeta: float | None = Field(None, gt=0, description="None: select ζ by a sweep on training images")
-    dps_sweep: list[float] = [0.3, 1.0, 3.0, 10.0, 30.0]
+    dps_sweep: list[Annotated[float, Field(gt=0)]] = Field([0.3, 1.0, 3.0, 10.0, 30.0], min_length=1)
     guidance_scale: float | Literal["sweep"] = Field(1.0, description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ")
-    guidance_sweep: list[GuidanceScale] = [1.0, 1.5, 2.0, 3.0, 5.0]
+    guidance_sweep: list[GuidanceScale] = Field([1.0, 1.5, 2.0, 3.0, 5.0], min_length=1)
     denoise_final: bool = True
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)")
     seed: Seed = 0
@@ -208,13 +225,33 @@ class EvalSpec(StrictModel):
         return number
 
     @model_validator(mode="after")
-    def _sweep_needs_deft(self) -> "EvalSpec":
-        if self.guidance_scale == "sweep" and "deft" not in self.methods:
-            raise ValueError("guidance_scale 'sweep' selects deft's γ, but deft is not among the methods")
+    def _options_of_evaluated_methods(self) -> "EvalSpec":
+        for field, method, flag in (("dps_zeta", "dps", "--dps-zeta"), ("dps_sweep", "dps", "dps_sweep"),
+                                    ("guidance_scale", "deft", "--guidance-scale"), ("guidance_sweep", "deft", "guidance_sweep")):
+            if field in self.model_fields_set and method not in self.methods:
+                raise ValueError(f"{flag} is an option of {method}, but {method} is not among the methods")
         return self
 
 
 S = TypeVar("S", bound=BaseModel)
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a spec file (YAML and JSON would silently keep the last)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        _unique_keys([(self.construct_object(key, deep=deep), None) for key, _ in node.value])
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
@@ -226,17 +263,20 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         raise DeftError(f"{path}: no such spec file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DeftError(f"{path}: cannot read spec file ({exc})") from None
+    suffix = path.suffix.lower()
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
+        if suffix == ".toml":
+            data = tomllib.loads(text)  # TOML itself refuses a key given twice
+        elif suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise DeftError(f"{path}: key '{exc}' is given twice") from None
     except yaml.YAMLError as exc:
         raise DeftError(f"{path}: not a valid YAML spec ({yaml_error_text(exc)})") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise DeftError(f"{path}: not a valid {path.suffix.lstrip('.').upper()} spec ({' '.join(str(exc).split())})") from None
+        raise DeftError(f"{path}: not a valid {suffix.lstrip('.').upper()} spec ({' '.join(str(exc).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -290,8 +330,10 @@ def build_spec(model: type[S], spec_path: str | Path | None = None, overrides: d
             continue
         node = data
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DeftError(f"{source}: {'.'.join(parents[: depth + 1])} must be a mapping of fields, got {type(node).__name__} {node!r}")
         if isinstance(value, dict) and isinstance(node.get(leaf), dict):
             node[leaf].update(value)
         else:

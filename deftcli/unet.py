@@ -29,7 +29,7 @@ class UNetConfig(BaseModel):
     kind: Literal["unet"] = "unet"
     in_channels: int = Field(3, ge=1)
     out_channels: int = Field(3, ge=1)
-    model_channels: int = Field(32, ge=1)
+    model_channels: int = Field(32, ge=1, le=1024)
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = Field(1, ge=1)
     attention_resolutions: tuple[int, ...] = ()

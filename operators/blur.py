@@ -50,7 +50,7 @@ class Blur(Operator):
             "(normalised to sum 1)",
         )
         kernel_size: int = Field(
-            9, ge=1, description="side of the gaussian or uniform kernel in pixels (odd)"
+            9, ge=1, le=1025, description="side of the gaussian or uniform kernel in pixels (odd)"
         )
         kernel_std: float = Field(
             2.0, gt=0, description="std of the gaussian kernel in pixels (gaussian only)"

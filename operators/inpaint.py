@@ -64,11 +64,16 @@ class Inpaint(Operator):
                 f"inpaint mask '{self.params.mask}' is {mask_height}x{mask_width} "
                 f"but the image is {height}x{width}"
             )
+        if not self._mask(height, width).any():
+            raise DeftError(f"inpaint mask {self.params.mask!r} observes no pixel of a {height}x{width} image: there is nothing to condition on")
         return image_shape
 
     def observed_mask(self, height: int, width: int) -> Tensor:
         """The boolean (H, W) CPU mask M of an H × W image, True where a pixel is observed."""
         self.measurement_shape((1, height, width))
+        return self._mask(height, width)
+
+    def _mask(self, height: int, width: int) -> Tensor:
         if self.mask_image is not None:
             return self.mask_image
         if self.params.mask == "random":

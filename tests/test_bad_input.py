@@ -381,7 +381,15 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("sample-unconditional-with-a-measurement", lambda w: unconditional(w, w.prior, w.y), ["--unconditional", "measurement"]),
     ("sample-unconditional-with-dps-zeta", lambda w: unconditional(w, w.prior, "--dps-zeta", "3"), ["--dps-zeta", "--unconditional"]),
     ("eval-no-methods", lambda w: evaluate(w, None, "--methods", ","), ["methods", "at least 1"]),
-    ("eval-gamma-sweep-without-deft", lambda w: evaluate(w, None, "--guidance-scale", "sweep"), ["sweep", "deft is not among the methods"]),
+    ("eval-gamma-sweep-without-deft", lambda w: evaluate(w, None, "--guidance-scale", "sweep"), ["--guidance-scale", "deft is not among the methods"]),
+    ("eval-dps-zeta-without-dps", lambda w: evaluate(w, None, "--dps-zeta", "3"), ["--dps-zeta", "dps is not among the methods"]),
+    ("sample-dps-zeta-for-deft", lambda w: sample(w, w.y, "--dps-zeta", "3"), ["--dps-zeta", "--method dps"]),
+    ("eval-empty-dps-sweep", lambda w: evaluate(w, None, "--methods", "dps", "--spec", w.file("e.json", json.dumps({"dps_sweep": []}))), ["dps_sweep", "at least 1"]),
+    ("eval-negative-zeta-in-sweep", lambda w: evaluate(w, None, "--methods", "dps", "--spec", w.file("e.json", json.dumps({"dps_sweep": [-1, 3]}))), ["dps_sweep", "greater than 0"]),
+    ("finetune-petals-with-a-data-root", lambda w: finetune(w, "--data-root", w.folder("imgs")), ["petals", "--data-root"]),
+    ("finetune-spec-section-as-a-scalar-and-a-flag-inside-it", lambda w: finetune(w, "--spec", w.file("s.yaml", "hnet: 8\n")), ["hnet", "mapping"]),
+    ("finetune-spec-key-twice-yaml", lambda w: finetune(w, "--spec", w.file("s.yaml", "lr: 0.1\nlr: 0.2\n")), ["s.yaml", "lr", "twice"]),
+    ("finetune-spec-key-twice-json", lambda w: finetune(w, "--spec", w.file("s.json", "{\"lr\": 0.1, \"lr\": 0.2}")), ["s.json", "lr", "twice"]),
     ("sample-a-trillion-samples", lambda w: sample(w, w.y, "-n", str(10**12)), ["n:", "100000"]),
     ("finetune-lr-infinite", lambda w: finetune(w, "--lr", "inf"), ["lr", "finite"]),
     ("degrade-sigma-infinite", lambda w: degrade(w, w.flower, "--sigma", "inf"), ["sigma", "finite"]),
@@ -393,6 +401,10 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("finetune-resume-with-iterations-already-done", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--iterations", "1"],
      ["--iterations 1", "already trained 1 steps"]),
     ("sample-integer-tensor-measurement", lambda w: sample(w, w.tensor("y8.safetensors", {"image": torch.zeros(3, 8, 8, dtype=torch.uint8)})), ["y8.safetensors", "uint8"]),
+    ("degrade-inpaint-observing-nothing", lambda w: degrade(w, w.flower, "--operator", "inpaint", "--param", "box_fraction=1"), ["observes no pixel"]),
+    ("degrade-kernel-larger-than-any-image", lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel-size", "100001"), ["kernel_size", "1025"]),
+    ("finetune-lr-huge", lambda w: finetune(w, "--lr", "1e300"), ["lr", "less than or equal to 1"]),
+    ("eval-force-with-a-folder-named-like-an-output", lambda w: evaluate(w, None, "--force", out=w.folder("ev", {"grid.png/keep.txt": "mine"})), ["grid.png", "is a folder"]),
     ("sample-run-record-without-prior", lambda w: sample(w, w.y, run=w.run_copy(replace_with("run.json", '{"prior": "x"}'))), ["run.json", "prior"]),
     ("finetune-resume-run-record-a-list", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("run.json", "[]")), "--iterations", "2"],
      ["run.json", "expected a JSON object"]),
@@ -649,6 +661,12 @@ def test_a_run_keeps_its_mask_file_so_it_works_from_any_folder_and_ignores_later
                            "--method", "dagger", "--device", "cpu", "-o", "s")
     assert code == 0, err
     assert json.loads((elsewhere / "s" / "summary.json").read_text())["data_residual"] == [0.0]
+
+
+def test_eval_accepts_the_largest_seed(run_cli, assets, tmp_path):
+    code, _, err = run_cli("eval", "--run", str(assets.run), "--n", "1", "-k", "1", "--methods", "deft", "--steps", "3", "--device", "cpu",
+                           "--seed", str(2**63 - 1), "-o", str(tmp_path / "e"))
+    assert code == 0, err
 
 
 def test_force_overwrites_only_when_asked(run_cli, assets, tmp_path):
