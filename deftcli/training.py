@@ -73,11 +73,14 @@ def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> Non
 
 
 class GracefulInterrupt:
-    """While active, the first SIGINT only sets ``requested``; the loop saves and stops. A second one aborts."""
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler's preemption, ``timeout``)
+    only sets ``requested``; the loop saves and stops. A second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
@@ -86,14 +89,14 @@ class GracefulInterrupt:
 
     def __enter__(self) -> "GracefulInterrupt":
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         except ValueError:  # not in the main thread
-            self._previous = None
+            self._previous = {}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class MetricsLog:

@@ -66,12 +66,13 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_fi
     assert [line["loss"] for line in lines(run_dir)] == [line["loss"] for line in lines(straight)]
 
 
-def test_sigint_saves_a_checkpoint_and_exits_130_with_a_message(gmm_problem, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; kill, timeout or a scheduler's preemption
+def test_an_interrupt_saves_a_checkpoint_and_exits_130_with_a_message(gmm_problem, tmp_path, signum):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(cli_args(gmm_problem, run_dir, iterations=100000), env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
