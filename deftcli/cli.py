@@ -104,7 +104,8 @@ def operators_cmd() -> None:
             continue
         fields = info.operator_class.Params.model_fields
         params = "\n".join(
-            f"{k} = {f.default!r}" + (f"  [dim]{f.description}[/dim]" if f.description else "") for k, f in fields.items()
+            (f"{k} (required)" if f.is_required() else f"{k} = {f.get_default(call_default_factory=True)!r}")
+            + (f"  [dim]{f.description}[/dim]" if f.description else "") for k, f in fields.items()
         )
         table.add_row(name, params, info.distribution or "?")
     Console().print(table)

@@ -68,6 +68,8 @@ def read_image(path: str | os.PathLike) -> Tensor:
         raise DeftError(f"{path}: no such file")
     if path.is_dir():
         raise DeftError(f"{path}: is a folder, expected an image file")
+    if not path.is_file():
+        raise DeftError(f"{path}: not a regular file (a pipe or a device would block or never end), expected an image file")
     try:
         arr = open_unit_array(path)
     except UnidentifiedImageError:
@@ -86,6 +88,8 @@ def read_tensor(path: str | os.PathLike) -> Tensor:
     path = Path(path)
     if not path.exists():
         raise DeftError(f"{path}: no such file")
+    if not path.is_file():
+        raise DeftError(f"{path}: not a regular file, expected a .safetensors file")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -121,6 +121,11 @@ class Workspace:
         p.write_bytes(content.encode() if isinstance(content, str) else content)
         return str(p)
 
+    def fifo(self, name: str) -> str:
+        """A named pipe: opening it for reading would wait for a writer forever."""
+        os.mkfifo(self.tmp / name)
+        return str(self.tmp / name)
+
     def huge_image(self) -> str:
         """A tiny file that decodes to 4·10⁸ pixels (past Pillow's decompression-bomb limit)."""
         path = self.tmp / "huge.png"
@@ -405,6 +410,7 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("degrade-kernel-larger-than-any-image", lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel-size", "100001"), ["kernel_size", "1025"]),
     ("finetune-lr-huge", lambda w: finetune(w, "--lr", "1e300"), ["lr", "less than or equal to 1"]),
     ("eval-force-with-a-folder-named-like-an-output", lambda w: evaluate(w, None, "--force", out=w.folder("ev", {"grid.png/keep.txt": "mine"})), ["grid.png", "is a folder"]),
+    ("degrade-a-named-pipe", lambda w: degrade(w, w.fifo("pipe.png")), ["pipe.png", "not a regular file"]),
     ("sample-run-record-without-prior", lambda w: sample(w, w.y, run=w.run_copy(replace_with("run.json", '{"prior": "x"}'))), ["run.json", "prior"]),
     ("finetune-resume-run-record-a-list", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("run.json", "[]")), "--iterations", "2"],
      ["run.json", "expected a JSON object"]),

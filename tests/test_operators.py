@@ -463,6 +463,22 @@ def test_third_party_plugin_is_listed_and_usable(monkeypatch: pytest.MonkeyPatch
         create("nope")
 
 
+class Offset(Scale):
+    """A plugin whose parameter has no default."""
+
+    name = "offset"
+
+    class Params(OperatorParams):
+        b: float
+
+
+def test_a_required_plugin_parameter_is_listed_as_required(monkeypatch: pytest.MonkeyPatch, run_cli) -> None:
+    with_plugins(monkeypatch, FakeEntryPoint("offset", "deft_extra.offset:Offset", lambda: Offset))
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli("operators")
+    assert code == 0 and "b (required)" in out and "Undefined" not in out
+
+
 class NotAnOperator:
     name = "plain"
 
