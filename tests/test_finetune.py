@@ -153,6 +153,16 @@ def test_a_diverging_run_ends_with_exit_code_1_and_one_line_from_the_command_lin
     assert code == 0 and "warning: all 2 steps were skipped" in err
 
 
+def test_the_default_loss_threshold_grows_with_the_number_of_measured_values(gmm_problem, tmp_path):
+    from deftcli.finetune import default_loss_threshold
+
+    assert default_loss_threshold((3, 8, 8)) == 5e4  # 4× super-resolution of 32×32: the original's 5e4
+    assert default_loss_threshold((3, 32, 32)) == 5e4  # the original's own m = 3072
+    assert default_loss_threshold((3, 64, 64)) == 2e5  # inpainting 64×64 measures 4× as many values
+    assert Finetuner(gmm_spec(gmm_problem, tmp_path / "a"), tmp_path / "a", resume=False, quiet=True).loss_threshold == 5e4
+    assert Finetuner(gmm_spec(gmm_problem, tmp_path / "b", loss_threshold=123.0), tmp_path / "b", resume=False, quiet=True).loss_threshold == 123.0
+
+
 def test_the_latest_run_is_the_newest_with_a_checkpoint(tmp_path):
     from deftcli.runs import latest_run
 
