@@ -236,6 +236,8 @@ def finetune_cmd(
         "precision": precision, "seed": seed, "device": device, "run_dir": run_dir,
         **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
     }
+    if measurement is not None and measurements_per_batch is not None and measurements_per_batch > 1:
+        raise DeftError("--measurements-per-batch sets M for amortised fine-tuning; with --measurement there is one, use --trajectories for K")
     base = None
     if resume:
         folder = Path(run_dir) if run_dir else latest_run()

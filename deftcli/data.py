@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import DeftError
@@ -78,6 +79,11 @@ class FolderDataset:
         self.files = [p for p in files if split_of(p.relative_to(root).as_posix()) == split]
         if not self.files:
             raise DeftError(f"image folder '{root}': none of its {len(files)} images fall in the '{split}' split")
+        for path in self.files:  # headers only, so a file that is no image fails now, not hours into a run
+            try:
+                Image.open(path).close()
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+                raise DeftError(f"image folder '{root}': {path} is not an image Pillow can read ({type(exc).__name__})") from None
         self.size, self.channels = size, channels
 
     def __len__(self) -> int:

@@ -388,7 +388,11 @@ def test_folder_errors(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DeftError, match="bad.png is not an image"):  # found when the data set opens, not when drawn
+        open_dataset(DataSpec(dataset="folder", root=str(broken)), split_of("bad.png"), 16, 3)
+    Image.new("RGB", (8, 8)).save(broken / "bad.png")
     ds = open_dataset(DataSpec(dataset="folder", root=str(broken)), split_of("bad.png"), 16, 3)
+    (broken / "bad.png").write_bytes((broken / "bad.png").read_bytes()[:40])  # truncated after the header was checked
     with pytest.raises(DeftError, match="bad.png"):
         ds.batch([0])
 
