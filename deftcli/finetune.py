@@ -51,6 +51,7 @@ from .training import (
     TrainingProgress,
     cleared_on_failure,
     load_optimizer_state,
+    refuse_changes,
     refuse_resume_with_nothing_to_do,
     scale_learning_rates,
     warmup_cosine_factor,
@@ -193,6 +194,8 @@ class Finetuner:
             raise DeftError("--precision bf16 needs a CUDA device (use fp32 on CPU/MPS)")
         self.autocast = autocast(self.device, spec.precision)
         self.prior = load_prior(spec.prior.path).to(self.device)
+        if resume:  # before the state is read or anything written
+            refuse_other_prior(run_dir, read_run_record(run_dir), self.prior)
         self.operator = run_operator(spec, run_dir)
         if self.operator.sigma <= 0:
             raise DeftError("fine-tuning needs measurement noise --sigma > 0 (the data term is ‖A x − y‖²/(2 σ_y²))")
@@ -463,20 +466,17 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
 
     A resumed leg may change the schedule (iterations, time budget, learning rate, N, batch size,
     device) and where files are (the data root, the prior's or the measurement's path), not the
-    operator, the data set, the mode (amortised or one measurement), the h-network, the prior's
-    weights (their SHA-256 in ``run.json``) or the measurement (the run's ``measurement.safetensors``).
+    operator, the data set, the mode (amortised or one measurement), the h-network or the measurement
+    (the run's ``measurement.safetensors``); the prior's weights are checked by :class:`Finetuner`,
+    which loads the prior anyway.
     """
     saved = FinetuneSpec.model_validate(read_saved_spec(run_dir / "spec.json"))
-    refuse_other_prior(run_dir, read_run_record(run_dir), load_prior(resumed.prior.path))
-    fixed = {
-        "operator": (saved.operator.model_dump(mode="json"), resumed.operator.model_dump(mode="json")),
+    refuse_changes("run", {
+        "operator": (saved.operator, resumed.operator),
         "dataset": (saved.data.dataset, resumed.data.dataset),
         "mode": tuple("amortised" if s.measurement is None else "per-measurement" for s in (saved, resumed)),
-        "h-network": (saved.hnet.model_dump(mode="json"), resumed.hnet.model_dump(mode="json")),
-    }
-    for name, (before, after) in fixed.items():
-        if before != after:
-            raise DeftError(f"--resume cannot change the run's {name} ({before} → {after}); start a new run for a different problem")
+        "h-network": (saved.hnet, resumed.hnet),
+    }, "start a new run for a different problem")
     kept = run_dir / "measurement.safetensors"
     if resumed.measurement is not None and kept.exists() and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept)):
         raise DeftError(f"--resume cannot change the run's measurement ({resumed.measurement} differs from the {kept} it was fine-tuned for)")

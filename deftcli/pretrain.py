@@ -37,7 +37,7 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec, read_saved_spec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, load_optimizer_state, refuse_resume_with_nothing_to_do, scale_learning_rates, warmup_cosine_factor
+from .training import GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, load_optimizer_state, refuse_changes, refuse_resume_with_nothing_to_do, scale_learning_rates, warmup_cosine_factor
 from .unet import UNet
 
 T_EPS = 1e-5
@@ -106,11 +106,7 @@ def refuse_prior_change(saved: PretrainSpec, resumed: PretrainSpec) -> None:
     data root, not the data set, the image size, the channels, the parametrisation, the SDE or the network."""
     fixed = ("image_size", "channels", "parametrisation", "sde", "unet")
     changes = {name: (getattr(saved, name), getattr(resumed, name)) for name in fixed}
-    changes["dataset"] = (saved.data.dataset, resumed.data.dataset)
-    for name, (before, after) in changes.items():
-        if before != after:
-            shown = [v.model_dump(mode="json") if hasattr(v, "model_dump") else v for v in (before, after)]
-            raise DeftError(f"--resume cannot change the prior's {name} ({shown[0]} → {shown[1]}); train a new prior in another --out")
+    refuse_changes("prior", changes | {"dataset": (saved.data.dataset, resumed.data.dataset)}, "train a new prior in another --out")
 
 
 def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None) -> dict[str, Any]:

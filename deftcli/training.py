@@ -48,6 +48,14 @@ def refuse_resume_with_nothing_to_do(max_minutes: float | None, step: int, itera
                         "(the budget counts every leg of a resumed run); give a larger one")
 
 
+def refuse_changes(subject: str, changes: dict[str, tuple[Any, Any]], advice: str) -> None:
+    """A one-line error for the first ``name: (before, after)`` pair that differs: what ``--resume`` may not change."""
+    for name, (before, after) in changes.items():
+        if before != after:
+            shown = [value.model_dump(mode="json") if hasattr(value, "model_dump") else value for value in (before, after)]
+            raise DeftError(f"--resume cannot change the {subject}'s {name} ({shown[0]} → {shown[1]}); {advice}")
+
+
 @contextmanager
 def cleared_on_failure(folder: Path, first_checkpoint: Path, keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """A new output folder (absent or empty before) is emptied again, and removed if it was absent, when

@@ -58,32 +58,27 @@ class Inpaint(Operator):
 
     def measurement_shape(self, image_shape: ImageShape) -> ImageShape:
         _, height, width = image_shape
-        if self.mask_image is not None and tuple(self.mask_image.shape) != (height, width):
-            mask_height, mask_width = self.mask_image.shape
-            raise DeftError(
-                f"inpaint mask '{self.params.mask}' is {mask_height}x{mask_width} "
-                f"but the image is {height}x{width}"
-            )
-        if not self._mask(height, width).any():
-            raise DeftError(f"inpaint mask {self.params.mask!r} observes no pixel of a {height}x{width} image: there is nothing to condition on")
+        self.observed_mask(height, width)  # the mask must fit the image and observe something
         return image_shape
 
     def observed_mask(self, height: int, width: int) -> Tensor:
         """The boolean (H, W) CPU mask M of an H × W image, True where a pixel is observed."""
-        self.measurement_shape((1, height, width))
-        return self._mask(height, width)
-
-    def _mask(self, height: int, width: int) -> Tensor:
         if self.mask_image is not None:
-            return self.mask_image
-        if self.params.mask == "random":
+            if tuple(self.mask_image.shape) != (height, width):
+                mask_height, mask_width = self.mask_image.shape
+                raise DeftError(f"inpaint mask '{self.params.mask}' is {mask_height}x{mask_width} but the image is {height}x{width}")
+            observed = self.mask_image
+        elif self.params.mask == "random":
             generator = torch.Generator().manual_seed(self.params.mask_seed)
-            return torch.rand(height, width, generator=generator) >= self.params.missing_fraction
-        observed = torch.ones(height, width, dtype=torch.bool)
-        box_height = round(self.params.box_fraction * height)
-        box_width = round(self.params.box_fraction * width)
-        top, left = (height - box_height) // 2, (width - box_width) // 2
-        observed[top : top + box_height, left : left + box_width] = False
+            observed = torch.rand(height, width, generator=generator) >= self.params.missing_fraction
+        else:
+            observed = torch.ones(height, width, dtype=torch.bool)
+            box_height = round(self.params.box_fraction * height)
+            box_width = round(self.params.box_fraction * width)
+            top, left = (height - box_height) // 2, (width - box_width) // 2
+            observed[top : top + box_height, left : left + box_width] = False
+        if not observed.any():
+            raise DeftError(f"inpaint mask {self.params.mask!r} observes no pixel of a {height}x{width} image: there is nothing to condition on")
         return observed
 
     def A(self, x: Tensor) -> Tensor:
