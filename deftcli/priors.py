@@ -96,13 +96,18 @@ def unet_score(unet: nn.Module, gaussian: GaussianScore | None, sde: VPSDE):
 
 
 class UNetPrior(Prior):
-    """A frozen :class:`UNet` whose output is the score (plus :class:`GaussianScore` when residual)."""
+    """A frozen :class:`UNet` whose output is the score (plus :class:`GaussianScore` when residual).
+
+    Its convolution weights are kept channels-last (NHWC), so the convolutions run in that layout
+    and return channels-last activations. On the CPU (oneDNN) this makes the prior's forward pass
+    about 10 % faster and its backward pass w.r.t. the input no slower (``benchmarks/README.md``).
+    """
 
     def __init__(
         self, unet: UNet, sde: VPSDE, image_shape: tuple[int, int, int], name: str, source: dict[str, Any], gaussian: GaussianScore | None = None
     ) -> None:
         super().__init__()
-        self.unet = unet.eval().requires_grad_(False)
+        self.unet = unet.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.sde = sde
         self.image_shape = tuple(image_shape)  # type: ignore[assignment]
         self.name = name
