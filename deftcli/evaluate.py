@@ -14,6 +14,7 @@ on the same training images.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -148,6 +149,8 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     dataset = open_dataset(run.spec.data, spec.split, prior.image_shape[-1], prior.image_shape[0])
     out = Path(ctx.broadcast(str(output_folder(spec, run, force)) if ctx.is_main else None))
     n = min(spec.n, len(dataset))
+    if n < spec.n and ctx.is_main:
+        print(f"deft: warning: the {spec.split} split has {n} images; evaluating all {n}, not --n {spec.n}", file=sys.stderr)
     mine = list(ctx.shard(n))
     x_all = dataset.batch(range(n))
     y_all = operator.measure(x_all, generator=torch.Generator(device="cpu").manual_seed(spec.seed))

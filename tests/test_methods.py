@@ -73,7 +73,7 @@ def test_one_dps_step_is_the_prior_step_minus_zeta_times_the_gradient_of_the_res
     torch.testing.assert_close(got, prior_step - zeta * grad)
 
 
-def test_eval_selects_gamma_on_training_images_when_asked_and_sample_records_it(run_cli, tiny_prior, tmp_path):
+def test_eval_selects_gamma_on_training_images_when_asked_warns_when_n_exceeds_the_split_and_sample_records_gamma(run_cli, tiny_prior, tmp_path):
     run_dir = tmp_path / "run"
     code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2", "--iterations", "1",
                            "--time-steps", "4", "--measurements-per-batch", "1", "--trajectories", "2", "--hnet-channels", "8",
@@ -99,6 +99,11 @@ def test_eval_selects_gamma_on_training_images_when_asked_and_sample_records_it(
     best = max(table, key=lambda row: row["psnr"])["gamma"]
     assert swept["deft_sweep"]["selected"] == swept["guidance_scale"] == best
     assert len({row["psnr"] for row in table}) > 1  # γ changes the samples
+
+    code, _, err = run_cli("eval", "--run", str(run_dir), "--n", "5000", "-k", "1", "--methods", "dagger", "--device", "cpu", "-o", str(tmp_path / "all"))
+    assert code == 0, err
+    assert "the val split has 1020 images; evaluating all 1020, not --n 5000" in err
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["n"] == 1020
 
     y = tmp_path / "y.safetensors"
     save_image(torch.zeros(3, 8, 8), y)
