@@ -4,13 +4,14 @@
 - ``flowers102``: torchvision's Flowers102 (centre crop to the short side, bilinear resize, [-1, 1]);
   ``train`` is the union of its train and test splits, ``val`` its validation split;
 - ``folder``: any folder of images, recursively (hidden files and folders skipped); centre crop and
-  resize; a deterministic split by a hash of each file's relative path (10 % val, 10 % test, the rest
+  resize (images whose short side is below the prior's size are upscaled, with a warning on stderr); a deterministic split by a hash of each file's relative path (10 % val, 10 % test, the rest
   train).
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -79,11 +80,16 @@ class FolderDataset:
         self.files = [p for p in files if split_of(p.relative_to(root).as_posix()) == split]
         if not self.files:
             raise DeftError(f"image folder '{root}': none of its {len(files)} images fall in the '{split}' split")
+        smaller = 0
         for path in self.files:  # headers only, so a file that is no image fails now, not hours into a run
             try:
-                Image.open(path).close()
+                with Image.open(path) as image:
+                    smaller += min(image.size) < size
             except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 raise DeftError(f"image folder '{root}': {path} is not an image Pillow can read ({type(exc).__name__})") from None
+        if smaller:
+            print(f"deft: warning: image folder '{root}': {smaller} of the {len(self.files)} {split} images have a short side below "
+                  f"{size} px and are upscaled to {size}×{size}", file=sys.stderr)
         self.size, self.channels = size, channels
 
     def __len__(self) -> int:
