@@ -30,11 +30,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from torch import Tensor
 
 from deftcli.errors import DeftError
 from deftcli.images import open_unit_array
+from deftcli.specs import StrictModel
 
 ENTRY_POINT_GROUP = "deft.operators"
 
@@ -42,13 +43,11 @@ ImageShape = tuple[int, int, int]
 """(C, H, W) of one image or one measurement."""
 
 
-class OperatorParams(BaseModel):
+class OperatorParams(StrictModel):
     """Parameters shared by every operator; each operator's ``Params`` model extends this one.
 
-    Unknown parameter names are rejected (``extra="forbid"``).
+    Unknown parameter names, inf/NaN and booleans in number fields are rejected (:class:`~deftcli.specs.StrictModel`).
     """
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sigma: float = Field(
         0.05, ge=0, description="std of the Gaussian measurement noise, in the [-1, 1] pixel scale"

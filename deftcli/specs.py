@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import DeftError
 from .unet import UNetConfig
@@ -28,7 +29,26 @@ SamplerName = Literal["deft", "dps", "prior", "dagger"]
 
 
 class StrictModel(BaseModel):
+    """Base of everything a user writes: unknown keys, inf/NaN and booleans in number fields are refused."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads yes/no/true/false as booleans, which pydantic's lax mode would take as 1/0 in a number field."""
+        if isinstance(value, bool) and info.field_name is not None and bool not in leaf_types(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, not the boolean {str(value).lower()}")
+        return value
+
+
+def leaf_types(annotation: Any) -> set[Any]:
+    """The types and literal values an annotation admits at its top level: int | None → {int, NoneType}."""
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(leaf_types(a) for a in get_args(annotation)))
+    if get_origin(annotation) is Literal:
+        return set(get_args(annotation))
+    return {annotation}
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="random seed (0 ≤ seed < 2⁶³, what torch.Generator accepts)")]

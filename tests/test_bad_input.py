@@ -273,6 +273,7 @@ def spec_cases() -> list[tuple]:
         cases += [
             (f"{cmd}-spec-unknown-key", lambda w, b=build: b(w, w.file("s.yaml", "bogus_key: 1\n")), ["bogus_key", "unknown field"]),
             (f"{cmd}-spec-wrong-type", lambda w, b=build, f=field: b(w, w.file("s.yaml", f"{f}: many\n")), [field, "valid", "many"]),
+            (f"{cmd}-spec-boolean-number", lambda w, b=build, f=field: b(w, w.file("s.yaml", f"{f}: yes\n")), [field, "not the boolean true"]),
             (f"{cmd}-spec-bad-yaml", lambda w, b=build: b(w, w.file("s.yaml", "a: [1, 2\n")), ["s.yaml", "not a valid yaml"]),
             (f"{cmd}-spec-bad-toml", lambda w, b=build: b(w, w.file("s.toml", "a = = 1\n")), ["s.toml", "not a valid toml"]),
             (f"{cmd}-spec-toml-unknown-key", lambda w, b=build: b(w, w.file("s.toml", "bogus_key = 1\n")), ["bogus_key", "unknown field"]),
@@ -478,6 +479,7 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("degrade-flag-of-another-operator", lambda w: degrade(w, w.flower, "--operator", "blur", "--factor", "2"), ["factor", "unknown parameter"]),
     ("degrade-unknown-output-format", lambda w: degrade(w, w.flower, out=w.path("y.xyz")), ["y.xyz", "format"]),
     ("finetune-spec-unknown-operator-param", lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {params: {bogus: 1}}\n")), ["bogus", "unknown parameter"]),
+    ("finetune-spec-boolean-operator-param", lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {params: {sigma: true}}\n")), ["sigma", "not the boolean true"]),
     ("finetune-unknown-device", lambda w: finetune(w, "--device", "quantum"), ["quantum", "device"]),
     ("sample-unknown-method", lambda w: sample(w, w.y, "--method", "magic"), ["method", "magic"]),
     ("eval-unknown-method", lambda w: evaluate(w, None, "--methods", "deft,magic"), ["methods", "magic"]),
