@@ -72,9 +72,8 @@ def ensure_downloaded(root: Path) -> Path:
     local copy (say, ``jpg/`` without ``setid.mat``) should name what is missing rather than start a
     330 MB download.
     """
-    if root.name == "flowers-102" and not missing_files(root):  # --data-root named the flowers-102 folder itself
-        return root
-    base = root / "flowers-102"
+    # --data-root may name the flowers-102 folder itself: then its own files count, and a partial copy's error names them
+    base = root if root.name == "flowers-102" and len(missing_files(root)) < 3 else root / "flowers-102"
     missing = missing_files(base)
     note = ""
     if len(missing) == 3:

@@ -141,6 +141,15 @@ def test_flowers_partial_copy_names_the_missing_file(tmp_path, offline, remove, 
     assert offline == [], "a partial copy must not trigger a download"
 
 
+def test_flowers_partial_copy_given_as_the_flowers102_folder_names_its_own_missing_file(tmp_path, offline):
+    base = make_flowers(tmp_path)
+    (base / "setid.mat").unlink()
+    with pytest.raises(DeftError) as info:
+        Flowers102Dataset(base, "val", 64, 3)
+    assert f"{base / 'setid.mat'} is missing" in str(info.value) and "flowers-102/flowers-102" not in str(info.value)
+    assert offline == []
+
+
 def test_flowers_missing_image_is_named_when_opening(tmp_path, offline):
     base = make_flowers(tmp_path)
     (base / "jpg" / "image_00004.jpg").unlink()  # listed in valid
