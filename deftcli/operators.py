@@ -100,6 +100,16 @@ class Operator(torch.nn.Module, abc.ABC):
     def forward(self, x: Tensor) -> Tensor:
         return self.A(x)
 
+    def parameter_files(self) -> dict[str, Path]:
+        """The parameters whose values are files this operator reads (a run keeps copies of them).
+
+        The default takes every string parameter that names an existing file. An operator whose
+        parameter also accepts names (blur's ``gaussian``, inpaint's ``box``) overrides it, so that a
+        file that happens to bear such a name is not taken for the parameter's file.
+        """
+        return {key: Path(value).expanduser() for key, value in self.params.model_dump().items()
+                if isinstance(value, str) and Path(value).expanduser().is_file()}
+
     def check_images(self, x: Tensor) -> ImageShape:
         """Return the (C, H, W) of a batch x after checking that the operator supports it."""
         if x.ndim != 4:

@@ -93,13 +93,13 @@ folder it is used from, and a file changed after fine-tuning cannot change the o
 
 
 def keep_operator_files(spec: FinetuneSpec, run_dir: Path) -> FinetuneSpec:
-    """Copy the files named by the operator's string parameters into ``run_dir``; the spec naming the copies."""
+    """Copy the files the operator reads (:meth:`~deftcli.operators.Operator.parameter_files`) into
+    ``run_dir``; the spec naming the copies."""
     params = dict(spec.operator.params)
-    for key, value in spec.operator.params.items():
-        if isinstance(value, str) and Path(value).expanduser().is_file():
-            kept = f"{OPERATOR_FILE_PREFIX}{key}{Path(value).suffix}"
-            atomic_write(run_dir / kept, lambda tmp, source=Path(value).expanduser(): shutil.copyfile(source, tmp))
-            params[key] = kept
+    for key, source in create(spec.operator.name, **spec.operator.params).parameter_files().items():
+        kept = f"{OPERATOR_FILE_PREFIX}{key}{source.suffix}"
+        atomic_write(run_dir / kept, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        params[key] = kept
     return spec.model_copy(update={"operator": spec.operator.model_copy(update={"params": params})})
 
 

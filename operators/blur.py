@@ -25,6 +25,7 @@ levels of a kernel image file (any size, centre at (⌊kh/2⌋, ⌊kw/2⌋)). Al
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from pydantic import Field, field_validator
@@ -68,6 +69,9 @@ class Blur(Operator):
     def __init__(self, params: Params) -> None:
         super().__init__(params)
         self.kernel = self._build_kernel(params)
+
+    def parameter_files(self) -> dict[str, Path]:
+        return {} if self.params.kernel in NAMED_KERNELS else {"kernel": Path(self.params.kernel).expanduser()}
 
     @staticmethod
     def _build_kernel(params: Params) -> Tensor:

@@ -17,6 +17,8 @@ Box and random masks are made for whatever image size the operator is applied to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -55,6 +57,9 @@ class Inpaint(Operator):
         self.mask_image: Tensor | None = None
         if params.mask not in NAMED_MASKS:
             self.mask_image = read_grayscale_image(params.mask, "inpaint mask", NAMED_MASKS) > 0.5
+
+    def parameter_files(self) -> dict[str, Path]:
+        return {} if self.params.mask in NAMED_MASKS else {"mask": Path(self.params.mask).expanduser()}
 
     def measurement_shape(self, image_shape: ImageShape) -> ImageShape:
         _, height, width = image_shape

@@ -538,3 +538,26 @@ def test_gram_norm_is_the_largest_eigenvalue_of_A_At(case: Case, image_files: di
     matrix = operator.matrix(case.image_shape)
     expected = float(torch.linalg.eigvalsh(matrix @ matrix.T).max())
     assert operator.gram_norm(case.image_shape) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_run_keeps_only_the_files_an_operator_reads_not_files_named_like_its_named_choices(tmp_path, monkeypatch):
+    from deftcli.runs import keep_operator_files
+    from deftcli.specs import FinetuneSpec
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("gaussian", "box"):
+        (tmp_path / name).write_text("a file that happens to bear a kernel's or a mask's name")
+    assert create("blur", kernel="gaussian").parameter_files() == {}
+    assert create("inpaint", mask="box").parameter_files() == {}
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = FinetuneSpec(operator={"name": "inpaint", "params": {"mask": "box"}})
+    assert keep_operator_files(spec, run).operator.params["mask"] == "box" and not any(run.iterdir())
+
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "observed.png")
+    assert create("inpaint", mask="observed.png").parameter_files() == {"mask": Path("observed.png")}
+    assert create("blur", kernel="observed.png").parameter_files() == {"kernel": Path("observed.png")}
+    spec = FinetuneSpec(operator={"name": "blur", "params": {"kernel": "observed.png", "kernel_std": 3.0}})
+    kept = keep_operator_files(spec, run).operator.params
+    assert kept == {"kernel": "operator-kernel.png", "kernel_std": 3.0}
+    assert (run / "operator-kernel.png").read_bytes() == (tmp_path / "observed.png").read_bytes()
