@@ -100,7 +100,7 @@ class UNetPrior(Prior):
 
     Its convolution weights are kept channels-last (NHWC), so the convolutions run in that layout
     and return channels-last activations. On the CPU (oneDNN) this makes the prior's forward pass
-    about 10 % faster and its backward pass w.r.t. the input no slower (``benchmarks/README.md``).
+    13–15 % faster and its backward pass w.r.t. the input no slower (``benchmarks/prior_layout.py``).
     """
 
     def __init__(
