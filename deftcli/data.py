@@ -4,8 +4,8 @@
 - ``flowers102``: torchvision's Flowers102 (centre crop to the short side, bilinear resize, [-1, 1]);
   ``train`` is the union of its train and test splits, ``val`` its validation split;
 - ``folder``: any folder of images, recursively (hidden files and folders skipped); centre crop and
-  resize (images whose short side is below the prior's size are upscaled, with a warning on stderr); a deterministic split by a hash of each file's relative path (10 % val, 10 % test, the rest
-  train).
+  resize (images whose short side is below the prior's size are upscaled, with a warning on stderr);
+  a deterministic split by a hash of each file's relative path (10 % val, 10 % test, the rest train).
 """
 
 from __future__ import annotations
