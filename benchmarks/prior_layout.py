@@ -1,6 +1,6 @@
 """The prior's memory layout, measured: channels-last (deft's) against contiguous NCHW, in one process.
 
-deft keeps the prior's convolution weights channels-last (:class:`deftcli.priors.UNetPrior`) and
+On the CPU deft keeps the prior's convolution weights channels-last (:class:`deftcli.priors.UNetPrior`) and
 applies GroupNorm's SiLU in place (:class:`deftcli.unet.GroupNormAct`). This script loads the shipped
 prior twice, once as deft does and once as it did before (weights contiguous, SiLU out of place), and
 times on the same inputs, interleaved over ``--rounds`` rounds after a warm-up round (medians):
@@ -51,7 +51,7 @@ class OutOfPlaceGroupNormAct(unet_module.GroupNormAct):
 
 def as_before(prior: Prior) -> Prior:
     """The prior with contiguous weights and out-of-place SiLU (the layout before channels-last)."""
-    prior.to(memory_format=torch.contiguous_format)
+    prior.unet.to(memory_format=torch.contiguous_format)  # the UNet's own layout: UNetPrior.to would make it channels-last again
     for module in prior.modules():
         if type(module) is unet_module.GroupNormAct:
             module.__class__ = OutOfPlaceGroupNormAct

@@ -17,7 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -98,22 +98,34 @@ def unet_score(unet: nn.Module, gaussian: GaussianScore | None, sde: VPSDE):
 class UNetPrior(Prior):
     """A frozen :class:`UNet` whose output is the score (plus :class:`GaussianScore` when residual).
 
-    Its convolution weights are kept channels-last (NHWC), so the convolutions run in that layout
-    and return channels-last activations. On the CPU (oneDNN) this makes the prior's forward pass
-    13–15 % faster and its backward pass w.r.t. the input no slower (``benchmarks/prior_layout.py``).
+    On the CPU its convolution weights are kept channels-last (NHWC), so the convolutions run in that
+    layout and return channels-last activations: with oneDNN the prior's forward pass is 13–15 %
+    faster and its backward pass w.r.t. the input no slower (``benchmarks/prior_layout.py``). On other
+    devices they stay contiguous: that is not measured there, and CUDA's GroupNorm has long returned
+    contiguous outputs, which would convert the layout around every normalisation.
     """
 
     def __init__(
         self, unet: UNet, sde: VPSDE, image_shape: tuple[int, int, int], name: str, source: dict[str, Any], gaussian: GaussianScore | None = None
     ) -> None:
         super().__init__()
-        self.unet = unet.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        self.unet = unet.eval().requires_grad_(False)
         self.sde = sde
         self.image_shape = tuple(image_shape)  # type: ignore[assignment]
         self.name = name
         self.source = source
         self.gaussian = gaussian
         self._score = unet_score(self.unet, gaussian, sde)
+        self._use_device_layout()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "UNetPrior":  # every .to(), .cuda(), .cpu() ends here
+        super()._apply(fn, recurse)
+        self._use_device_layout()
+        return self
+
+    def _use_device_layout(self) -> None:
+        on_cpu = next(self.unet.parameters()).device.type == "cpu"
+        self.unet.to(memory_format=torch.channels_last if on_cpu else torch.contiguous_format)
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         return self._score(x, t)

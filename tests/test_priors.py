@@ -123,3 +123,20 @@ def test_unconditional_samples_from_the_cli(run_cli, tiny_prior, tmp_path):
     code, out, err = run_cli("sample", "--unconditional", "-n", "3", "--steps", "4", "--prior", str(tiny_prior), "-o", str(tmp_path / "u"))
     assert code == 0, err
     assert all((tmp_path / "u" / f"sample_{i:03d}.png").exists() for i in range(3)) and (tmp_path / "u" / "grid.png").exists()
+
+
+def test_a_unet_prior_runs_channels_last_on_the_cpu_only_and_scores_the_same_either_way(tiny_prior):
+    prior = load_prior(str(tiny_prior))
+    convs = [m.weight for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # (a 1×1 kernel's strides are the same in both layouts)
+    x, t = torch.randn(2, *prior.image_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        score = prior.score(x, t)
+        prior.unet.to(memory_format=torch.contiguous_format)
+        torch.testing.assert_close(prior.score(x, t), score, rtol=1e-5, atol=1e-5)
+    prior.double()  # any _apply (.to, .double, .cuda) restores the device's layout
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    prior.to("meta")  # not the CPU: contiguous
+    assert all(m.weight.is_contiguous() for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d))
