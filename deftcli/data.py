@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from .distributed import is_main_process
 from .errors import DeftError
 from .images import IMAGE_SUFFIXES, read_image
 from .specs import DataSpec
@@ -87,7 +88,7 @@ class FolderDataset:
                     smaller += min(image.size) < size
             except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 raise DeftError(f"image folder '{root}': {path} is not an image Pillow can read ({type(exc).__name__})") from None
-        if smaller:
+        if smaller and is_main_process():  # once per job, not once per torchrun rank
             print(f"deft: warning: image folder '{root}': {smaller} of the {len(self.files)} {split} images have a short side below "
                   f"{size} px and are upscaled to {size}×{size}", file=sys.stderr)
         self.size, self.channels = size, channels

@@ -113,6 +113,11 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a running torchrun job, or the only process: the one that prints warnings."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def setup(device: torch.device) -> Distributed:
     """Join the torchrun job when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -337,7 +337,7 @@ def test_folder_centre_crop_resize_and_channels(mixed_folder):
     assert batch.shape == (3, 3, 16, 16) and batch.min() >= -1 and batch.max() <= 1
 
 
-def test_folder_warns_when_images_are_upscaled(mixed_folder, capsys):
+def test_folder_warns_once_per_job_when_images_are_upscaled(mixed_folder, capsys, monkeypatch):
     split = split_of("a/upper.JPEG")
     ds = FolderDataset(mixed_folder, split, 12, 3)  # no image here is below 12 px
     assert "upscaled" not in capsys.readouterr().err
@@ -345,6 +345,10 @@ def test_folder_warns_when_images_are_upscaled(mixed_folder, capsys):
     small = sum(min(Image.open(p).size) < 64 for p in ds.files)
     assert small == len(ds.files)  # every image here is below 64 px
     assert f"{small} of the {len(ds.files)} {split} images have a short side below 64 px and are upscaled to 64×64" in capsys.readouterr().err
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # rank 1 of a torchrun job: rank 0 says it
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    FolderDataset(mixed_folder, split, 64, 3)
+    assert "upscaled" not in capsys.readouterr().err
 
 
 def test_center_crop_resize_matches_flowers_transform_layout():
