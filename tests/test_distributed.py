@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_HNET, write_tiny_unet_prior
+from conftest import write_tiny_unet_prior
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

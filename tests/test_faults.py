@@ -138,7 +138,7 @@ def test_same_seed_gives_bit_identical_samples_and_the_same_eval_metrics(run_cli
     code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--factor", "2", "--iterations", "2", "--time-steps", "4",
                            "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1", "--run-dir", str(run_dir), "--quiet")
     assert code == 0, err
-    from deftcli.images import read_measurement, save_image
+    from deftcli.images import save_image
     from deftcli.petals import render_petals
     import torch
 
