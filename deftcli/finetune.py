@@ -494,7 +494,7 @@ def record_resumed_leg(trainer: Finetuner, run_dir: Path, command: list[str] | N
 def write_run_info(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
     """``spec.json`` and ``run.json``: what a later reader needs to know exactly what ran."""
     spec = trainer.spec
-    write_json(keep_operator_files(spec, run_dir).model_dump(mode="json"), run_dir / "spec.json")
+    write_json(keep_operator_files(spec, trainer.operator, run_dir).model_dump(mode="json"), run_dir / "spec.json")
     run_info = {
         "prior": trainer.prior.identity(),
         "operator": {"name": spec.operator.name, "params": trainer.operator.params.model_dump(mode="json"), "describe": trainer.operator.describe()},

@@ -92,11 +92,11 @@ OPERATOR_FILE_PREFIX = "operator-"
 folder it is used from, and a file changed after fine-tuning cannot change the operator unseen."""
 
 
-def keep_operator_files(spec: FinetuneSpec, run_dir: Path) -> FinetuneSpec:
-    """Copy the files the operator reads (:meth:`~deftcli.operators.Operator.parameter_files`) into
-    ``run_dir``; the spec naming the copies."""
+def keep_operator_files(spec: FinetuneSpec, operator: Operator, run_dir: Path) -> FinetuneSpec:
+    """Copy the files ``operator`` (built from ``spec``) reads (:meth:`~deftcli.operators.Operator.parameter_files`)
+    into ``run_dir``; the spec naming the copies."""
     params = dict(spec.operator.params)
-    for key, source in create(spec.operator.name, **spec.operator.params).parameter_files().items():
+    for key, source in operator.parameter_files().items():
         kept = f"{OPERATOR_FILE_PREFIX}{key}{source.suffix}"
         atomic_write(run_dir / kept, lambda tmp, source=source: shutil.copyfile(source, tmp))
         params[key] = kept

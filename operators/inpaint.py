@@ -57,6 +57,7 @@ class Inpaint(Operator):
         self.mask_image: Tensor | None = None
         if params.mask not in NAMED_MASKS:
             self.mask_image = read_grayscale_image(params.mask, "inpaint mask", NAMED_MASKS) > 0.5
+        self._observed: dict[tuple[int, int], Tensor] = {}  # checked masks by image size: A checks its input on every call
 
     def parameter_files(self) -> dict[str, Path]:
         return {} if self.params.mask in NAMED_MASKS else {"mask": Path(self.params.mask).expanduser()}
@@ -67,7 +68,12 @@ class Inpaint(Operator):
         return image_shape
 
     def observed_mask(self, height: int, width: int) -> Tensor:
-        """The boolean (H, W) CPU mask M of an H × W image, True where a pixel is observed."""
+        """The boolean (H, W) CPU mask M of an H × W image, True where a pixel is observed (made and checked once per size)."""
+        if (height, width) not in self._observed:
+            self._observed[height, width] = self._checked_mask(height, width)
+        return self._observed[height, width]
+
+    def _checked_mask(self, height: int, width: int) -> Tensor:
         if self.mask_image is not None:
             if tuple(self.mask_image.shape) != (height, width):
                 mask_height, mask_width = self.mask_image.shape

@@ -552,12 +552,12 @@ def test_a_run_keeps_only_the_files_an_operator_reads_not_files_named_like_its_n
     run = tmp_path / "run"
     run.mkdir()
     spec = FinetuneSpec(operator={"name": "inpaint", "params": {"mask": "box"}})
-    assert keep_operator_files(spec, run).operator.params["mask"] == "box" and not any(run.iterdir())
+    assert keep_operator_files(spec, create("inpaint", mask="box"), run).operator.params["mask"] == "box" and not any(run.iterdir())
 
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "observed.png")
     assert create("inpaint", mask="observed.png").parameter_files() == {"mask": Path("observed.png")}
     assert create("blur", kernel="observed.png").parameter_files() == {"kernel": Path("observed.png")}
     spec = FinetuneSpec(operator={"name": "blur", "params": {"kernel": "observed.png", "kernel_std": 3.0}})
-    kept = keep_operator_files(spec, run).operator.params
+    kept = keep_operator_files(spec, create("blur", kernel="observed.png", kernel_std=3.0), run).operator.params
     assert kept == {"kernel": "operator-kernel.png", "kernel_std": 3.0}
     assert (run / "operator-kernel.png").read_bytes() == (tmp_path / "observed.png").read_bytes()
