@@ -1,19 +1,23 @@
 """Posterior quality and speed on the embedded default: 4× super-resolution of petals val, σ_y = 0.05.
 
-Runs the default fine-tuning (``deft finetune --operator superres --factor 4``, with snapshots of
-the h-network every ``--snapshot-every`` steps) unless ``--run`` names a finished run, then, on the
-first ``--n`` val images with measurements drawn once (seed 0), evaluates in this one process:
-A†y, the unconditional prior, DPS (ζ chosen by a sweep on train images), deft (γ = 1, the
-fine-tuned posterior) and deft at the guidance scale γ that the same sweep selects, each with k
-samples per image at the run's number of time steps; and deft's PSNR (at both γ) for every
-snapshot, against the fine-tuning minutes it had. A second, smaller comparison (``--prior-truth`` images) replaces
-the val images by samples of the prior itself: there the prior is exact, which separates what the
-prior's mismatch with petals costs each method from how close each sampler is to the posterior.
-Sampling speed is measured separately, so that no method pays for another's warm-up: one batch of
-``--batch-size`` measurements per method, the methods interleaved over ``--speed-rounds`` rounds
-after a warm-up round, the median per method. Writes JSON and prints a table::
+Fine-tunes one run per likelihood weight w of ``--likelihood-weights`` (``deft finetune --operator
+superres --factor 4 --likelihood-weight w``: w = 1 is the default command, the posterior; w > 1 the
+tempered posterior p(x) p(y | x)^w, at the default lr 5e-4 / w; snapshots of the h-network every
+``--snapshot-every`` steps) unless ``--run`` names finished runs, then, on the first ``--n`` val
+images with measurements drawn once (seed 0), evaluates in this one process: A†y, the unconditional
+prior, DPS (ζ chosen by a sweep on train images), and for each run deft at γ = 1 (the fine-tuned
+posterior, or tempered posterior) and at the guidance scale γ that the same sweep selects for it,
+each with k samples per image at the run's number of time steps. The pair (w, γ) with the best
+train PSNR is the benchmark's selected deft; nothing is read off the val images. Also deft's PSNR
+for every snapshot of each run, against the fine-tuning minutes it had. A second, smaller comparison
+(``--prior-truth`` images) replaces the val images by samples of the prior itself: there the prior
+is exact, which separates what the prior's mismatch with petals costs each method from how close
+each sampler is to the posterior. Sampling speed is measured separately (w does not change the
+cost), so that no method pays for another's warm-up: one batch of ``--batch-size`` measurements per
+method, the methods interleaved over ``--speed-rounds`` rounds after a warm-up round, the median per
+method. Writes JSON and prints a table::
 
-    python benchmarks/sample_quality.py [--run runs/superres-…] [--iterations 400 --snapshot-every 50] [--hnet-start gaussian] [--n 64] [-k 4]
+    python benchmarks/sample_quality.py [--run runs/superres-… --run …] [--likelihood-weights 1,3] [--iterations 400 --snapshot-every 50] [--hnet-start gaussian] [--n 64] [-k 4]
 """
 
 from __future__ import annotations
@@ -40,23 +44,36 @@ def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int
     return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
 
 
-def prior_truth_comparison(rec: Reconstructor, gamma: float, n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
-    """deft (γ = 1 and ``gamma``) and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior (200-step reverse SDE, seed 123)."""
+def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstructor], n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
+    """Every deft configuration and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior (200-step reverse SDE, seed 123)."""
     truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
     x = truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
     y = rec.operator.measure(x, generator=torch.Generator().manual_seed(0))
     images, rows = list(range(n)), {}
-    runs = [("dagger", "dagger", rec, 1), ("deft", "deft", rec, k), (f"deft_gamma_{gamma:g}", "deft", replace(rec, guidance_scale=gamma), k), *((f"dps_zeta_{z:g}", "dps", replace(rec, dps_zeta=z), k) for z in zetas)]
+    runs = [("dagger", "dagger", rec, 1), *((name, "deft", deft_rec, k) for name, deft_rec in deft_configs.items()),
+            *((f"dps_zeta_{z:g}", "dps", replace(rec, dps_zeta=z), k) for z in zetas)]
     for name, method, method_rec, samples in runs:
         per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, samples, batch_size, seed=0)
-        rows[name] = summarise(per_image, seconds, n, samples)
-        print(f"prior truth  {name:13s} PSNR mean {rows[name]['psnr_mean']:6.2f}  residual {rows[name]['data_residual']:.3f}", flush=True)
+        rows[name] = {**method_rec.settings(method), **summarise(per_image, seconds, n, samples)}
+        print(f"prior truth  {name:16s} PSNR mean {rows[name]['psnr_mean']:6.2f}  residual {rows[name]['data_residual']:.3f}", flush=True)
     return {"images": f"{n} samples of the prior (200 steps, seed 123), clamped to [-1, 1]", "methods": rows}
+
+
+def finetune_run(args: argparse.Namespace, weight: float) -> tuple[Path, dict[str, object]]:
+    """The default ``deft finetune --operator superres --factor 4`` with likelihood weight w (and its default lr, 5e-4 / w)."""
+    run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}-w{weight:g}"
+    spec = build_spec(FinetuneSpec, overrides={"operator.name": "superres", "operator.params": {"factor": 4, "sigma": 0.05},
+                                               "snapshot_every": args.snapshot_every, "run_dir": str(run_dir), "device": "cpu",
+                                               "likelihood_weight": weight,
+                                               **({"iterations": args.iterations} if args.iterations else {}),
+                                               **({"hnet.start": args.hnet_start} if args.hnet_start else {})})
+    return run_dir, finetune(spec, quiet=True, command=["benchmarks/sample_quality.py"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, help="an existing run of 4× super-resolution (default: fine-tune one now)")
+    parser.add_argument("--run", type=Path, action="append", help="an existing run of 4× super-resolution, repeatable (default: fine-tune one per --likelihood-weights)")
+    parser.add_argument("--likelihood-weights", default="1,3", help="fine-tune one run per weight w (p(y | x)^w), comma-separated; (w, γ) are selected together on train images")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: deft's default); a longer run shows when deft passes DPS")
@@ -70,75 +87,93 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    run_dir = args.run
-    finetune_summary = None
-    if run_dir is None:
-        run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        spec = build_spec(FinetuneSpec, overrides={"operator.name": "superres", "operator.params": {"factor": 4, "sigma": 0.05},
-                                                   "snapshot_every": args.snapshot_every, "run_dir": str(run_dir), "device": "cpu",
-                                                   **({"iterations": args.iterations} if args.iterations else {}),
-                                                   **({"hnet.start": args.hnet_start} if args.hnet_start else {})})
-        finetune_summary = finetune(spec, quiet=True, command=["benchmarks/sample_quality.py"])
-    run = open_run(run_dir, torch.device("cpu"))
-    data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
+    finetune_summaries: dict[str, object] = {}
+    run_dirs = args.run or []
+    if not run_dirs:
+        for weight in (float(w) for w in args.likelihood_weights.split(",")):
+            run_dir, finetune_summaries[f"w{weight:g}"] = finetune_run(args, weight)
+            run_dirs.append(run_dir)
+    runs = {}
+    for run_dir in run_dirs:
+        run = open_run(run_dir, torch.device("cpu"))
+        runs[run.htransform.config.likelihood_weight] = run
+    base = runs[min(runs, key=lambda w: abs(w - 1))]  # the posterior's run (w = 1) where there is one
+    data = open_dataset(base.spec.data, "val", base.prior.image_shape[-1], base.prior.image_shape[0])
     images = list(range(min(args.n, len(data))))
     x = data.batch(images)
-    y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
-    steps = run.spec.time_steps
-    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, denoise_final=True)
+    y = base.operator.measure(x, generator=torch.Generator().manual_seed(0))
+    steps = base.spec.time_steps
+    rec = Reconstructor(base.prior, base.operator, base.htransform, steps, denoise_final=True)
     sweep_spec = EvalSpec(batch_size=args.batch_size)
-    zeta, sweep = sweep_on_train(rec, "dps", sweep_spec.dps_sweep, run, sweep_spec, torch.device("cpu"))
-    gamma, gamma_sweep = sweep_on_train(rec, "deft", sweep_spec.guidance_sweep, run, sweep_spec, torch.device("cpu"))
+    zeta, sweep = sweep_on_train(rec, "dps", sweep_spec.dps_sweep, base, sweep_spec, torch.device("cpu"))
     rec = replace(rec, dps_zeta=zeta)
-    guided = replace(rec, guidance_scale=gamma)
+
+    # deft: per run (w), γ by the same train-image sweep; (w, γ) selected together by its best train PSNR
+    deft_configs, gamma_sweeps = {}, {}
+    for weight, run in runs.items():
+        run_rec = replace(rec, htransform=run.htransform)
+        gamma, table = sweep_on_train(run_rec, "deft", sweep_spec.guidance_sweep, run, sweep_spec, torch.device("cpu"))
+        gamma_sweeps[f"w{weight:g}"] = {"table": table, "selected": gamma, "best_train_psnr": max(row["psnr"] for row in table)}
+        deft_configs[f"deft_w{weight:g}"] = replace(run_rec, guidance_scale=1.0)
+        deft_configs[f"deft_w{weight:g}_guided"] = replace(run_rec, guidance_scale=gamma)
+    selected_weight = max(runs, key=lambda w: gamma_sweeps[f"w{w:g}"]["best_train_psnr"])
+    selected = f"deft_w{selected_weight:g}_guided"
 
     methods = {}
-    for name, method, method_rec in (("dagger", "dagger", rec), ("prior", "prior", rec), ("dps", "dps", rec), ("deft", "deft", rec),
-                                     ("deft_guided", "deft", guided)):
+    for name, method, method_rec in (("dagger", "dagger", rec), ("prior", "prior", rec), ("dps", "dps", rec),
+                                     *((name, "deft", deft_rec) for name, deft_rec in deft_configs.items())):
         k = 1 if method == "dagger" else args.k
         per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, k, args.batch_size, seed=0)
         methods[name] = {**method_rec.settings(method), **summarise(per_image, seconds, len(images), k)}
-        print(f"{name:11s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
+        print(f"{name:16s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
               f"SSIM mean {methods[name]['ssim_mean']:.3f}  {methods[name]['seconds_per_image']:.2f} s/image", flush=True)
 
     speed = interleaved_seconds_per_image({m: (rec, m) for m in ("deft", "dps", "prior")}, y[: args.batch_size], args.speed_rounds)
     print("seconds per image (median of interleaved rounds): " + ", ".join(f"{m} {v['median']:.3f}" for m, v in speed.items()), flush=True)
 
     neighbours = sorted(z for z in EvalSpec().dps_sweep if zeta / 3.5 <= z <= zeta * 3.5)
-    prior_truth = prior_truth_comparison(rec, gamma, args.prior_truth, args.k, args.batch_size, neighbours) if args.prior_truth else None
+    prior_truth = prior_truth_comparison(rec, deft_configs, args.prior_truth, args.k, args.batch_size, neighbours) if args.prior_truth else None
 
-    curve = []
-    for path in sorted((run_dir / "snapshots").glob("hnet_step_*.safetensors")):
-        htransform, meta = load_htransform(path, run.prior)
-        row = {"step": meta["step"], "finetune_minutes": round(meta["seconds"] / 60, 2)}
-        for key, scale in (("deft", 1.0), ("deft_guided", gamma)):
-            snap = Reconstructor(run.prior, run.operator, htransform.eval(), steps, denoise_final=True, guidance_scale=scale)
-            per_image, _, seconds = per_image_metrics(snap, "deft", x, y, images, args.k, args.batch_size, seed=0)
-            row[key] = {"guidance_scale": scale, **summarise(per_image, seconds, len(images), args.k)}
-        curve.append(row)
-        print(f"snapshot step {row['step']:4d} ({row['finetune_minutes']:5.2f} min)  PSNR mean {row['deft']['psnr_mean']:6.2f}, "
-              f"γ = {gamma:g}: {row['deft_guided']['psnr_mean']:6.2f}", flush=True)
+    curves = {}
+    for weight, run in runs.items():
+        curve = []
+        for path in sorted((run.path / "snapshots").glob("hnet_step_*.safetensors")):
+            htransform, meta = load_htransform(path, run.prior)
+            row = {"step": meta["step"], "finetune_minutes": round(meta["seconds"] / 60, 2)}
+            for key in (f"deft_w{weight:g}", f"deft_w{weight:g}_guided"):
+                snap = replace(deft_configs[key], htransform=htransform.eval())
+                per_image, _, seconds = per_image_metrics(snap, "deft", x, y, images, args.k, args.batch_size, seed=0)
+                row[key] = {"guidance_scale": snap.guidance_scale, **summarise(per_image, seconds, len(images), args.k)}
+            curve.append(row)
+            print(f"w = {weight:g}, snapshot step {row['step']:4d} ({row['finetune_minutes']:5.2f} min)  PSNR mean "
+                  + ", ".join(f"γ = {row[key]['guidance_scale']:g}: {row[key]['psnr_mean']:6.2f}" for key in row if key.startswith("deft")), flush=True)
+        curves[f"w{weight:g}"] = curve
 
-    def minutes_to_pass_dps(key: str) -> float | None:
+    def minutes_to_pass_dps(key: str, curve: list[dict]) -> float | None:
         passed = [row for row in curve if row[key]["psnr_mean"] > methods["dps"]["psnr_mean"]]
         return passed[0]["finetune_minutes"] if passed else None
+    posterior = f"deft_w{base.htransform.config.likelihood_weight:g}"
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": steps, "k": args.k,
-                  "run": str(run_dir), "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
-        "finetune": finetune_summary,
+        "setup": {"data": f"petals val, first {len(images)}", "operator": base.operator.describe(), "time_steps": steps, "k": args.k,
+                  "runs": {f"w{w:g}": str(run.path) for w, run in runs.items()}, "threads": args.threads, "torch": torch.__version__,
+                  "platform": platform.platform()},
+        "finetune": finetune_summaries or None,
         "dps_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta},
-        "guidance_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": gamma_sweep, "selected": gamma},
+        "guidance_sweep": {"images": f"first {SWEEP_IMAGES} of train", "runs": gamma_sweeps,
+                           "selected": {"likelihood_weight": selected_weight, "guidance_scale": deft_configs[selected].guidance_scale, "method": selected}},
         "methods": methods,
-        "sampling_speed": {"batch": min(args.batch_size, len(images)), "rounds": args.speed_rounds, "seconds_per_image": speed},
-        "curve": curve,
+        "sampling_speed": {"batch": min(args.batch_size, len(images)), "rounds": args.speed_rounds, "deft_run": str(base.path),
+                           "seconds_per_image": speed},
+        "curves": curves,
         "prior_truth": prior_truth,
         "targets": {
-            "deft_mean_psnr_above_dps": methods["deft"]["psnr_mean"] > methods["dps"]["psnr_mean"],
-            "deft_mean_psnr_above_dagger": methods["deft"]["psnr_mean"] > methods["dagger"]["psnr_mean"],
-            "deft_guided_mean_psnr_above_dps": methods["deft_guided"]["psnr_mean"] > methods["dps"]["psnr_mean"],
+            "deft_posterior_mean_psnr_above_dps": methods[posterior]["psnr_mean"] > methods["dps"]["psnr_mean"],
+            "deft_posterior_mean_psnr_above_dagger": methods[posterior]["psnr_mean"] > methods["dagger"]["psnr_mean"],
+            "deft_selected_mean_psnr_above_dps": methods[selected]["psnr_mean"] > methods["dps"]["psnr_mean"],
+            "deft_selected_minus_dps_psnr_mean": round(methods[selected]["psnr_mean"] - methods["dps"]["psnr_mean"], 3),
             "dps_over_deft_seconds_per_image": round(speed["dps"]["median"] / speed["deft"]["median"], 2),
-            "finetune_minutes_to_pass_dps": minutes_to_pass_dps("deft"),
-            "finetune_minutes_to_pass_dps_guided": minutes_to_pass_dps("deft_guided"),
+            "finetune_minutes_to_pass_dps": {key: minutes_to_pass_dps(key, curves[f"w{w:g}"]) for w in runs
+                                              for key in (f"deft_w{w:g}", f"deft_w{w:g}_guided")},
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -211,7 +211,9 @@ def finetune_cmd(
     time_steps: Annotated[Optional[int], typer.Option("--time-steps", help="N, points of the time grid (default 50)")] = None,
     measurements_per_batch: Annotated[Optional[int], typer.Option("--measurements-per-batch", help="M, measurements per step (amortised; default 2)")] = None,
     trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="K, trajectories per measurement (default 4)")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate of the h-network (default 5e-4)")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate of the h-network (default 5e-4 / w)")] = None,
+    likelihood_weight: Annotated[Optional[float], typer.Option(
+        "--likelihood-weight", help="w: fine-tune for the tempered posterior p(x) p(y|x)^w (default 1, the posterior; w > 1 sharper)")] = None,
     hnet_channels: Annotated[Optional[int], typer.Option("--hnet-channels", help="h-network UNet base channels")] = None,
     hnet_mult: Annotated[Optional[str], typer.Option("--hnet-mult", help="h-network channel multipliers, e.g. 1,2")] = None,
     hnet_space_to_depth: Annotated[Optional[int], typer.Option("--hnet-space-to-depth", help="h-network UNet on r×r pixel blocks (1: full resolution)")] = None,
@@ -230,7 +232,7 @@ def finetune_cmd(
     overrides = {
         "prior.path": prior, "data.dataset": dataset, "data.root": data_root, "method": method, "measurement": measurement,
         "iterations": iterations, "max_minutes": max_minutes, "time_steps": time_steps,
-        "measurements_per_batch": measurements_per_batch, "trajectories": trajectories, "lr": lr,
+        "measurements_per_batch": measurements_per_batch, "trajectories": trajectories, "lr": lr, "likelihood_weight": likelihood_weight,
         "hnet.model_channels": hnet_channels, "hnet.channel_mult": parse_ints(hnet_mult, "--hnet-mult"),
         "hnet.space_to_depth": hnet_space_to_depth, "hnet.start": hnet_start,
         "precision": precision, "seed": seed, "device": device, "run_dir": run_dir,

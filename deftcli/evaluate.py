@@ -159,7 +159,8 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final, spec.clip_x0)
     results: dict[str, Any] = {
         "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
-        "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size, "methods": {},
+        "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size,
+        "likelihood_weight": run.htransform.config.likelihood_weight, "methods": {},
     }
     sweeps = {"dps": (spec.dps_zeta, spec.dps_sweep), "deft": (None if spec.guidance_scale == "sweep" else spec.guidance_scale, spec.guidance_sweep)}
     for method, (given, values) in sweeps.items():
@@ -219,8 +220,9 @@ def print_table(results: dict[str, Any]) -> None:
         table.add_column(col, justify="right")
     for name, m in results["methods"].items():
         label = f"dps (ζ={results['dps_zeta']:g})" if name == "dps" else name
-        if name == "deft" and results["guidance_scale"] != 1:
-            label = f"deft (γ={results['guidance_scale']:g})"
+        if name == "deft":
+            knobs = [f"{symbol}={results[key]:g}" for symbol, key in (("w", "likelihood_weight"), ("γ", "guidance_scale")) if results[key] != 1]
+            label = f"deft ({', '.join(knobs)})" if knobs else name
         nfe = f"{m['nfe_prior_per_image']}/{m['nfe_hnet_per_image']}/{m['backward_prior_per_image']}"  # DPS's cost is its backward passes
         table.add_row(label, f"{m['psnr_sample']:.2f}", f"{m['ssim_sample']:.3f}", f"{m['psnr_mean']:.2f}", f"{m['ssim_mean']:.3f}",
                       f"{m['data_residual']:.4f}", f"{m['sigma_y']:g}", f"{m['seconds_per_image']:.2f}", nfe)

@@ -152,10 +152,11 @@ def build_htransform(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HT
             height // r, width // r, f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)")
     if hnet.model_channels is None:
         hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, prior)})
-    guidance = None
+    guidance, weight = None, spec.likelihood_weight
     if hnet.start == "gaussian" and operator.sigma > 0:
-        guidance = GaussianGuidance(sigma_y=operator.sigma, gram_norm=operator.gram_norm(prior.image_shape), data_variance=prior.pixel_variance())
-    return HTransform(HTransformConfig.from_spec(hnet, tuple(prior.image_shape), max_period, guidance), prior.sde)
+        guidance = GaussianGuidance(sigma_y=operator.sigma / math.sqrt(weight), gram_norm=operator.gram_norm(prior.image_shape),
+                                    data_variance=prior.pixel_variance())
+    return HTransform(HTransformConfig.from_spec(hnet, tuple(prior.image_shape), max_period, guidance, weight), prior.sde)
 
 
 def auto_channels(hnet: HNetSpec, prior: Prior) -> int:
@@ -173,11 +174,12 @@ def auto_channels(hnet: HNetSpec, prior: Prior) -> int:
     return best
 
 
-def default_loss_threshold(measurement_shape: tuple[int, ...]) -> float:
-    """5e4 · max(1, m/3072): the original's 5e4 was set for m = 3072 measured values (its VarGrad script's
-    2× super-resolution of 64×64 RGB); D = ‖A x − y‖²/(2σ_y²) grows with m, so an operator that measures
-    more (inpainting or deblurring of larger images) would otherwise have every early trajectory dropped."""
-    return 5e4 * max(1.0, math.prod(measurement_shape) / 3072)
+def default_loss_threshold(measurement_shape: tuple[int, ...], likelihood_weight: float = 1.0) -> float:
+    """5e4 · max(1, m/3072) · w: the original's 5e4 was set for m = 3072 measured values (its VarGrad script's
+    2× super-resolution of 64×64 RGB); D = w ‖A x − y‖²/(2σ_y²) grows with m and w, so an operator that
+    measures more (inpainting or deblurring of larger images) or a sharper likelihood would otherwise have
+    every early trajectory dropped."""
+    return 5e4 * max(1.0, math.prod(measurement_shape) / 3072) * likelihood_weight
 
 
 def versions() -> dict[str, str]:
@@ -207,15 +209,16 @@ class Finetuner:
         if ctx.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.htransform, device_ids=device_ids)
+        self.lr = spec.learning_rate()
         self.optimizer = torch.optim.Adam(
-            [{"params": self.htransform.cond_model.parameters(), "lr": spec.lr, "base_lr": spec.lr},
-             {"params": self.htransform.time_model.parameters(), "lr": spec.lr * spec.time_lr_factor, "base_lr": spec.lr * spec.time_lr_factor}]
+            [{"params": self.htransform.cond_model.parameters(), "lr": self.lr, "base_lr": self.lr},
+             {"params": self.htransform.time_model.parameters(), "lr": self.lr * spec.time_lr_factor, "base_lr": self.lr * spec.time_lr_factor}]
         )
         self.data_gen = torch.Generator().manual_seed(spec.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
         self.grid = reverse_time_grid(spec.time_steps)
         self.global_batch = self.source.global_batch()
-        self.loss_threshold = spec.loss_threshold or default_loss_threshold(self.source.expected)
+        self.loss_threshold = spec.loss_threshold or default_loss_threshold(self.source.expected, spec.likelihood_weight)
         self.rows = self._trajectory_rows()
         self.step_count, self.seconds, self.skipped_total, self.bad_in_row = 0, 0.0, 0, 0
         self.j_smooth: float | None = None
@@ -284,7 +287,7 @@ class Finetuner:
         x_init = gaussian((batch.y.shape[0], *self.prior.image_shape), noise, self.device)
         factor = warmup_cosine_factor(self.step_count, spec.warmup, spec.iterations, spec.lr_final_factor)
         scale_learning_rates(self.optimizer, factor)
-        lr = spec.lr * factor
+        lr = self.lr * factor
         self.optimizer.zero_grad(set_to_none=True)
         if spec.method == "vargrad":
             record, x_final = self._vargrad_step(batch, x_init, noise)
@@ -310,7 +313,7 @@ class Finetuner:
         spec, ctx = self.spec, self.ctx
         steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
         traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps, self.autocast)
-        d = data_term(self.operator, traj.x_final, batch.y)
+        d = data_term(self.operator, traj.x_final, batch.y, spec.likelihood_weight)
         filt = vargrad_weights(traj.log_rnd(d), batch.groups, self.loss_threshold, spec.min_kept_fraction, ctx.gather_with_grad, ctx.gather_values)
         if not filt.skipped:
             accumulate_vargrad_gradient(self.model, self.prior, self.grid, traj.stored, filt.weights, self.autocast, ctx.no_sync)
@@ -328,7 +331,8 @@ class Finetuner:
     def _backprop_step(self, batch: Batch, x_init: Tensor, noise: BatchSlice) -> tuple[dict[str, Any], Tensor]:
         spec, ctx = self.spec, self.ctx
         d, kl, x_final = backprop_soc_gradient(
-            self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, self.autocast, ctx.no_sync
+            self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, self.autocast, ctx.no_sync,
+            spec.likelihood_weight,
         )
         d, kl = ctx.gather_values(d), ctx.gather_values(kl)
         j = float((d + kl).mean())
@@ -476,6 +480,7 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
         "dataset": (saved.data.dataset, resumed.data.dataset),
         "mode": tuple("amortised" if s.measurement is None else "per-measurement" for s in (saved, resumed)),
         "h-network": (saved.hnet, resumed.hnet),
+        "likelihood weight": (saved.likelihood_weight, resumed.likelihood_weight),
     }, "start a new run for a different problem")
     kept = run_dir / "measurement.safetensors"
     if resumed.measurement is not None and kept.exists() and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept)):

@@ -7,7 +7,10 @@ g(x_t, t, y) = Aᵀ(A x̂0 − y) / σ_y²  at Tweedie's x̂0 of the prior:
 
 NN_φ is a :class:`~deftcli.unet.UNet` (or, for tiny problems, a :class:`~deftcli.mlp.MLPNet`)
 with 2C input channels and output divided by σ(t); c_ψ is a :class:`~deftcli.unet.TimeScaling`.
-The fine-tuned score is s_θ + h. Submodule names (``cond_model``, ``time_model``) follow the
+The fine-tuned score is s_θ + h. Fine-tuned for a likelihood weight w (the tempered posterior
+p(x) p(y | x)^w, i.e. σ_y → σ_y/√w), the network takes the unweighted g and uses w g, the gradient of
+the tempered likelihood, in both places: h = NN_φ([w g, x_t], t) − (c_0(t) + c_ψ(t)) · w g; w is kept
+in its config, so samplers pass g as for any h-network. Submodule names (``cond_model``, ``time_model``) follow the
 original code so its two state dicts load as they are.
 
 c_0 is a fixed start (:class:`GaussianGuidance`, no parameters): the exact guidance scale of the
@@ -83,10 +86,12 @@ class HTransformConfig(BaseModel):
     time_scaling: TimeScalingConfig
     space_to_depth: int = Field(1, ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)")
     guidance: GaussianGuidance | None = Field(None, description="the fixed start c_0(t); None: c_0 = 0")
+    likelihood_weight: float = Field(1.0, gt=0, description="w: fine-tuned for p(x) p(y | x)^w; h uses w g (configs saved before it: 1)")
 
     @classmethod
     def from_spec(
-        cls, spec: HNetSpec, image_shape: tuple[int, int, int], max_period: float, guidance: GaussianGuidance | None = None
+        cls, spec: HNetSpec, image_shape: tuple[int, int, int], max_period: float, guidance: GaussianGuidance | None = None,
+        likelihood_weight: float = 1.0,
     ) -> "HTransformConfig":
         channels = image_shape[0]
         r = spec.space_to_depth if spec.architecture == "unet" else 1
@@ -118,11 +123,12 @@ class HTransformConfig(BaseModel):
             ),
             space_to_depth=r,
             guidance=guidance,
+            likelihood_weight=likelihood_weight,
         )
 
 
 class HTransform(nn.Module):
-    """h(x_t, t, g) = NN_φ([g, x_t], t) − (c_0(t) + c_ψ(t)) g."""
+    """h(x_t, t, g) = NN_φ([w g, x_t], t) − (c_0(t) + c_ψ(t)) w g, with w the config's likelihood weight (1 by default)."""
 
     def __init__(self, config: HTransformConfig, sde: VPSDE) -> None:
         super().__init__()
@@ -132,6 +138,8 @@ class HTransform(nn.Module):
         self.time_model = TimeScaling(config.time_scaling)
 
     def forward(self, x: Tensor, t: Tensor, g: Tensor) -> Tensor:
+        if self.config.likelihood_weight != 1.0:
+            g = self.config.likelihood_weight * g
         inputs, r = torch.cat([g, x], dim=1), self.config.space_to_depth
         nn_out = self.cond_model(inputs, t) if r == 1 else F.pixel_shuffle(self.cond_model(F.pixel_unshuffle(inputs, r), t), r)
         scale = self.time_model(t)
@@ -157,9 +165,10 @@ def guidance_inputs(prior: Prior, operator: Operator, x: Tensor, t: Tensor, y: T
 class ConditionalScore:
     r"""The fine-tuned score s_θ(x, t) + γ h(x, t, g) for measurements y (one per batch row), as a score function.
 
-    γ = 1 (the default) is the fine-tuned posterior. Since h ≈ ∇ log p_t(y | x_t), a guidance scale
-    γ ≠ 1 samples approximately the tempered posterior p(x) p(y | x)^γ, i.e. σ_y → σ_y / √γ. This is
-    the same approximation as a classifier-guidance scale. γ = 0 is the prior.
+    γ = 1 (the default) is the fine-tuned posterior (for an h-network fine-tuned with likelihood weight
+    w: the tempered posterior p(x) p(y | x)^w, learnt). Since h ≈ ∇ log p_t(y | x_t)^w, a guidance scale
+    γ ≠ 1 samples approximately p(x) p(y | x)^(γw), i.e. σ_y → σ_y / √(γw). This is the same
+    approximation as a classifier-guidance scale. γ = 0 is the prior.
     """
 
     def __init__(self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor, guidance_scale: float = 1.0) -> None:

@@ -77,8 +77,11 @@ class Reconstructor:
         return Cost()
 
     def settings(self, method: str) -> dict[str, float]:
-        """The method's own knob, for the record: γ for deft, ζ for DPS."""
-        return {"deft": {"guidance_scale": self.guidance_scale}, "dps": {"dps_zeta": self.dps_zeta}}.get(method, {})
+        """The method's own knobs, for the record: γ (and the run's likelihood weight w) for deft, ζ for DPS."""
+        if method == "deft":
+            weight = self.htransform.config.likelihood_weight if self.htransform is not None else 1.0
+            return {"guidance_scale": self.guidance_scale, "likelihood_weight": weight}
+        return {"dps_zeta": self.dps_zeta} if method == "dps" else {}
 
     def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
         """One sample per row of y (B, …) → (B, C, H, W)."""

@@ -9,6 +9,9 @@ Per trajectory, with g_t = √β and sg the stop-gradient,
     T1 = −½ Σ β ‖h‖² Δs,   T2 = Σ β ⟨h, sg(h)⟩ Δs,   T3 = Σ g_t ⟨h, ΔW⟩,   D = ‖A x_final − y‖² / (2 σ_y²)
     log-RND  L = D + T1 + T2 + T3,        SOC objective  J = mean(D − T1)  (data term + KL).
 
+With a likelihood weight w (fine-tuning for the tempered posterior p(x) p(y | x)^w) D is w times
+this, i.e. σ_y → σ_y/√w, and h is the h-network fine-tuned for that likelihood.
+
 x_final is the state after the last step (t = ε) itself, not its Tweedie-denoised version, as in the
 original code; `deft sample` and `deft eval` return the denoised x̂0 at t = ε by default (one more
 score evaluation, ``denoise_final``).
@@ -37,9 +40,9 @@ from .priors import Prior
 from .samplers import NoiseSource, reverse_sde_step, standard_noise, time_batch
 
 
-def data_term(operator: Operator, x: Tensor, y: Tensor) -> Tensor:
-    """D = ‖A x − y‖² / (2 σ_y²) per trajectory."""
-    return (operator.A(x) - y).flatten(1).pow(2).sum(1) / (2 * operator.sigma**2)
+def data_term(operator: Operator, x: Tensor, y: Tensor, likelihood_weight: float = 1.0) -> Tensor:
+    """D = w ‖A x − y‖² / (2 σ_y²) per trajectory: −log p(y | x)^w up to a constant (w = 1: the posterior)."""
+    return likelihood_weight * (operator.A(x) - y).flatten(1).pow(2).sum(1) / (2 * operator.sigma**2)
 
 
 def step_terms(h: Tensor, beta: Tensor, ds: float, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,6 +211,7 @@ def backprop_soc_gradient(
     checkpointing: bool = True,
     autocast: ContextManager | None = None,
     no_sync: Callable[[torch.nn.Module, bool], ContextManager] | None = None,
+    likelihood_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference method: ∇J by backpropagation through whole trajectories (the prior included).
 
@@ -216,7 +220,7 @@ def backprop_soc_gradient(
     step). The noise of all steps is drawn first, step by step for the whole batch as in
     :func:`rollout`, so checkpoint recomputation is exact and micro-batching does not change the
     result. ``htransform`` may be a DDP wrapper (see :func:`accumulate_vargrad_gradient`).
-    Returns per-trajectory (D, KL, x_final), detached.
+    D carries the likelihood weight w (:func:`data_term`). Returns per-trajectory (D, KL, x_final), detached.
     """
     sde = prior.sde
     batch = x.shape[0]
@@ -246,7 +250,7 @@ def backprop_soc_gradient(
             else:
                 x_k, kl_k = step(*args)
             kl = kl + kl_k
-        d = data_term(operator, x_k, y_k)
+        d = data_term(operator, x_k, y_k, likelihood_weight)
         with no_sync(htransform, start + micro >= batch) if no_sync else contextlib.nullcontext():
             ((d + kl).sum() / batch).backward()
         d_all.append(d.detach())

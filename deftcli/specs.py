@@ -141,6 +141,10 @@ class HNetSpec(StrictModel):
     mlp_layers: int = Field(3, ge=1, description="MLP architecture: hidden layers")
 
 
+DEFAULT_FINETUNE_LR = 5e-4
+"""The h-network's learning rate for the posterior (w = 1)."""
+
+
 class FinetuneSpec(StrictModel):
     """``deft finetune``: online SOC fine-tuning of an h-transform (DESIGN.md §1)."""
 
@@ -154,14 +158,23 @@ class FinetuneSpec(StrictModel):
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
     trajectories: int = Field(4, ge=2, description="K trajectories per measurement")
-    lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate of the h-network (c_ψ: × time_lr_factor)")
+    likelihood_weight: float = Field(
+        1.0, gt=0, le=100,
+        description="w: fine-tune for the tempered posterior p(x) p(y | x)^w, i.e. the likelihood with σ_y/√w (measurements keep σ_y); "
+        "1 is the posterior, w > 1 a sharper one",
+    )
+    lr: float | None = Field(
+        None, gt=0, le=1,
+        description="Adam learning rate of the h-network (c_ψ: × time_lr_factor); default 5e-4 / w: h's input and guidance term "
+        "scale with w, and w = 3 diverged at 5e-4",
+    )
     time_lr_factor: float = Field(5.0, gt=0, description="c_ψ(t) learns at lr × this: it must grow by an order of magnitude from its small initial value")
     lr_final_factor: float = Field(1e-3, gt=0, le=1, description="cosine decay to lr · this factor")
     warmup: int = Field(10, ge=0, description="linear learning-rate warm-up steps (Adam's first steps are lr-sized in every parameter)")
     grad_clip: float = Field(1.0, gt=0)
     grad_fraction: float = Field(0.2, ge=0, le=1, description="fraction of steps that carry a gradient (plus the last two)")
     loss_threshold: float | None = Field(
-        None, gt=0, description="log-RND values above this are dropped before the variance (default 5e4 · max(1, m/3072) for m measured values)"
+        None, gt=0, description="log-RND values above this are dropped before the variance (default 5e4 · max(1, m/3072) · w for m measured values)"
     )
     min_kept_fraction: float = Field(0.3, ge=0, le=1)
     max_bad_steps: int = Field(20, ge=1, description="stop after this many skipped steps in a row")
@@ -175,6 +188,10 @@ class FinetuneSpec(StrictModel):
     seed: Seed = 0
     device: Device = "auto"
     run_dir: str | None = None
+
+    def learning_rate(self) -> float:
+        """``lr``, or its default 5e-4 / w."""
+        return self.lr if self.lr is not None else DEFAULT_FINETUNE_LR / self.likelihood_weight
 
 
 GuidanceScale = Annotated[float, Field(ge=0)]

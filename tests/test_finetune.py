@@ -163,6 +163,47 @@ def test_the_default_loss_threshold_grows_with_the_number_of_measured_values(gmm
     assert Finetuner(gmm_spec(gmm_problem, tmp_path / "b", loss_threshold=123.0), tmp_path / "b", resume=False, quiet=True).loss_threshold == 123.0
 
 
+@pytest.mark.parametrize("method", ["vargrad", "backprop"])
+def test_a_likelihood_weight_multiplies_the_data_term_and_its_default_threshold(gmm_problem, tmp_path, method):
+    run_dir = tmp_path / method
+    trainer = Finetuner(gmm_spec(gmm_problem, run_dir, method=method, likelihood_weight=3.0), run_dir, resume=False, quiet=True)
+    assert trainer.loss_threshold == 1.5e5 and trainer.htransform.config.likelihood_weight == 3.0
+    record, batch, x_final = trainer.step()
+    unweighted = (trainer.operator.A(x_final) - batch.y).flatten(1).pow(2).sum(1) / (2 * trainer.operator.sigma**2)
+    assert record["filtered"] == 0 and record["D"] == pytest.approx(3.0 * float(unweighted.mean()), rel=1e-5)
+
+
+def test_the_default_learning_rate_is_divided_by_the_likelihood_weight(gmm_problem, tmp_path):
+    assert FinetuneSpec().learning_rate() == 5e-4 and FinetuneSpec(likelihood_weight=4.0).learning_rate() == 1.25e-4
+    assert FinetuneSpec(likelihood_weight=4.0, lr=1e-3).learning_rate() == 1e-3  # a given --lr is kept
+    spec = gmm_spec(gmm_problem, tmp_path / "run", likelihood_weight=2.0).model_copy(update={"lr": None})
+    cond_group, time_group = Finetuner(spec, tmp_path / "run", resume=False, quiet=True).optimizer.param_groups
+    assert (cond_group["base_lr"], time_group["base_lr"]) == (2.5e-4, 2.5e-4 * spec.time_lr_factor)
+
+
+def test_a_resumed_leg_may_not_change_the_likelihood_weight(gmm_problem, tmp_path):
+    run_dir = tmp_path / "run"
+    finetune(gmm_spec(gmm_problem, run_dir, iterations=2, likelihood_weight=2.0), quiet=True)
+    assert load_htransform(run_dir / "hnet_last.safetensors", load_prior(gmm_problem["prior_dir"]))[0].config.likelihood_weight == 2.0
+    with pytest.raises(DeftError, match=r"likelihood weight \(2.0 → 1.0\)"):
+        finetune(gmm_spec(gmm_problem, run_dir, iterations=3), resume=True, quiet=True)
+
+
+def test_a_run_recorded_before_the_likelihood_weight_existed_opens_as_w_1_and_a_mismatch_is_refused(gmm_problem, tmp_path):
+    from deftcli.runs import open_run
+
+    run_dir = tmp_path / "run"
+    finetune(gmm_spec(gmm_problem, run_dir, iterations=1), quiet=True)
+    info = json.loads((run_dir / "run.json").read_text())
+    del info["htransform"]["config"]["likelihood_weight"]
+    (run_dir / "run.json").write_text(json.dumps(info))
+    assert open_run(run_dir, torch.device("cpu")).htransform.config.likelihood_weight == 1.0
+    info["htransform"]["config"]["likelihood_weight"] = 2.0
+    (run_dir / "run.json").write_text(json.dumps(info))
+    with pytest.raises(DeftError, match="likelihood_weight 1.0 vs 2.0"):
+        open_run(run_dir, torch.device("cpu"))
+
+
 def test_the_latest_run_is_the_newest_with_a_checkpoint(tmp_path):
     from deftcli.runs import latest_run
 
@@ -218,7 +259,7 @@ def test_cli_amortised_finetune_then_sample_and_eval_on_a_tiny_prior(run_cli, ti
     run_dir = tmp_path / "run"
     code, out, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2",
                              "--iterations", "3", "--time-steps", "5", "--measurements-per-batch", "2", "--trajectories", "2",
-                             "--hnet-channels", "8", "--hnet-mult", "1", "--run-dir", str(run_dir), "--quiet")
+                             "--hnet-channels", "8", "--hnet-mult", "1", "--likelihood-weight", "2", "--run-dir", str(run_dir), "--quiet")
     assert code == 0, err
     assert json.loads(out)["steps"] == 3
     info = json.loads((run_dir / "run.json").read_text())
@@ -237,6 +278,7 @@ def test_cli_amortised_finetune_then_sample_and_eval_on_a_tiny_prior(run_cli, ti
         assert (tmp_path / "s1" / name).exists()
     summary = json.loads((tmp_path / "s1" / "summary.json").read_text())
     assert len(summary["data_residual"]) == 3 and summary["nfe_prior"] == 5 and summary["nfe_hnet"] == 5
+    assert (summary["guidance_scale"], summary["likelihood_weight"]) == (1.0, 2.0)  # the run's tempered likelihood, on the record
     code, _, err = run_cli("sample", str(tmp_path / "ys"), "--run", str(run_dir), "-n", "2", "-o", str(tmp_path / "s2"))
     assert code == 0, err
     assert (tmp_path / "s2" / "a" / "mean.png").exists() and (tmp_path / "s2" / "b" / "mean.png").exists()

@@ -20,14 +20,19 @@ def gaussian_prior() -> GaussianMixturePrior:
     return GaussianMixturePrior(means, torch.ones(1), VARIANCE**0.5)
 
 
-def exact_log_likelihood(operator: Operator, prior: GaussianMixturePrior, x_t: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
-    """log p(y | x_t) of the joint Gaussian of (x0, x_t, y), by dense conditioning (no scalar shortcut)."""
+def exact_log_likelihood(
+    operator: Operator, prior: GaussianMixturePrior, x_t: torch.Tensor, t: float, y: torch.Tensor, likelihood_weight: float = 1.0
+) -> torch.Tensor:
+    """log p(y | x_t) of the joint Gaussian of (x0, x_t, y), by dense conditioning (no scalar shortcut).
+
+    With a likelihood weight w: log E[p(y | x0)^w | x_t] up to a constant, since p(y | x0)^w ∝ N(y; A x0, σ_y²/w I).
+    """
     matrix = operator.matrix(IMAGE_SHAPE)
     alpha, sigma = (float(v) for v in (prior.sde.alpha(torch.tensor(t)), prior.sde.sigma(torch.tensor(t))))
     mu = prior.means[0].flatten()
     gain = alpha * VARIANCE / (alpha**2 * VARIANCE + sigma**2)
     mean = matrix @ (mu + gain * (x_t.flatten() - alpha * mu))
-    covariance = VARIANCE * (1 - alpha * gain) * matrix @ matrix.T + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=torch.float64)
+    covariance = VARIANCE * (1 - alpha * gain) * matrix @ matrix.T + operator.sigma**2 / likelihood_weight * torch.eye(matrix.shape[0], dtype=torch.float64)
     return torch.distributions.MultivariateNormal(mean, covariance).log_prob(y.flatten())
 
 
@@ -45,6 +50,42 @@ def test_start_is_the_exact_score_of_the_likelihood_for_a_gaussian_prior(operato
     x0_hat = prior.sde.tweedie_x0(x_t.detach(), prior.score(x_t.detach(), time), time)
     start = -guidance.scale(time.double(), prior.sde) * operator.likelihood_grad(x0_hat, y)
     torch.testing.assert_close(start, expected)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_with_a_likelihood_weight_the_start_is_the_exact_score_of_the_tempered_likelihood(t: float) -> None:
+    prior, operator, weight = gaussian_prior(), create("superres", factor=2, sigma=0.1), 3.0
+    htransform = build_htransform(SPEC.model_copy(update={"likelihood_weight": weight}), prior, operator)
+    with torch.no_grad():
+        for parameter in htransform.parameters():
+            parameter.zero_()  # NN_φ = 0 and c_ψ = 0: h is its start alone
+    generator = torch.Generator().manual_seed(1)
+    x_t = torch.randn((1, *IMAGE_SHAPE), generator=generator, dtype=torch.float64).requires_grad_(True)
+    y = operator.measure(prior.sample(1, generator).double(), generator)
+    (expected,) = torch.autograd.grad(exact_log_likelihood(operator, prior, x_t, t, y, weight), x_t)
+    time = torch.tensor([t])
+    x0_hat = prior.sde.tweedie_x0(x_t.detach(), prior.score(x_t.detach(), time), time)
+    h = htransform(x_t.detach().float(), time, operator.likelihood_grad(x0_hat, y).float())  # the sampler's unweighted g
+    torch.testing.assert_close(h, expected.float(), rtol=1e-4, atol=1e-5)
+    (untempered,) = torch.autograd.grad(exact_log_likelihood(operator, prior, x_t, t, y), x_t)
+    assert not torch.allclose(h, untempered.float(), rtol=0.05)
+
+
+def test_a_likelihood_weight_feeds_the_network_the_weighted_gradient_and_is_kept_in_the_checkpoint(tmp_path) -> None:
+    prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.1)
+    torch.manual_seed(0)
+    weighted = build_htransform(SPEC.model_copy(update={"likelihood_weight": 2.5}), prior, operator)
+    plain = build_htransform(SPEC, prior, operator)
+    plain.load_state_dict(weighted.state_dict())
+    x, g, t = torch.randn(3, *IMAGE_SHAPE), torch.randn(3, *IMAGE_SHAPE), torch.tensor([0.05, 0.5, 0.95])
+    assert plain.config.guidance is not None and weighted.config.guidance is not None
+    plain.config.guidance = weighted.config.guidance  # the start is built for σ_y/√w (the test above)
+    torch.testing.assert_close(weighted(x, t, g), plain(x, t, 2.5 * g))
+    save_htransform(weighted, tmp_path / "h.safetensors", {})
+    assert load_htransform(tmp_path / "h.safetensors", prior)[0].config.likelihood_weight == 2.5
+    legacy = weighted.config.model_dump(mode="json")
+    del legacy["likelihood_weight"]
+    assert HTransformConfig.model_validate(legacy).likelihood_weight == 1.0
 
 
 def test_untrained_h_network_is_the_start_plus_the_small_learned_scale() -> None:

@@ -83,7 +83,7 @@ def test_eval_selects_gamma_on_training_images_when_asked_warns_when_n_exceeds_t
     code, _, err = run_cli(*common, "-o", str(tmp_path / "plain"))
     assert code == 0, err
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())
-    assert plain["guidance_scale"] == 1.0 and "deft_sweep" not in plain
+    assert plain["guidance_scale"] == plain["likelihood_weight"] == 1.0 and "deft_sweep" not in plain
 
     code, _, err = run_cli(*common, "--clip-x0", "-o", str(tmp_path / "clipped"))
     assert code == 0, err
