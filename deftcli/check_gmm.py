@@ -1,7 +1,8 @@
 """``deft check gmm``: fine-tuning against an analytic posterior (DESIGN.md §1, "Exact check").
 
 A hard Gaussian-mixture prior (pairs b ± n with n in the null space of A, unequal weights) gives a
-multi-modal posterior known in closed form. The check draws x from the prior, measures y, fine-tunes
+multi-modal posterior known in closed form (with a likelihood weight w, the tempered posterior
+p(x) p(y | x)^w, i.e. σ_y → σ_y/√w, is the target). The check draws x from the prior, measures y, fine-tunes
 an h-network with ``vargrad`` through the same code path as ``deft finetune`` (per-measurement, or
 amortised over measurements of prior samples), samples it, and compares with exact posterior samples
 — and does the same for DPS at the ζ a small sweep on *other* measurements selects. Samples are the
@@ -58,6 +59,7 @@ class GMMCheckSpec(StrictModel):
     trajectories: int = Field(64, ge=2)
     measurements_per_batch: int = Field(8, ge=1, description="amortised mode: M (K = trajectories / M per measurement)")
     lr: float = Field(1e-3, gt=0)
+    likelihood_weight: float = Field(1.0, gt=0, le=100, description="fine-tune for p(x) p(y | x)^w and compare with that posterior (σ_y → σ_y/√w)")
     hnet: HNetSpec = HNetSpec(architecture="mlp", time_embedding_dim=32, time_hidden=32)
     samples: int = Field(2000, ge=10)
     dps_sweep: list[float] = [0.03, 0.1, 0.3, 1.0, 3.0]
@@ -101,6 +103,11 @@ def draw_with_exact_score(prior: GaussianMixturePrior, posterior: GaussianMixtur
     return sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, x, reverse_time_grid(spec.time_steps), generator)
 
 
+def tempered_likelihood(name: str, operator: Operator, weight: float) -> Operator:
+    """The operator whose likelihood is p(y | x)^w: σ_y/√w (for the exact posterior; measurements keep σ_y)."""
+    return create(name, **{**operator.params.model_dump(), "sigma": operator.sigma / weight**0.5})
+
+
 def select_dps_zeta(prior: GaussianMixturePrior, operator: Operator, rec: Reconstructor, spec: GMMCheckSpec, device: torch.device) -> tuple[float, list[dict[str, float]]]:
     """ζ with the smallest mean posterior-mean error on measurements of *other* prior samples."""
     gen = torch.Generator().manual_seed(spec.seed + 1000)
@@ -108,7 +115,7 @@ def select_dps_zeta(prior: GaussianMixturePrior, operator: Operator, rec: Recons
     for _ in range(SWEEP_MEASUREMENTS):
         x = prior.sample(1, gen)
         y = operator.measure(x, generator=gen)
-        problems.append((y.to(device), exact_posterior(prior, operator, y[0])))
+        problems.append((y.to(device), exact_posterior(prior, tempered_likelihood(spec.operator.name, operator, spec.likelihood_weight), y[0])))
     table = []
     for zeta in spec.dps_sweep:
         rec.dps_zeta = zeta
@@ -130,7 +137,7 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
     prior = hard_mixture(operator, shape, spec.components, spec.component_std, generator=gen)
     x_true = prior.sample(1, gen)
     y = operator.measure(x_true, generator=gen)
-    posterior = exact_posterior(prior, operator, y[0])
+    posterior = exact_posterior(prior, tempered_likelihood(spec.operator.name, operator, spec.likelihood_weight), y[0])
 
     with tempfile.TemporaryDirectory(prefix="deft-check-gmm-") as scratch:
         work = Path(spec.run_dir) if spec.run_dir else Path(scratch) / "run"
@@ -152,6 +159,7 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
             trajectories=max(2, spec.trajectories // spec.measurements_per_batch) if amortised else spec.trajectories,
             measurements_per_batch=spec.measurements_per_batch,
             lr=spec.lr,
+            likelihood_weight=spec.likelihood_weight,
             hnet=spec.hnet,
             seed=spec.seed,
             device=spec.device,
@@ -176,11 +184,15 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
     result: dict[str, Any] = {
         "problem": {
             "shape": list(shape), "components": spec.components, "component_std": spec.component_std,
-            "operator": operator.describe(), "seed": spec.seed, "time_steps": spec.time_steps, "samples": spec.samples,
+            "operator": operator.describe(), "likelihood_weight": spec.likelihood_weight, "seed": spec.seed, "time_steps": spec.time_steps,
+            "samples": spec.samples,
             "exact_weights": [round(float(w), 4) for w in posterior.weights],
         },
         "exact": {"noise_floor_sliced_w2": floor},
     }
+    if spec.likelihood_weight != 1.0:  # how far the tempered target is from the posterior: what a w-blind run would miss by
+        untempered = exact_posterior(prior.cpu(), operator, y[0]).mean
+        result["problem"]["posterior_mean_rel_distance_to_target"] = float((untempered - posterior.mean).norm() / posterior.mean.norm())
     for method in ("deft", "dps", "prior", "exact_score"):
         start = time.perf_counter()
         if method == "exact_score":

@@ -331,6 +331,8 @@ def check_gmm_cmd(
     time_steps: Annotated[Optional[int], typer.Option("--time-steps", help="N, points of the time grid (default 100)")] = None,
     trajectories: Annotated[Optional[int], typer.Option("--trajectories", help="trajectories per batch (default 64)")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default 1e-3)")] = None,
+    likelihood_weight: Annotated[Optional[float], typer.Option(
+        "--likelihood-weight", help="w: fine-tune for p(x) p(y|x)^w and compare with that exact tempered posterior (default 1)")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="samples per method (default 2000)")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -342,7 +344,7 @@ def check_gmm_cmd(
 
     overrides = {
         "shape": parse_ints(shape, "--shape", length=3), "components": components, "mode": mode, "iterations": iterations,
-        "time_steps": time_steps, "trajectories": trajectories, "lr": lr, "samples": samples, "seed": seed,
+        "time_steps": time_steps, "trajectories": trajectories, "lr": lr, "likelihood_weight": likelihood_weight, "samples": samples, "seed": seed,
         "device": device, "run_dir": run_dir, **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
     }
     print_json(check_gmm(build_spec(GMMCheckSpec, None, overrides)))
