@@ -59,6 +59,13 @@ def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstru
     return {"images": f"{n} samples of the prior (200 steps, seed 123), clamped to [-1, 1]", "methods": rows}
 
 
+def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Per-image posterior-mean PSNR minus the reference's on the same images: mean, its standard error, and the images above."""
+    difference = psnr - reference
+    return {"mean_db": round(float(difference.mean()), 4), "standard_error_db": round(float(difference.std() / difference.numel() ** 0.5), 4),
+            "images_above": int((difference > 0).sum()), "images": difference.numel()}
+
+
 def finetune_run(args: argparse.Namespace, weight: float) -> tuple[Path, dict[str, object]]:
     """The default ``deft finetune --operator superres --factor 4`` with likelihood weight w (and its default lr, 5e-4 / w)."""
     run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}-w{weight:g}"
@@ -119,12 +126,13 @@ def main() -> None:
     selected_weight = max(runs, key=lambda w: gamma_sweeps[f"w{w:g}"]["best_train_psnr"])
     selected = f"deft_w{selected_weight:g}_guided"
 
-    methods = {}
+    methods, psnr_of_means = {}, {}
     for name, method, method_rec in (("dagger", "dagger", rec), ("prior", "prior", rec), ("dps", "dps", rec),
                                      *((name, "deft", deft_rec) for name, deft_rec in deft_configs.items())):
         k = 1 if method == "dagger" else args.k
         per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, k, args.batch_size, seed=0)
         methods[name] = {**method_rec.settings(method), **summarise(per_image, seconds, len(images), k)}
+        psnr_of_means[name] = per_image["psnr_mean"]
         print(f"{name:16s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
               f"SSIM mean {methods[name]['ssim_mean']:.3f}  {methods[name]['seconds_per_image']:.2f} s/image", flush=True)
 
@@ -162,6 +170,7 @@ def main() -> None:
         "guidance_sweep": {"images": f"first {SWEEP_IMAGES} of train", "runs": gamma_sweeps,
                            "selected": {"likelihood_weight": selected_weight, "guidance_scale": deft_configs[selected].guidance_scale, "method": selected}},
         "methods": methods,
+        "against_dps_per_image": {name: paired_difference(psnr_of_means[name], psnr_of_means["dps"]) for name in deft_configs},
         "sampling_speed": {"batch": min(args.batch_size, len(images)), "rounds": args.speed_rounds, "deft_run": str(base.path),
                            "seconds_per_image": speed},
         "curves": curves,
