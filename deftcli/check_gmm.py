@@ -108,14 +108,17 @@ def tempered_likelihood(name: str, operator: Operator, weight: float) -> Operato
     return create(name, **{**operator.params.model_dump(), "sigma": operator.sigma / weight**0.5})
 
 
-def select_dps_zeta(prior: GaussianMixturePrior, operator: Operator, rec: Reconstructor, spec: GMMCheckSpec, device: torch.device) -> tuple[float, list[dict[str, float]]]:
-    """ζ with the smallest mean posterior-mean error on measurements of *other* prior samples."""
+def select_dps_zeta(
+    prior: GaussianMixturePrior, operator: Operator, likelihood: Operator, rec: Reconstructor, spec: GMMCheckSpec, device: torch.device
+) -> tuple[float, list[dict[str, float]]]:
+    """ζ with the smallest mean posterior-mean error on measurements (by ``operator``) of *other* prior samples,
+    against their exact posteriors under ``likelihood`` (the tempered one for a likelihood weight)."""
     gen = torch.Generator().manual_seed(spec.seed + 1000)
     problems = []
     for _ in range(SWEEP_MEASUREMENTS):
         x = prior.sample(1, gen)
         y = operator.measure(x, generator=gen)
-        problems.append((y.to(device), exact_posterior(prior, tempered_likelihood(spec.operator.name, operator, spec.likelihood_weight), y[0])))
+        problems.append((y.to(device), exact_posterior(prior, likelihood, y[0])))
     table = []
     for zeta in spec.dps_sweep:
         rec.dps_zeta = zeta
@@ -137,7 +140,8 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
     prior = hard_mixture(operator, shape, spec.components, spec.component_std, generator=gen)
     x_true = prior.sample(1, gen)
     y = operator.measure(x_true, generator=gen)
-    posterior = exact_posterior(prior, tempered_likelihood(spec.operator.name, operator, spec.likelihood_weight), y[0])
+    likelihood = tempered_likelihood(spec.operator.name, operator, spec.likelihood_weight)
+    posterior = exact_posterior(prior, likelihood, y[0])
 
     with tempfile.TemporaryDirectory(prefix="deft-check-gmm-") as scratch:
         work = Path(spec.run_dir) if spec.run_dir else Path(scratch) / "run"
@@ -179,7 +183,7 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
     ref_gen = torch.Generator().manual_seed(spec.seed + 1)
     reference = posterior.sample(spec.samples, ref_gen)
     floor = sliced_w2(posterior.sample(spec.samples, ref_gen), reference, torch.Generator().manual_seed(7))
-    zeta, sweep = select_dps_zeta(prior, operator, rec, spec, device)
+    zeta, sweep = select_dps_zeta(prior, operator, likelihood, rec, spec, device)
     rec.dps_zeta = zeta
     result: dict[str, Any] = {
         "problem": {
