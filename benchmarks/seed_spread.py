@@ -1,0 +1,79 @@
+"""How far deft's gap to DPS on petals val moves with the seeds of the measurements and of the samplers.
+
+For one fine-tuned run at guidance scale γ and DPS at step size ζ (as ``sample_quality.py`` selected
+them on train images), on the first ``--n`` val images: for each seed s of ``--seeds``, measurements
+y = A x + σ_y ε drawn with seed s and k samples per image drawn with sampler seed s, then the
+posterior-mean PSNR and SSIM of each method and the paired per-image difference deft − DPS (mean,
+standard error, images above). Seed 0 reproduces ``sample_quality.py``'s measurements and samples.
+Writes JSON and prints one line per seed::
+
+    python benchmarks/seed_spread.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 --seeds 0,1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from sample_quality import paired_difference, summarise
+
+from deftcli.data import open_dataset
+from deftcli.evaluate import per_image_metrics
+from deftcli.methods import Reconstructor
+from deftcli.runs import open_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished 4× super-resolution run")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="deft's γ")
+    parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
+    parser.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds of the measurements and the samplers")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/seed_spread.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    run = open_run(args.run, torch.device("cpu"))
+    data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
+    images = list(range(min(args.n, len(data))))
+    x = data.batch(images)
+    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
+    methods = {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
+
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        y = run.operator.measure(x, generator=torch.Generator().manual_seed(seed))
+        per_method = {name: per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=seed) for name, method_rec in methods.items()}
+        row = {"seed": seed, **{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
+               "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
+        rows.append(row)
+        gap = row["deft_minus_dps"]
+        print(f"seed {seed}: PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
+              f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}", flush=True)
+
+    gaps = [row["deft_minus_dps"]["mean_db"] for row in rows]
+    result = {
+        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
+                  "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
+                  "guidance_scale": args.guidance_scale, "dps_zeta": args.dps_zeta, "threads": args.threads, "torch": torch.__version__,
+                  "platform": platform.platform()},
+        "seeds": rows,
+        "deft_minus_dps_over_seeds": {"mean_db": round(statistics.mean(gaps), 4), "min_db": min(gaps), "max_db": max(gaps),
+                                      "seeds_with_deft_above": sum(g > 0 for g in gaps), "seeds": len(gaps)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["deft_minus_dps_over_seeds"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
