@@ -138,14 +138,23 @@ class HTransform(nn.Module):
         self.time_model = TimeScaling(config.time_scaling)
 
     def forward(self, x: Tensor, t: Tensor, g: Tensor) -> Tensor:
-        if self.config.likelihood_weight != 1.0:
-            g = self.config.likelihood_weight * g
-        inputs, r = torch.cat([g, x], dim=1), self.config.space_to_depth
-        nn_out = self.cond_model(inputs, t) if r == 1 else F.pixel_shuffle(self.cond_model(F.pixel_unshuffle(inputs, r), t), r)
+        wg = self.weighted(g)
+        nn_out = self.network(x, t, wg)
+        return nn_out - self.scale(t).to(nn_out.dtype) * wg
+
+    def weighted(self, g: Tensor) -> Tensor:
+        """w g: the gradient of the tempered likelihood p(y | x)^w at x̂0."""
+        return g if self.config.likelihood_weight == 1.0 else self.config.likelihood_weight * g
+
+    def network(self, x: Tensor, t: Tensor, wg: Tensor) -> Tensor:
+        """NN_φ([w g, x_t], t), the learnt part of h beyond the scaled gradient."""
+        inputs, r = torch.cat([wg, x], dim=1), self.config.space_to_depth
+        return self.cond_model(inputs, t) if r == 1 else F.pixel_shuffle(self.cond_model(F.pixel_unshuffle(inputs, r), t), r)
+
+    def scale(self, t: Tensor) -> Tensor:
+        """c_0(t) + c_ψ(t), (B, 1, 1, 1): the scale of the gradient term (c_0 = 0 without a Gaussian start)."""
         scale = self.time_model(t)
-        if self.config.guidance is not None:
-            scale = scale + self.config.guidance.scale(t, self.sde)
-        return nn_out - scale.to(nn_out.dtype) * g
+        return scale if self.config.guidance is None else scale + self.config.guidance.scale(t, self.sde)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

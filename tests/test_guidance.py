@@ -97,6 +97,22 @@ def test_untrained_h_network_is_the_start_plus_the_small_learned_scale() -> None
     assert scale[0].item() > 0.5 > 0.01 > scale[-1].item()  # c_0 → 1 as t → 0 and ≈ 0 at t = 1
 
 
+def test_h_is_its_network_term_minus_the_scaled_weighted_gradient() -> None:
+    prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.1)
+    torch.manual_seed(0)
+    htransform = build_htransform(SPEC.model_copy(update={"likelihood_weight": 2.0}), prior, operator)
+    with torch.no_grad():
+        for p in htransform.cond_model.parameters():  # a network that is far from its near-zero start
+            p.add_(0.1 * torch.randn_like(p))
+    x, g, t = torch.randn(3, *IMAGE_SHAPE), torch.randn(3, *IMAGE_SHAPE), torch.tensor([0.05, 0.5, 0.95])
+    wg = htransform.weighted(g)
+    torch.testing.assert_close(wg, 2.0 * g)
+    network = htransform.network(x, t, wg)
+    assert network.abs().mean() > 0.1 * (htransform.scale(t) * wg).abs().mean()
+    torch.testing.assert_close(htransform(x, t, g), network - htransform.scale(t) * wg)
+    torch.testing.assert_close(htransform.scale(t), htransform.config.guidance.scale(t, prior.sde) + htransform.time_model(t))
+
+
 def test_zero_start_the_default_and_noiseless_measurements_have_no_start() -> None:
     prior = gaussian_prior()
     zero = SPEC.model_copy(update={"hnet": SPEC.hnet.model_copy(update={"start": "zero"})})
