@@ -36,7 +36,7 @@ from deftcli.evaluate import SWEEP_IMAGES, interleaved_seconds_per_image, per_im
 from deftcli.finetune import finetune
 from deftcli.htransform import load_htransform
 from deftcli.methods import Reconstructor
-from deftcli.runs import open_run
+from deftcli.runs import FinetunedRun, open_run
 from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
 
 
@@ -57,6 +57,13 @@ def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstru
         rows[name] = {**method_rec.settings(method), **summarise(per_image, seconds, n, samples)}
         print(f"prior truth  {name:16s} PSNR mean {rows[name]['psnr_mean']:6.2f}  residual {rows[name]['data_residual']:.3f}", flush=True)
     return {"images": f"{n} samples of the prior (200 steps, seed 123), clamped to [-1, 1]", "methods": rows}
+
+
+def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
+    """The benchmark's images: the indices and pixels of the first n images of the run's val split."""
+    data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
+    images = list(range(min(n, len(data))))
+    return images, data.batch(images)
 
 
 def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
@@ -105,9 +112,7 @@ def main() -> None:
         run = open_run(run_dir, torch.device("cpu"))
         runs[run.htransform.config.likelihood_weight] = run
     base = runs[min(runs, key=lambda w: abs(w - 1))]  # the posterior's run (w = 1) where there is one
-    data = open_dataset(base.spec.data, "val", base.prior.image_shape[-1], base.prior.image_shape[0])
-    images = list(range(min(args.n, len(data))))
-    x = data.batch(images)
+    images, x = val_images(base, args.n)
     y = base.operator.measure(x, generator=torch.Generator().manual_seed(0))
     steps = base.spec.time_steps
     rec = Reconstructor(base.prior, base.operator, base.htransform, steps, denoise_final=True)

@@ -20,9 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from sample_quality import paired_difference, summarise
+from sample_quality import paired_difference, summarise, val_images
 
-from deftcli.data import open_dataset
 from deftcli.evaluate import per_image_metrics
 from deftcli.methods import Reconstructor
 from deftcli.runs import open_run
@@ -43,9 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     run = open_run(args.run, torch.device("cpu"))
-    data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
-    images = list(range(min(args.n, len(data))))
-    x = data.batch(images)
+    images, x = val_images(run, args.n)
     rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
     methods = {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
 
