@@ -10,7 +10,9 @@ gradient at the prior's Tweedie x̂0 (no Jacobian of the prior). For one fine-tu
    reports the posterior-mean PSNR / SSIM and data residual of deft with its h and with NN_φ removed
    (h = −(c_0 + c_ψ) w g), at each γ; DPS at ζ; and a Jacobian-free DPS, whose step uses
    Aᵀ(A x̂0 − y)/‖A x̂0 − y‖ in place of ∇_{x_t}‖y − A x̂0(x_t)‖ (no backpropagation through the prior),
-   at each of ``--jacobian-free-zetas``. The val figures are read off, not used to select anything.
+   at each of ``--jacobian-free-zetas``; and the learnt schedule applied along the prior's Jacobian
+   (:class:`LearntScheduleAlongJacobian`, at each of ``--jacobian-gammas``): what NN_φ could add by
+   learning that direction. The val figures are read off, not used to select anything.
 
     python benchmarks/hnet_anatomy.py --run benchmarks/results/runs/sample_quality-…-w3 --gammas 1,3
 
@@ -64,6 +66,34 @@ class JacobianFreeDPS(Reconstructor):
         return denoise(self.prior.score, sde, x, grid[-1])
 
 
+@dataclass
+class LearntScheduleAlongJacobian(Reconstructor):
+    """deft's learnt schedule along the prior's Jacobian: h = −(c_0 + c_ψ(t)) w ‖g‖ Jᵀg / ‖Jᵀg‖.
+
+    Jᵀg = ∇_{x_t}⟨x̂0(x_t), g⟩ by autograd through the prior (DPS's cost per step): the direction of the
+    likelihood gradient through x̂0(x_t), which the exact h-transform of a non-Gaussian prior carries
+    and g lacks, at the magnitude deft's h has. What NN_φ could add by learning that direction.
+    """
+
+    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
+        sde, grid, htransform = self.prior.sde, self.grid, self.htransform
+        assert htransform is not None and self.operator is not None
+        x = gaussian((y.shape[0], *self.prior.image_shape), generator, y.device)
+        for k in range(len(grid) - 1):
+            t = time_batch(grid[k], x)
+            x_in = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                score = self.prior.score(x_in, t)
+                x0 = sde.tweedie_x0(x_in, score, t)
+                g = self.operator.likelihood_grad(x0.detach(), y)
+                (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
+            with torch.no_grad():
+                ratio = g.flatten(1).norm(dim=1) / jacobian_g.flatten(1).norm(dim=1).clamp_min(1e-12)
+                h = -htransform.scale(t) * htransform.weighted(jacobian_g) * ratio[:, None, None, None]
+                x = reverse_sde_step(sde, x_in.detach(), t, grid[k + 1] - grid[k], score.detach() + self.guidance_scale * h, standard_noise(x, generator))
+        return denoise(self.prior.score, sde, x, grid[-1])
+
+
 def trace(rec: Reconstructor, y: Tensor, reference: GaussianGuidance, every: int) -> list[dict[str, float]]:
     """Per-step anatomy of h along deft's own trajectories (γ = 1) for measurements y."""
     htransform, prior, sde, grid = rec.htransform, rec.prior, rec.prior.sde, rec.grid
@@ -97,6 +127,7 @@ def main() -> None:
     parser.add_argument("--gammas", default="1,3", help="deft's guidance scales γ")
     parser.add_argument("--dps-zeta", type=float, default=10.0)
     parser.add_argument("--jacobian-free-zetas", default="3,10,30")
+    parser.add_argument("--jacobian-gammas", default="1,1.5,2", help="γ of the learnt schedule along the prior's Jacobian")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--trace-images", type=int, default=32)
@@ -133,6 +164,9 @@ def main() -> None:
         results[f"deft_gamma_{gamma:g}"] = evaluate(f"deft γ {gamma:g}", replace(rec, guidance_scale=gamma), "deft")
         without = replace(rec, htransform=GradientTermOnly(run.htransform), guidance_scale=gamma)  # type: ignore[arg-type]
         results[f"deft_without_network_gamma_{gamma:g}"] = evaluate(f"deft without NN_φ, γ {gamma:g}", without, "deft")
+    for gamma in (float(v) for v in args.jacobian_gammas.split(",")):
+        along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=gamma)
+        results[f"learnt_schedule_along_jacobian_gamma_{gamma:g}"] = evaluate(f"learnt schedule along Jᵀg, γ {gamma:g}", along, "along-jacobian")
     results[f"dps_zeta_{args.dps_zeta:g}"] = evaluate(f"DPS ζ {args.dps_zeta:g}", replace(rec, dps_zeta=args.dps_zeta), "dps")
     for zeta in (float(v) for v in args.jacobian_free_zetas.split(",")):
         jacobian_free = JacobianFreeDPS(run.prior, run.operator, None, run.spec.time_steps, dps_zeta=zeta)
