@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from sample_quality import summarise, val_images
+from sample_quality import parse_with_evaluation_arguments, summarise, val_images
 from torch import Tensor, nn
 
 from deftcli.evaluate import per_image_metrics, sample_generators
@@ -128,15 +128,9 @@ def main() -> None:
     parser.add_argument("--dps-zeta", type=float, default=10.0)
     parser.add_argument("--jacobian-free-zetas", default="3,10,30")
     parser.add_argument("--jacobian-gammas", default="1,1.5,2", help="γ of the learnt schedule along the prior's Jacobian")
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--trace-images", type=int, default=32)
     parser.add_argument("--trace-every", type=int, default=4, help="record every this many steps (and the last)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hnet_anatomy.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/hnet_anatomy.json"))
 
     run = open_run(args.run, torch.device("cpu"))
     if not isinstance(run.htransform, HTransform):

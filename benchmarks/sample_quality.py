@@ -59,6 +59,19 @@ def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstru
     return {"images": f"{n} samples of the prior (200 steps, seed 123), clamped to [-1, 1]", "methods": rows}
 
 
+def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.Namespace:
+    """Add the options every val-image benchmark shares (the benchmark's images, k, batch, threads, JSON
+    path) with the defaults that make their measurements and samples the same, parse, and set the threads."""
+    parser.add_argument("--n", type=int, default=64, help="the first n val images")
+    parser.add_argument("-k", type=int, default=4, help="samples per image (posterior mean over k)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=out)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
     """The benchmark's images: the indices and pixels of the first n images of the run's val split."""
     data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
@@ -88,18 +101,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, action="append", help="an existing run of 4× super-resolution, repeatable (default: fine-tune one per --likelihood-weights)")
     parser.add_argument("--likelihood-weights", default="1,3", help="fine-tune one run per weight w (p(y | x)^w), comma-separated; (w, γ) are selected together on train images")
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: deft's default); a longer run shows when deft passes DPS")
     parser.add_argument("--snapshot-every", type=int, default=20)
     parser.add_argument("--hnet-start", choices=["zero", "gaussian"], help="the h-network's start (default: deft's default)")
     parser.add_argument("--prior-truth", type=int, default=32, help="images drawn from the prior for the prior-is-exact comparison (0: skip)")
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--speed-rounds", type=int, default=9, help="interleaved timed rounds (3 left ±7–10 %% noise on the ratio)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_quality.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/sample_quality.json"))
 
     finetune_summaries: dict[str, object] = {}
     run_dirs = args.run or []

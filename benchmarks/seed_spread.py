@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from sample_quality import paired_difference, summarise, val_images
+from sample_quality import parse_with_evaluation_arguments, paired_difference, summarise, val_images
 
 from deftcli.evaluate import per_image_metrics
 from deftcli.methods import Reconstructor
@@ -33,13 +33,7 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="deft's γ")
     parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
     parser.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds of the measurements and the samplers")
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("-k", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/seed_spread.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/seed_spread.json"))
 
     run = open_run(args.run, torch.device("cpu"))
     images, x = val_images(run, args.n)
