@@ -12,7 +12,9 @@ gradient at the prior's Tweedie x̂0 (no Jacobian of the prior). For one fine-tu
    Aᵀ(A x̂0 − y)/‖A x̂0 − y‖ in place of ∇_{x_t}‖y − A x̂0(x_t)‖ (no backpropagation through the prior),
    at each of ``--jacobian-free-zetas``; and the learnt schedule applied along the prior's Jacobian
    (:class:`LearntScheduleAlongJacobian`, at each of ``--jacobian-gammas``): what NN_φ could add by
-   learning that direction. The val figures are read off, not used to select anything.
+   learning that direction; and, at ``--jacobian-part-gamma``, the same along the Jacobian direction's
+   part in range(Aᵀ) alone and with only its null-space part added to g: which of the two carries the
+   gain. The val figures are read off, not used to select anything.
 
     python benchmarks/hnet_anatomy.py --run benchmarks/results/runs/sample_quality-…-w3 --gammas 1,3
 
@@ -26,6 +28,7 @@ import json
 import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from sample_quality import parse_with_evaluation_arguments, summarise, val_images
@@ -68,12 +71,30 @@ class JacobianFreeDPS(Reconstructor):
 
 @dataclass
 class LearntScheduleAlongJacobian(Reconstructor):
-    """deft's learnt schedule along the prior's Jacobian: h = −(c_0 + c_ψ(t)) w ‖g‖ Jᵀg / ‖Jᵀg‖.
+    """deft's learnt schedule along the prior's Jacobian: h = −(c_0 + c_ψ(t)) w ‖g‖ d / ‖d‖.
 
     Jᵀg = ∇_{x_t}⟨x̂0(x_t), g⟩ by autograd through the prior (DPS's cost per step): the direction of the
     likelihood gradient through x̂0(x_t), which the exact h-transform of a non-Gaussian prior carries
     and g lacks, at the magnitude deft's h has. What NN_φ could add by learning that direction.
+    With P = A†A the projection onto range(Aᵀ), ``part`` picks d:
+
+    - ``full``: d = Jᵀg;
+    - ``range``: d = P Jᵀg, the Jacobian's effect on what y measures;
+    - ``null-space``: d = ‖P Jᵀg‖ g/‖g‖ + (I − P) Jᵀg, g's own direction in the range and the
+      Jacobian's part that y does not measure.
     """
+
+    part: Literal["full", "range", "null-space"] = "full"
+
+    def direction(self, g: Tensor, jacobian_g: Tensor) -> Tensor:
+        if self.part == "full":
+            return jacobian_g
+        assert self.operator is not None
+        in_range = self.operator.A_dagger(self.operator.A(jacobian_g))
+        if self.part == "range":
+            return in_range
+        norm = lambda v: v.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]  # noqa: E731
+        return g / norm(g) * norm(in_range) + (jacobian_g - in_range)
 
     def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
         sde, grid, htransform = self.prior.sde, self.grid, self.htransform
@@ -88,8 +109,9 @@ class LearntScheduleAlongJacobian(Reconstructor):
                 g = self.operator.likelihood_grad(x0.detach(), y)
                 (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
             with torch.no_grad():
-                ratio = g.flatten(1).norm(dim=1) / jacobian_g.flatten(1).norm(dim=1).clamp_min(1e-12)
-                h = -htransform.scale(t) * htransform.weighted(jacobian_g) * ratio[:, None, None, None]
+                d = self.direction(g, jacobian_g)
+                ratio = g.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1).clamp_min(1e-12)
+                h = -htransform.scale(t) * htransform.weighted(d) * ratio[:, None, None, None]
                 x = reverse_sde_step(sde, x_in.detach(), t, grid[k + 1] - grid[k], score.detach() + self.guidance_scale * h, standard_noise(x, generator))
         return denoise(self.prior.score, sde, x, grid[-1])
 
@@ -128,6 +150,8 @@ def main() -> None:
     parser.add_argument("--dps-zeta", type=float, default=10.0)
     parser.add_argument("--jacobian-free-zetas", default="3,10,30")
     parser.add_argument("--jacobian-gammas", default="1,1.5,2", help="γ of the learnt schedule along the prior's Jacobian")
+    parser.add_argument("--jacobian-part-gamma", type=float, default=2.0,
+                        help="γ at which the Jacobian direction's range and null-space parts are evaluated apart")
     parser.add_argument("--trace-images", type=int, default=32)
     parser.add_argument("--trace-every", type=int, default=4, help="record every this many steps (and the last)")
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/hnet_anatomy.json"))
@@ -161,6 +185,10 @@ def main() -> None:
     for gamma in (float(v) for v in args.jacobian_gammas.split(",")):
         along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=gamma)
         results[f"learnt_schedule_along_jacobian_gamma_{gamma:g}"] = evaluate(f"learnt schedule along Jᵀg, γ {gamma:g}", along, "along-jacobian")
+    for part in ("range", "null-space"):
+        along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=args.jacobian_part_gamma, part=part)
+        results[f"learnt_schedule_along_jacobian_{part}_gamma_{args.jacobian_part_gamma:g}"] = evaluate(
+            f"learnt schedule along the {part} part of Jᵀg, γ {args.jacobian_part_gamma:g}", along, f"along-jacobian-{part}")
     results[f"dps_zeta_{args.dps_zeta:g}"] = evaluate(f"DPS ζ {args.dps_zeta:g}", replace(rec, dps_zeta=args.dps_zeta), "dps")
     for zeta in (float(v) for v in args.jacobian_free_zetas.split(",")):
         jacobian_free = JacobianFreeDPS(run.prior, run.operator, None, run.spec.time_steps, dps_zeta=zeta)
