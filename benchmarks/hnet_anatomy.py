@@ -14,7 +14,11 @@ gradient at the prior's Tweedie x̂0 (no Jacobian of the prior). For one fine-tu
    (:class:`LearntScheduleAlongJacobian`, at each of ``--jacobian-gammas``): what NN_φ could add by
    learning that direction; and, at ``--jacobian-part-gamma``, the same along the Jacobian direction's
    part in range(Aᵀ) alone and with only its null-space part added to g: which of the two carries the
-   gain. The val figures are read off, not used to select anything.
+   gain. The val figures are read off, not used to select anything;
+3. evaluates the same samplers on ``--prior-truth`` ground truths drawn from the prior itself
+   (``sample_quality.py``'s, measurement seed 0), where the model's posterior is the true one: what
+   each gains there is posterior accuracy, and what it gains only on petals makes up for the prior's
+   mismatch with the data.
 
     python benchmarks/hnet_anatomy.py --run benchmarks/results/runs/sample_quality-…-w3 --gammas 1,3
 
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from sample_quality import parse_with_evaluation_arguments, summarise, val_images
+from sample_quality import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
 from torch import Tensor, nn
 
 from deftcli.evaluate import per_image_metrics, sample_generators
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--jacobian-gammas", default="1,1.5,2", help="γ of the learnt schedule along the prior's Jacobian")
     parser.add_argument("--jacobian-part-gamma", type=float, default=2.0,
                         help="γ at which the Jacobian direction's range and null-space parts are evaluated apart")
+    parser.add_argument("--prior-truth", type=int, default=32,
+                        help="also evaluate every sampler on this many ground truths drawn from the prior (0: none)")
     parser.add_argument("--trace-images", type=int, default=32)
     parser.add_argument("--trace-every", type=int, default=4, help="record every this many steps (and the last)")
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/hnet_anatomy.json"))
@@ -160,39 +166,51 @@ def main() -> None:
     if not isinstance(run.htransform, HTransform):
         raise SystemExit(f"{args.run}: not a fine-tuned run with an h-network")
     images, x = val_images(run, args.n)
-    y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
     rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
     reference = GaussianGuidance(sigma_y=run.operator.sigma, gram_norm=run.operator.gram_norm(run.prior.image_shape),
                                  data_variance=run.prior.pixel_variance())
 
+    y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
     steps = trace(rec, y[: args.trace_images], reference, args.trace_every)
     for row in steps:
         print(" ".join(f"{key} {value}" for key, value in row.items()), flush=True)
 
-    def evaluate(name: str, method_rec: Reconstructor, method: str) -> dict[str, float]:
-        per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, args.k, args.batch_size, seed=0)
-        summary = summarise(per_image, seconds, len(images), args.k)
-        print(f"{name}: PSNR of the posterior mean {summary['psnr_mean']:.3f}, SSIM {summary['ssim_mean']:.3f}, residual {summary['data_residual']:.3f}",
-              flush=True)
-        return summary
+    def evaluate_samplers(x: Tensor, images: list[int]) -> dict[str, dict[str, float]]:
+        """Every sampler of this script on ground truths x (measurement seed 0), PSNR etc. of the posterior mean."""
+        y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
 
-    gammas = [float(v) for v in args.gammas.split(",")]
-    results: dict[str, dict[str, float]] = {}
-    for gamma in gammas:
-        results[f"deft_gamma_{gamma:g}"] = evaluate(f"deft γ {gamma:g}", replace(rec, guidance_scale=gamma), "deft")
-        without = replace(rec, htransform=GradientTermOnly(run.htransform), guidance_scale=gamma)  # type: ignore[arg-type]
-        results[f"deft_without_network_gamma_{gamma:g}"] = evaluate(f"deft without NN_φ, γ {gamma:g}", without, "deft")
-    for gamma in (float(v) for v in args.jacobian_gammas.split(",")):
-        along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=gamma)
-        results[f"learnt_schedule_along_jacobian_gamma_{gamma:g}"] = evaluate(f"learnt schedule along Jᵀg, γ {gamma:g}", along, "along-jacobian")
-    for part in ("range", "null-space"):
-        along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=args.jacobian_part_gamma, part=part)
-        results[f"learnt_schedule_along_jacobian_{part}_gamma_{args.jacobian_part_gamma:g}"] = evaluate(
-            f"learnt schedule along the {part} part of Jᵀg, γ {args.jacobian_part_gamma:g}", along, f"along-jacobian-{part}")
-    results[f"dps_zeta_{args.dps_zeta:g}"] = evaluate(f"DPS ζ {args.dps_zeta:g}", replace(rec, dps_zeta=args.dps_zeta), "dps")
-    for zeta in (float(v) for v in args.jacobian_free_zetas.split(",")):
-        jacobian_free = JacobianFreeDPS(run.prior, run.operator, None, run.spec.time_steps, dps_zeta=zeta)
-        results[f"jacobian_free_dps_zeta_{zeta:g}"] = evaluate(f"Jacobian-free DPS ζ {zeta:g}", jacobian_free, "jacobian-free-dps")
+        def evaluate(name: str, method_rec: Reconstructor, method: str) -> dict[str, float]:
+            per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, args.k, args.batch_size, seed=0)
+            summary = summarise(per_image, seconds, len(images), args.k)
+            print(f"{name}: PSNR of the posterior mean {summary['psnr_mean']:.3f}, SSIM {summary['ssim_mean']:.3f}, "
+                  f"residual {summary['data_residual']:.3f}", flush=True)
+            return summary
+
+        results: dict[str, dict[str, float]] = {}
+        for gamma in (float(v) for v in args.gammas.split(",")):
+            results[f"deft_gamma_{gamma:g}"] = evaluate(f"deft γ {gamma:g}", replace(rec, guidance_scale=gamma), "deft")
+            without = replace(rec, htransform=GradientTermOnly(run.htransform), guidance_scale=gamma)  # type: ignore[arg-type]
+            results[f"deft_without_network_gamma_{gamma:g}"] = evaluate(f"deft without NN_φ, γ {gamma:g}", without, "deft")
+        for gamma in (float(v) for v in args.jacobian_gammas.split(",")):
+            along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=gamma)
+            results[f"learnt_schedule_along_jacobian_gamma_{gamma:g}"] = evaluate(f"learnt schedule along Jᵀg, γ {gamma:g}", along, "along-jacobian")
+        for part in ("range", "null-space"):
+            along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=args.jacobian_part_gamma,
+                                                part=part)
+            results[f"learnt_schedule_along_jacobian_{part}_gamma_{args.jacobian_part_gamma:g}"] = evaluate(
+                f"learnt schedule along the {part} part of Jᵀg, γ {args.jacobian_part_gamma:g}", along, f"along-jacobian-{part}")
+        results[f"dps_zeta_{args.dps_zeta:g}"] = evaluate(f"DPS ζ {args.dps_zeta:g}", replace(rec, dps_zeta=args.dps_zeta), "dps")
+        for zeta in (float(v) for v in args.jacobian_free_zetas.split(",")):
+            jacobian_free = JacobianFreeDPS(run.prior, run.operator, None, run.spec.time_steps, dps_zeta=zeta)
+            results[f"jacobian_free_dps_zeta_{zeta:g}"] = evaluate(f"Jacobian-free DPS ζ {zeta:g}", jacobian_free, "jacobian-free-dps")
+        return results
+
+    results = evaluate_samplers(x, images)
+    prior_truth = None
+    if args.prior_truth:
+        print(f"on {args.prior_truth} {PRIOR_TRUTH}:", flush=True)
+        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}",
+                       "posterior_mean": evaluate_samplers(prior_truth_images(rec, args.prior_truth), list(range(args.prior_truth)))}
 
     result = {
         "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
@@ -201,6 +219,7 @@ def main() -> None:
                   "torch": torch.__version__, "platform": platform.platform()},
         "trace_gamma_1": steps,
         "posterior_mean": results,
+        "prior_truth": prior_truth,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

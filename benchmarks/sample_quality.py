@@ -44,10 +44,19 @@ def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int
     return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
 
 
-def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstructor], n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
-    """Every deft configuration and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior (200-step reverse SDE, seed 123)."""
+PRIOR_TRUTH = "samples of the prior (200 steps, seed 123), clamped to [-1, 1]"
+
+
+def prior_truth_images(rec: Reconstructor, n: int) -> torch.Tensor:
+    """n ground-truth images drawn from the prior itself (:data:`PRIOR_TRUTH`): there its posterior is the true one."""
     truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
-    x = truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
+    return truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
+
+
+def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstructor], n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
+    """Every deft configuration and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior."""
+    assert rec.operator is not None
+    x = prior_truth_images(rec, n)
     y = rec.operator.measure(x, generator=torch.Generator().manual_seed(0))
     images, rows = list(range(n)), {}
     runs = [("dagger", "dagger", rec, 1), *((name, "deft", deft_rec, k) for name, deft_rec in deft_configs.items()),
@@ -56,7 +65,7 @@ def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstru
         per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, samples, batch_size, seed=0)
         rows[name] = {**method_rec.settings(method), **summarise(per_image, seconds, n, samples)}
         print(f"prior truth  {name:16s} PSNR mean {rows[name]['psnr_mean']:6.2f}  residual {rows[name]['data_residual']:.3f}", flush=True)
-    return {"images": f"{n} samples of the prior (200 steps, seed 123), clamped to [-1, 1]", "methods": rows}
+    return {"images": f"{n} {PRIOR_TRUTH}", "methods": rows}
 
 
 def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.Namespace:
