@@ -45,6 +45,11 @@ from deftcli.runs import open_run
 from deftcli.samplers import NoiseSource, denoise, gaussian, reverse_sde_step, standard_noise, time_batch
 
 
+def sample_norm(v: Tensor) -> Tensor:
+    """‖v_b‖ per batch row, (B, 1, 1, 1), kept away from 0 so that it can divide."""
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+
+
 class GradientTermOnly(nn.Module):
     """An h-network with NN_φ removed: h = −(c_0 + c_ψ(t)) w g."""
 
@@ -68,7 +73,7 @@ class JacobianFreeDPS(Reconstructor):
                 t = time_batch(grid[k], x)
                 score = self.prior.score(x, t)
                 residual = operator.A(sde.tweedie_x0(x, score, t)) - y
-                step = operator.A_adjoint(residual) / residual.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+                step = operator.A_adjoint(residual) / sample_norm(residual)
                 x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score, standard_noise(x, generator)) - self.dps_zeta * step
         return denoise(self.prior.score, sde, x, grid[-1])
 
@@ -97,8 +102,7 @@ class LearntScheduleAlongJacobian(Reconstructor):
         in_range = self.operator.A_dagger(self.operator.A(jacobian_g))
         if self.part == "range":
             return in_range
-        norm = lambda v: v.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]  # noqa: E731
-        return g / norm(g) * norm(in_range) + (jacobian_g - in_range)
+        return g / sample_norm(g) * sample_norm(in_range) + (jacobian_g - in_range)
 
     def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
         sde, grid, htransform = self.prior.sde, self.grid, self.htransform
@@ -114,8 +118,7 @@ class LearntScheduleAlongJacobian(Reconstructor):
                 (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
             with torch.no_grad():
                 d = self.direction(g, jacobian_g)
-                ratio = g.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1).clamp_min(1e-12)
-                h = -htransform.scale(t) * htransform.weighted(d) * ratio[:, None, None, None]
+                h = -htransform.scale(t) * htransform.weighted(d) * (sample_norm(g) / sample_norm(d))
                 x = reverse_sde_step(sde, x_in.detach(), t, grid[k + 1] - grid[k], score.detach() + self.guidance_scale * h, standard_noise(x, generator))
         return denoise(self.prior.score, sde, x, grid[-1])
 
@@ -175,9 +178,8 @@ def main() -> None:
     for row in steps:
         print(" ".join(f"{key} {value}" for key, value in row.items()), flush=True)
 
-    def evaluate_samplers(x: Tensor, images: list[int]) -> dict[str, dict[str, float]]:
-        """Every sampler of this script on ground truths x (measurement seed 0), PSNR etc. of the posterior mean."""
-        y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
+    def evaluate_samplers(x: Tensor, y: Tensor, images: list[int]) -> dict[str, dict[str, float]]:
+        """Every sampler of this script on ground truths x and their measurements y, PSNR etc. of the posterior mean."""
 
         def evaluate(name: str, method_rec: Reconstructor, method: str) -> dict[str, float]:
             per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, args.k, args.batch_size, seed=0)
@@ -205,12 +207,13 @@ def main() -> None:
             results[f"jacobian_free_dps_zeta_{zeta:g}"] = evaluate(f"Jacobian-free DPS ζ {zeta:g}", jacobian_free, "jacobian-free-dps")
         return results
 
-    results = evaluate_samplers(x, images)
+    results = evaluate_samplers(x, y, images)
     prior_truth = None
     if args.prior_truth:
         print(f"on {args.prior_truth} {PRIOR_TRUTH}:", flush=True)
-        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}",
-                       "posterior_mean": evaluate_samplers(prior_truth_images(rec, args.prior_truth), list(range(args.prior_truth)))}
+        truth = prior_truth_images(rec, args.prior_truth)
+        truth_y = run.operator.measure(truth, generator=torch.Generator().manual_seed(0))
+        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}", "posterior_mean": evaluate_samplers(truth, truth_y, list(range(args.prior_truth)))}
 
     result = {
         "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,

@@ -55,7 +55,6 @@ def prior_truth_images(rec: Reconstructor, n: int) -> torch.Tensor:
 
 def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstructor], n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
     """Every deft configuration and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior."""
-    assert rec.operator is not None
     x = prior_truth_images(rec, n)
     y = rec.operator.measure(x, generator=torch.Generator().manual_seed(0))
     images, rows = list(range(n)), {}
