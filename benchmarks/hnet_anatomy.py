@@ -104,22 +104,29 @@ class LearntScheduleAlongJacobian(Reconstructor):
             return in_range
         return g / sample_norm(g) * sample_norm(in_range) + (jacobian_g - in_range)
 
-    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
-        sde, grid, htransform = self.prior.sde, self.grid, self.htransform
+    def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The prior score s_θ(x_t, t) and the control γ h added to it, both detached."""
+        sde, htransform = self.prior.sde, self.htransform
         assert htransform is not None and self.operator is not None
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            score = self.prior.score(x_in, t)
+            x0 = sde.tweedie_x0(x_in, score, t)
+            g = self.operator.likelihood_grad(x0.detach(), y)
+            (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
+        with torch.no_grad():
+            d = self.direction(g, jacobian_g)
+            h = -htransform.scale(t) * htransform.weighted(d) * (sample_norm(g) / sample_norm(d))
+            return score.detach(), self.guidance_scale * h
+
+    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
+        sde, grid = self.prior.sde, self.grid
         x = gaussian((y.shape[0], *self.prior.image_shape), generator, y.device)
         for k in range(len(grid) - 1):
             t = time_batch(grid[k], x)
-            x_in = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                score = self.prior.score(x_in, t)
-                x0 = sde.tweedie_x0(x_in, score, t)
-                g = self.operator.likelihood_grad(x0.detach(), y)
-                (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
+            score, control = self.score_and_control(x, t, y)
             with torch.no_grad():
-                d = self.direction(g, jacobian_g)
-                h = -htransform.scale(t) * htransform.weighted(d) * (sample_norm(g) / sample_norm(d))
-                x = reverse_sde_step(sde, x_in.detach(), t, grid[k + 1] - grid[k], score.detach() + self.guidance_scale * h, standard_noise(x, generator))
+                x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score + control, standard_noise(x, generator))
         return denoise(self.prior.score, sde, x, grid[-1])
 
 

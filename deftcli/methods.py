@@ -23,7 +23,7 @@ from .htransform import ConditionalScore, HTransform
 from .operators import Operator
 from .priors import Prior
 from .samplers import NoiseSource, ScoreFn, clip_denoised, denoise, gaussian, reverse_sde_step, sample_reverse_sde, standard_noise, time_batch
-from .sde import reverse_time_grid
+from .sde import VPSDE, reverse_time_grid
 from .specs import DEFAULT_DPS_ZETA
 
 METHODS = ("deft", "dps", "prior", "dagger")
@@ -119,11 +119,20 @@ def sample_dps(
     sde = prior.sde
     for k in range(len(grid) - 1):
         t = time_batch(grid[k], x)
-        x_in = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            score = score_fn(x_in, t)
-            residual = (y - operator.A(sde.tweedie_x0(x_in, score, t))).flatten(1).norm(dim=1)
-            (grad,) = torch.autograd.grad(residual.sum(), x_in)
+        score, correction = dps_correction(score_fn, sde, operator, y, x, t, zeta)
         with torch.no_grad():
-            x = reverse_sde_step(sde, x_in.detach(), t, grid[k + 1] - grid[k], score.detach(), standard_noise(x, generator)) - zeta * grad
-    return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x.detach()
+            x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score, standard_noise(x, generator)) + correction
+    return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
+
+
+def dps_correction(score_fn: ScoreFn, sde: VPSDE, operator: Operator, y: Tensor, x: Tensor, t: Tensor, zeta: float) -> tuple[Tensor, Tensor]:
+    """The prior score s_θ(x_t, t) and DPS's shift −ζ ∇_{x_t} ‖y − A x̂0(x_t)‖ of the step from x_t, both detached.
+
+    ∇_{x_t} goes through Tweedie's x̂0(x_t) = (x_t + σ² s_θ(x_t, t))/α, i.e. one backward pass of the prior.
+    """
+    x_in = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        score = score_fn(x_in, t)
+        residual = (y - operator.A(sde.tweedie_x0(x_in, score, t))).flatten(1).norm(dim=1)
+        (grad,) = torch.autograd.grad(residual.sum(), x_in)
+    return score.detach(), -zeta * grad
