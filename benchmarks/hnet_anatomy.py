@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from deftcli.evaluate import per_image_metrics, sample_generators
 from deftcli.htransform import GaussianGuidance, HTransform, guidance_inputs
 from deftcli.methods import Reconstructor
+from deftcli.priors import Prior
 from deftcli.runs import open_run
 from deftcli.samplers import NoiseSource, denoise, gaussian, reverse_sde_step, standard_noise, time_batch
 
@@ -61,25 +63,56 @@ class GradientTermOnly(nn.Module):
         return -self.htransform.scale(t) * self.htransform.weighted(g)
 
 
-@dataclass
-class JacobianFreeDPS(Reconstructor):
-    """DPS with the prior's Jacobian dropped: after each prior step, x ← x − ζ Aᵀ(A x̂0 − y)/‖A x̂0 − y‖."""
+Guidance = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+"""(x_t, t, y) → (the prior score, a control added to it, a correction added after the step), all detached."""
+
+
+def guided_chain(prior: Prior, grid: list[float], y: Tensor, generator: NoiseSource, guidance: Guidance) -> tuple[Tensor, Tensor]:
+    r"""The prior's Euler–Maruyama chain from noise with a guidance: x_{k+1} = EM step with s + control, + correction.
+
+    Returns x_N (at t = ε) and, per row, Σ_k ‖d_k‖² / (2 β_k Δs_k) with d_k = β_k Δs_k control + correction,
+    the mean shift of step k against the prior's chain: the KL divergence of the guided chain's path
+    from the prior's (each step is Gaussian with the prior's covariance β_k Δs_k I).
+    """
+    sde = prior.sde
+    x = gaussian((y.shape[0], *prior.image_shape), generator, y.device)
+    kl = torch.zeros(y.shape[0], device=y.device)
+    for k in range(len(grid) - 1):
+        t, ds = time_batch(grid[k], x), grid[k + 1] - grid[k]
+        score, control, correction = guidance(x, t, y)
+        with torch.no_grad():
+            beta_ds = sde.beta(t)[:, None, None, None] * ds
+            x = reverse_sde_step(sde, x, t, ds, score + control, standard_noise(x, generator)) + correction
+            kl += ((beta_ds * control + correction).pow(2) / (2 * beta_ds)).flatten(1).sum(1)
+    return x, kl
+
+
+class GuidedChainSampler(Reconstructor):
+    """A benchmark-only sampler: :func:`guided_chain` with :meth:`guidance`, Tweedie-denoised under the prior at the end."""
+
+    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
 
     def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
-        sde, grid, operator = self.prior.sde, self.grid, self.operator
-        x = gaussian((y.shape[0], *self.prior.image_shape), generator, y.device)
-        with torch.no_grad():
-            for k in range(len(grid) - 1):
-                t = time_batch(grid[k], x)
-                score = self.prior.score(x, t)
-                residual = operator.A(sde.tweedie_x0(x, score, t)) - y
-                step = operator.A_adjoint(residual) / sample_norm(residual)
-                x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score, standard_noise(x, generator)) - self.dps_zeta * step
-        return denoise(self.prior.score, sde, x, grid[-1])
+        x, _ = guided_chain(self.prior, self.grid, y, generator, self.guidance)
+        return denoise(self.prior.score, self.prior.sde, x, self.grid[-1])
 
 
 @dataclass
-class LearntScheduleAlongJacobian(Reconstructor):
+class JacobianFreeDPS(GuidedChainSampler):
+    """DPS with the prior's Jacobian dropped: after each prior step, x ← x − ζ Aᵀ(A x̂0 − y)/‖A x̂0 − y‖."""
+
+    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        assert self.operator is not None
+        with torch.no_grad():
+            score = self.prior.score(x, t)
+            residual = self.operator.A(self.prior.sde.tweedie_x0(x, score, t)) - y
+            step = self.operator.A_adjoint(residual) / sample_norm(residual)
+            return score, torch.zeros_like(x), -self.dps_zeta * step
+
+
+@dataclass
+class LearntScheduleAlongJacobian(GuidedChainSampler):
     """deft's learnt schedule along the prior's Jacobian: h = −(c_0 + c_ψ(t)) w ‖g‖ d / ‖d‖.
 
     Jᵀg = ∇_{x_t}⟨x̂0(x_t), g⟩ by autograd through the prior (DPS's cost per step): the direction of the
@@ -104,8 +137,8 @@ class LearntScheduleAlongJacobian(Reconstructor):
             return in_range
         return g / sample_norm(g) * sample_norm(in_range) + (jacobian_g - in_range)
 
-    def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The prior score s_θ(x_t, t) and the control γ h added to it, both detached."""
+    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The prior score s_θ(x_t, t) and the control γ h added to it (no correction)."""
         sde, htransform = self.prior.sde, self.htransform
         assert htransform is not None and self.operator is not None
         x_in = x.detach().requires_grad_(True)
@@ -117,17 +150,7 @@ class LearntScheduleAlongJacobian(Reconstructor):
         with torch.no_grad():
             d = self.direction(g, jacobian_g)
             h = -htransform.scale(t) * htransform.weighted(d) * (sample_norm(g) / sample_norm(d))
-            return score.detach(), self.guidance_scale * h
-
-    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
-        sde, grid = self.prior.sde, self.grid
-        x = gaussian((y.shape[0], *self.prior.image_shape), generator, y.device)
-        for k in range(len(grid) - 1):
-            t = time_batch(grid[k], x)
-            score, control = self.score_and_control(x, t, y)
-            with torch.no_grad():
-                x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score + control, standard_noise(x, generator))
-        return denoise(self.prior.score, sde, x, grid[-1])
+            return score.detach(), self.guidance_scale * h, torch.zeros_like(x)
 
 
 def trace(rec: Reconstructor, y: Tensor, reference: GaussianGuidance, every: int) -> list[dict[str, float]]:

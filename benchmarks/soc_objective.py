@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hnet_anatomy import LearntScheduleAlongJacobian
+from hnet_anatomy import Guidance, LearntScheduleAlongJacobian, guided_chain
 from sample_quality import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, val_images
 from torch import Tensor
 
@@ -41,11 +41,7 @@ from deftcli.evaluate import psnr, sample_generators
 from deftcli.htransform import ConditionalScore, HTransform, guidance_inputs
 from deftcli.methods import Reconstructor, dps_correction
 from deftcli.runs import FinetunedRun, open_run
-from deftcli.samplers import ScoreFn, denoise, gaussian, reverse_sde_step, standard_noise, time_batch
-
-Guidance = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-"""(x_t, t, y) → (prior score, control added to it, correction added after the step), all detached."""
-
+from deftcli.samplers import ScoreFn, denoise
 
 def deft_guidance(run: FinetunedRun, gamma: float) -> Guidance:
     def guidance(x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,32 +60,13 @@ def dps_guidance(run: FinetunedRun, zeta: float) -> Guidance:
     return guidance
 
 
-def along_jacobian_guidance(run: FinetunedRun, gamma: float) -> Guidance:
-    sampler = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=gamma)
-
-    def guidance(x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        score, control = sampler.score_and_control(x, t, y)
-        return score, control, torch.zeros_like(x)
-
-    return guidance
-
-
 def controlled_chain(run: FinetunedRun, grid: list[float], y: Tensor, generators: list[torch.Generator], guidance: Guidance,
                      final_score: ScoreFn) -> tuple[Tensor, Tensor, Tensor]:
     """One chain per row of y: (D(x_N) with w = 1, Σ_k ‖d_k‖²/(2 β_k Δs_k), Tweedie's x̂0 at t = ε under ``final_score``)."""
-    sde = run.prior.sde
-    x = gaussian((y.shape[0], *run.prior.image_shape), generators, y.device)
-    kl = torch.zeros(y.shape[0])
-    for k in range(len(grid) - 1):
-        t, ds = time_batch(grid[k], x), grid[k + 1] - grid[k]
-        score, control, correction = guidance(x, t, y)
-        with torch.no_grad():
-            beta_ds = sde.beta(t)[:, None, None, None] * ds
-            x = reverse_sde_step(sde, x, t, ds, score + control, standard_noise(x, generators)) + correction
-            kl += ((beta_ds * control + correction).pow(2) / (2 * beta_ds)).flatten(1).sum(1)
+    x, kl = guided_chain(run.prior, grid, y, generators, guidance)
     with torch.no_grad():
         data = (run.operator.A(x) - y).flatten(1).pow(2).sum(1) / (2 * run.operator.sigma**2)
-    return data, kl, denoise(final_score, sde, x, grid[-1])
+    return data, kl, denoise(final_score, run.prior.sde, x, grid[-1])
 
 
 def main() -> None:
@@ -115,7 +92,8 @@ def main() -> None:
                              lambda y, run=run, gamma=gamma: ConditionalScore(run.prior, run.htransform, run.operator, y, gamma)))
     for label, run in runs.items():
         for gamma in (float(v) for v in args.jacobian_gammas.split(",")):
-            samplers.append((f"learnt schedule ({label}) along Jᵀg, γ {gamma:g}", along_jacobian_guidance(run, gamma), lambda y: base.prior.score))
+            along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=gamma)
+            samplers.append((f"learnt schedule ({label}) along Jᵀg, γ {gamma:g}", along.guidance, lambda y: base.prior.score))
     for zeta in (float(v) for v in args.dps_zetas.split(",")):
         samplers.append((f"DPS ζ {zeta:g}", dps_guidance(base, zeta), lambda y: base.prior.score))
 
