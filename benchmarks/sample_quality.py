@@ -80,6 +80,22 @@ def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path) 
     return args
 
 
+def add_deft_against_dps_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that compares one fine-tuned run at guidance scale γ with DPS at step size ζ."""
+    parser.add_argument("--run", type=Path, required=True, help="a finished 4× super-resolution run")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="deft's γ")
+    parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
+
+
+def deft_against_dps(args: argparse.Namespace) -> tuple[FinetunedRun, list[int], torch.Tensor, dict[str, Reconstructor]]:
+    """The run of ``--run``, the benchmark's val images (indices, pixels) and the two samplers: deft at
+    ``--guidance-scale`` and DPS at ``--dps-zeta``, at the run's N with the Tweedie-denoised last step."""
+    run = open_run(args.run, torch.device("cpu"))
+    images, x = val_images(run, args.n)
+    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
+    return run, images, x, {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
+
+
 def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
     """The benchmark's images: the indices and pixels of the first n images of the run's val split."""
     data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])

@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from sample_quality import paired_difference, parse_with_evaluation_arguments, val_images
+from sample_quality import add_deft_against_dps_arguments, deft_against_dps, paired_difference, parse_with_evaluation_arguments
 
 from deftcli.evaluate import per_image_metrics, psnr, ssim
-from deftcli.methods import Reconstructor
-from deftcli.runs import open_run
 
 
 def posterior_means_by_k(samples: torch.Tensor, x_true: torch.Tensor, seconds_per_sample: float) -> dict[int, dict[str, object]]:
@@ -41,17 +38,12 @@ def posterior_means_by_k(samples: torch.Tensor, x_true: torch.Tensor, seconds_pe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished 4× super-resolution run")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="deft's γ")
-    parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
+    add_deft_against_dps_arguments(parser)
     parser.set_defaults(k=16)
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/samples_per_image.json"))
 
-    run = open_run(args.run, torch.device("cpu"))
-    images, x = val_images(run, args.n)
+    run, images, x, methods = deft_against_dps(args)
     y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
-    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
-    methods = {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
 
     by_k = {}
     for name, method_rec in methods.items():

@@ -16,29 +16,21 @@ import argparse
 import json
 import platform
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from sample_quality import parse_with_evaluation_arguments, paired_difference, summarise, val_images
+from sample_quality import add_deft_against_dps_arguments, deft_against_dps, parse_with_evaluation_arguments, paired_difference, summarise
 
 from deftcli.evaluate import per_image_metrics
-from deftcli.methods import Reconstructor
-from deftcli.runs import open_run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished 4× super-resolution run")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="deft's γ")
-    parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
+    add_deft_against_dps_arguments(parser)
     parser.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds of the measurements and the samplers")
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/seed_spread.json"))
 
-    run = open_run(args.run, torch.device("cpu"))
-    images, x = val_images(run, args.n)
-    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
-    methods = {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
+    run, images, x, methods = deft_against_dps(args)
 
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
