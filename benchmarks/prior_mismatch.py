@@ -22,9 +22,9 @@ import platform
 from pathlib import Path
 
 import torch
-from sample_quality import add_deft_against_dps_arguments, deft_against_dps, paired_difference, parse_with_evaluation_arguments, summarise
+from sample_quality import add_deft_against_dps_arguments, deft_against_dps, deft_against_dps_row, describe_gap, parse_with_evaluation_arguments
 
-from deftcli.evaluate import per_image_metrics, psnr
+from deftcli.evaluate import psnr
 from deftcli.operators import Operator
 from deftcli.priors import Prior
 from deftcli.samplers import sample_reverse_sde
@@ -63,18 +63,13 @@ def main() -> None:
     for t_star in (float(t) for t in args.t_star.split(",")):
         x = project_onto_prior(run.prior, petals, t_star, torch.Generator().manual_seed(7))
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
-        per_method = {name: per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=0) for name, method_rec in methods.items()}
         row = {"t_star": t_star, "truth_psnr_against_petals": round(float(psnr(x, petals).mean()), 3) if t_star > 0 else None,
                "truth_channel_std": [round(float(v), 4) for v in x.std(dim=(0, 2, 3))],
                "truth_null_space_energy": null_space_energy(run.operator, x),
                "dagger_psnr": round(float(psnr(run.operator.A_dagger(y), x).mean()), 4),
-               **{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
-               "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
+               **deft_against_dps_row(methods, x, y, images, args, seed=0)}
         rows.append(row)
-        gap = row["deft_minus_dps"]
-        print(f"t* {t_star:4.2f} (truth vs petals {row['truth_psnr_against_petals'] or float('inf'):6.2f} dB): PSNR mean deft {row['deft']['psnr_mean']:.3f}, "
-              f"DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} ± {gap['standard_error_db']:.3f} dB, "
-              f"above on {gap['images_above']} of {gap['images']}", flush=True)
+        print(f"t* {t_star:4.2f} (truth vs petals {row['truth_psnr_against_petals'] or float('inf'):6.2f} dB): {describe_gap(row)}", flush=True)
 
     result = {
         "setup": {"data": f"petals val, first {len(images)}, projected onto the prior by SDEdit from t* (seed 7, {PROJECTION_POINTS}-point grid)",

@@ -96,6 +96,21 @@ def deft_against_dps(args: argparse.Namespace) -> tuple[FinetunedRun, list[int],
     return run, images, x, {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
 
 
+def deft_against_dps_row(methods: dict[str, Reconstructor], x: torch.Tensor, y: torch.Tensor, images: list[int], args: argparse.Namespace, seed: int) -> dict[str, object]:
+    """deft's and DPS's k samples per image for measurements y of truths x (sampler seed ``seed``): each
+    method's summary and the paired per-image difference of their posterior-mean PSNR, deft − DPS."""
+    per_method = {name: per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=seed) for name, method_rec in methods.items()}
+    return {**{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
+            "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
+
+
+def describe_gap(row: dict[str, object]) -> str:
+    """One line for a :func:`deft_against_dps_row`."""
+    gap = row["deft_minus_dps"]
+    return (f"PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
+            f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}")
+
+
 def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
     """The benchmark's images: the indices and pixels of the first n images of the run's val split."""
     data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])

@@ -19,9 +19,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from sample_quality import add_deft_against_dps_arguments, deft_against_dps, parse_with_evaluation_arguments, paired_difference, summarise
-
-from deftcli.evaluate import per_image_metrics
+from sample_quality import add_deft_against_dps_arguments, deft_against_dps, deft_against_dps_row, describe_gap, parse_with_evaluation_arguments
 
 
 def main() -> None:
@@ -35,13 +33,9 @@ def main() -> None:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(seed))
-        per_method = {name: per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=seed) for name, method_rec in methods.items()}
-        row = {"seed": seed, **{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
-               "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
+        row = {"seed": seed, **deft_against_dps_row(methods, x, y, images, args, seed)}
         rows.append(row)
-        gap = row["deft_minus_dps"]
-        print(f"seed {seed}: PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
-              f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}", flush=True)
+        print(f"seed {seed}: {describe_gap(row)}", flush=True)
 
     gaps = [row["deft_minus_dps"]["mean_db"] for row in rows]
     result = {
