@@ -39,9 +39,7 @@ def project_onto_prior(prior: Prior, x: torch.Tensor, t_star: float, generator: 
         return x
     s_start = 1.0 - t_star
     grid = [s_start, *(s for s in reverse_time_grid(PROJECTION_POINTS) if s > s_start)]
-    t = torch.full((x.shape[0],), t_star)
-    alpha, sigma = (v.view(-1, 1, 1, 1) for v in (prior.sde.alpha(t), prior.sde.sigma(t)))
-    x_t = alpha * x + sigma * torch.randn(x.shape, generator=generator)
+    x_t = prior.sde.perturb(x, torch.full((x.shape[0],), t_star), torch.randn(x.shape, generator=generator))
     return sample_reverse_sde(prior.score, prior.sde, x_t, grid, generator, denoise_final=True).clamp(-1, 1)
 
 
