@@ -1,7 +1,8 @@
 r"""Reconstruction methods as samplers over the same Euler–Maruyama loop.
 
 - ``deft``: the fine-tuned score s_θ + γ h (:class:`~deftcli.htransform.ConditionalScore`; γ = 1 is
-  the fine-tuned posterior, γ > 1 a sharper likelihood);
+  the fine-tuned posterior, γ > 1 a sharper likelihood), integrated by the ``sde`` sampler or the
+  ``renoise`` sampler with fresh-noise fraction ζ (:mod:`deftcli.samplers`);
 - ``dps``: diffusion posterior sampling (Chung et al. 2023): after each prior reverse-SDE step,
   x ← x − ζ ∇_{x_t} ‖y − A x̂0(x_t)‖ (autograd through the prior);
 - ``prior``: unconditional samples of the prior (ignores y);
@@ -22,7 +23,9 @@ from .errors import DeftError
 from .htransform import ConditionalScore, HTransform
 from .operators import Operator
 from .priors import Prior
-from .samplers import NoiseSource, ScoreFn, clip_denoised, denoise, gaussian, reverse_sde_step, sample_reverse_sde, standard_noise, time_batch
+from .samplers import (
+    NoiseSource, SamplerKind, ScoreFn, clip_denoised, denoise, gaussian, reverse_sde_step, run_sampler, sample_reverse_sde, standard_noise, time_batch,
+)
 from .sde import VPSDE, reverse_time_grid
 from .specs import DEFAULT_DPS_ZETA
 
@@ -53,6 +56,8 @@ class Reconstructor:
     clip_x0: bool = False
     dps_zeta: float = DEFAULT_DPS_ZETA
     guidance_scale: float = 1.0
+    sampler: SamplerKind = "sde"
+    renoise_zeta: float = 1.0
 
     @property
     def grid(self) -> list[float]:
@@ -77,10 +82,11 @@ class Reconstructor:
         return Cost()
 
     def settings(self, method: str) -> dict[str, float]:
-        """The method's own knobs, for the record: γ (and the run's likelihood weight w) for deft, ζ for DPS."""
+        """The method's own knobs, for the record: γ, the run's likelihood weight w and the sampler for deft, ζ for DPS."""
         if method == "deft":
             weight = self.htransform.config.likelihood_weight if self.htransform is not None else 1.0
-            return {"guidance_scale": self.guidance_scale, "likelihood_weight": weight}
+            sampler = {"sampler": self.sampler, **({"renoise_zeta": self.renoise_zeta} if self.sampler == "renoise" else {})}
+            return {"guidance_scale": self.guidance_scale, "likelihood_weight": weight, **sampler}
         return {"dps_zeta": self.dps_zeta} if method == "dps" else {}
 
     def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
@@ -98,7 +104,7 @@ class Reconstructor:
             score = ConditionalScore(self.prior, self.htransform, self.operator, y, self.guidance_scale)
             if self.clip_x0:
                 score = clip_denoised(score, self.prior.sde)
-            return sample_reverse_sde(score, self.prior.sde, x, self.grid, generator, self.denoise_final)
+            return run_sampler(self.sampler, score, self.prior.sde, x, self.grid, self.renoise_zeta, generator, self.denoise_final)
         if method == "dps":
             return sample_dps(self.prior_score(), self.prior, self.operator, y, x, self.grid, self.dps_zeta, generator, self.denoise_final)
         raise DeftError(f"unknown method '{method}' (use {', '.join(METHODS)})")

@@ -4,15 +4,31 @@ A score function maps (x_t, t) → ∇ log p_t(x_t); wrappers (:func:`clip_denoi
 :class:`deftcli.htransform.ConditionalScore`) adapt it, so the same Euler–Maruyama loop serves the
 prior, the fine-tuned posterior and, with a guidance step, DPS.
 
-Reverse SDE in reversed time s = 1 − t, on the grid s_k of :func:`deftcli.sde.reverse_time_grid`:
+Two samplers share the reversed-time grid s_k of :func:`deftcli.sde.reverse_time_grid`
+(t_k = 1 − s_k, ξ_k ~ N(0, I)):
 
-    x_{k+1} = x_k + [½ β x_k + β s(x_k, t_k)] Δs_k + √(β Δs_k) ξ_k,   t_k = 1 − s_k, ξ_k ~ N(0, I)
+- ``sde``: Euler–Maruyama on the reverse SDE (DESIGN.md §1), the process fine-tuning controls,
+
+      x_{k+1} = x_k + [½ β x_k + β s(x_k, t_k)] Δs_k + √(β Δs_k) ξ_k;
+
+- ``renoise``: denoise, then re-noise to the next time (the DDIM family in DiffPIR's
+  parametrisation): with x̂0 = Tweedie's estimate at (x_k, t_k) and ε̂ = (x_k − α_k x̂0)/σ_k,
+
+      x_{k+1} = α_{k+1} x̂0 + σ_{k+1} (√(1 − ζ) ε̂ + √ζ ξ_k).
+
+  ζ = 0 is deterministic DDIM; ζ = ζ_k^DDPM = (1 − α_k²/α_{k+1}²) / σ_k² per step would be DDPM's
+  ancestral sampler; a larger ζ puts more fresh noise into every step than the reverse process does,
+  which pulls samples towards the denoiser's estimates (and narrows their spread); ζ = 1 forgets
+  x_k except through x̂0.
 """
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,6 +36,7 @@ from torch import Tensor
 from .sde import VPSDE, _expand
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
+SamplerKind = Literal["sde", "renoise"]
 
 
 @dataclass
@@ -65,6 +82,45 @@ def sample_reverse_sde(
             t = time_batch(grid[k], x)
             x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score_fn(x, t), standard_noise(x, generator))
         return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
+
+
+def renoise_step(sde: VPSDE, x: Tensor, t: Tensor, t_next: Tensor, score: Tensor, zeta: float, xi: Tensor) -> Tensor:
+    """One denoise-and-re-noise step from t to t_next < t: α' x̂0 + σ' (√(1 − ζ) ε̂ + √ζ ξ)."""
+    x0 = sde.tweedie_x0(x, score, t)
+    eps = (x - _expand(sde.alpha(t), x) * x0) / _expand(sde.sigma(t), x)
+    return _expand(sde.alpha(t_next), x) * x0 + _expand(sde.sigma(t_next), x) * (math.sqrt(1.0 - zeta) * eps + math.sqrt(zeta) * xi)
+
+
+def sample_renoise(
+    score_fn: ScoreFn,
+    sde: VPSDE,
+    x: Tensor,
+    grid: Sequence[float],
+    zeta: float,
+    generator: NoiseSource = None,
+    denoise_final: bool = False,
+) -> Tensor:
+    """The ``renoise`` sampler (module docstring) from x at t = 1 over ``grid``: x at t = ε, or Tweedie's x̂0 there.
+
+    Score evaluations: len(grid) − 1, plus one with ``denoise_final``; the same as :func:`sample_reverse_sde`.
+    """
+    if not 0.0 <= zeta <= 1.0:
+        raise ValueError(f"the re-noising fraction ζ must lie in [0, 1], got {zeta}")
+    with torch.no_grad():
+        for k in range(len(grid) - 1):
+            t, t_next = time_batch(grid[k], x), time_batch(grid[k + 1], x)
+            x = renoise_step(sde, x, t, t_next, score_fn(x, t), zeta, standard_noise(x, generator))
+        return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
+
+
+def run_sampler(
+    kind: SamplerKind, score_fn: ScoreFn, sde: VPSDE, x: Tensor, grid: Sequence[float], zeta: float,
+    generator: NoiseSource = None, denoise_final: bool = False,
+) -> Tensor:
+    """Run the sampler ``kind`` (``sde`` ignores ζ)."""
+    if kind == "renoise":
+        return sample_renoise(score_fn, sde, x, grid, zeta, generator, denoise_final)
+    return sample_reverse_sde(score_fn, sde, x, grid, generator, denoise_final)
 
 
 def standard_noise(like: Tensor, source: NoiseSource) -> Tensor:
