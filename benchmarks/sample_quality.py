@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from deftcli.data import open_dataset
-from deftcli.evaluate import SWEEP_IMAGES, interleaved_seconds_per_image, per_image_metrics, sweep_on_train
+from deftcli.evaluate import (SWEEP_IMAGES, interleaved_seconds_per_image, knob_candidates, per_image_metrics,
+                              sweep_on_train)
 from deftcli.finetune import finetune
 from deftcli.htransform import load_htransform
 from deftcli.methods import Reconstructor
@@ -163,14 +164,18 @@ def main() -> None:
     steps = base.spec.time_steps
     rec = Reconstructor(base.prior, base.operator, base.htransform, steps, denoise_final=True)
     sweep_spec = EvalSpec(batch_size=args.batch_size)
-    zeta, sweep = sweep_on_train(rec, "dps", sweep_spec.dps_sweep, base, sweep_spec, torch.device("cpu"))
-    rec = replace(rec, dps_zeta=zeta)
+    candidates = knob_candidates(sweep_spec, "dps")[0]
+    chosen, sweep = sweep_on_train(rec, "dps", candidates, base.spec.data, sweep_spec, torch.device("cpu"))
+    zeta = chosen["dps_zeta"]
+    rec = replace(rec, **chosen)
 
     # deft: per run (w), γ by the same train-image sweep; (w, γ) selected together by its best train PSNR
     deft_configs, gamma_sweeps = {}, {}
     for weight, run in runs.items():
         run_rec = replace(rec, htransform=run.htransform)
-        gamma, table = sweep_on_train(run_rec, "deft", sweep_spec.guidance_sweep, run, sweep_spec, torch.device("cpu"))
+        candidates = [{"guidance_scale": g} for g in sweep_spec.guidance_sweep]
+        chosen, table = sweep_on_train(run_rec, "deft", candidates, run.spec.data, sweep_spec, torch.device("cpu"))
+        gamma = chosen["guidance_scale"]
         gamma_sweeps[f"w{weight:g}"] = {"table": table, "selected": gamma, "best_train_psnr": max(row["psnr"] for row in table)}
         deft_configs[f"deft_w{weight:g}"] = replace(run_rec, guidance_scale=1.0)
         deft_configs[f"deft_w{weight:g}_guided"] = replace(run_rec, guidance_scale=gamma)

@@ -265,8 +265,12 @@ def sample_cmd(
     unconditional: Annotated[bool, typer.Option("--unconditional", help="samples of the prior, no measurement")] = False,
     n: Annotated[Optional[int], typer.Option("-n", help="samples per measurement (default 8)")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's; 100 with --unconditional)")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="deft, dps, prior or dagger")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="deft, dps, ddrm, diffpir, prior or dagger")] = None,
     dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size ζ (default 10)")] = None,
+    diffpir_lambda: Annotated[Optional[float], typer.Option("--diffpir-lambda", help="DiffPIR's λ > 0 (0.25)")] = None,
+    diffpir_zeta: Annotated[Optional[float], typer.Option("--diffpir-zeta", help="DiffPIR's ζ ∈ [0, 1] (1)")] = None,
+    ddrm_eta: Annotated[Optional[float], typer.Option("--ddrm-eta", help="DDRM's η in [0, 1] (default 0.85)")] = None,
+    ddrm_eta_b: Annotated[Optional[float], typer.Option("--ddrm-eta-b", help="DDRM's η_b in [0, 1] (default 1)")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="deft: γ in s_θ + γ h (1: the fine-tuned posterior)")] = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in the sampler")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 16)")] = None,
@@ -280,7 +284,9 @@ def sample_cmd(
 
     overrides = {
         "out": out, "run": run, "prior.path": prior, "unconditional": unconditional or None, "n": n, "steps": steps,
-        "method": method, "dps_zeta": dps_zeta, "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
+        "method": method, "dps_zeta": dps_zeta, "diffpir_lambda": diffpir_lambda, "diffpir_zeta": diffpir_zeta,
+        "ddrm_eta": ddrm_eta, "ddrm_eta_b": ddrm_eta_b,
+        "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
     }
     resolved = build_spec(SampleSpec, spec, overrides)
     print_json(sample_command(resolved, measurement, force))
@@ -293,9 +299,12 @@ def eval_cmd(
     split: Annotated[Optional[str], typer.Option("--split", help="train, val or test (default val)")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="number of images, the first n of the split (default 64)")] = None,
     k: Annotated[Optional[int], typer.Option("-k", help="samples per image (default 4)")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated (default deft,dps,prior,dagger)")] = None,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="comma-separated (default deft,dps,diffpir,ddrm,prior,dagger where possible)")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="time-grid points (default: the run's)")] = None,
     dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size (default: chosen by a sweep on train images)")] = None,
+    diffpir_lambda: Annotated[Optional[float], typer.Option("--diffpir-lambda", help="DiffPIR's λ (swept)")] = None,
+    diffpir_zeta: Annotated[Optional[float], typer.Option("--diffpir-zeta", help="DiffPIR's ζ (swept)")] = None,
     guidance_scale: Annotated[Optional[str], typer.Option("--guidance-scale", help="deft's γ (default 1: the fine-tuned posterior), or 'sweep' to choose it on train images like ζ")] = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in every sampler (default off)")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 32)")] = None,
@@ -310,6 +319,7 @@ def eval_cmd(
 
     method_list = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     overrides = {"run": run, "split": split, "n": n, "k": k, "methods": method_list, "steps": steps, "dps_zeta": dps_zeta,
+                 "diffpir_lambda": diffpir_lambda, "diffpir_zeta": diffpir_zeta,
                  "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device, "out": out}
     print_json(evaluate(build_spec(EvalSpec, spec, overrides), force))
 

@@ -13,6 +13,7 @@ on the same training images.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 import time
@@ -34,10 +35,11 @@ from .devices import resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .images import colormap, image_grid, output_folder as make_output_folder, save_image, to_unit, upsample_to
-from .methods import Reconstructor
+from .methods import Reconstructor, operator_svd
+from .operators import Operator
 from .runs import FinetunedRun, open_run
 from .sample import data_residual
-from .specs import EvalSpec
+from .specs import EVAL_METHODS, SPECTRAL_METHODS, DataSpec, EvalSpec
 
 SWEEP_IMAGES = 8
 GRID_COLUMNS = 8
@@ -100,27 +102,66 @@ def interleaved_seconds_per_image(samplers: dict[str, tuple[Reconstructor, str]]
     return {name: {"median": round(statistics.median(t), 4), "all": [round(v, 4) for v in t]} for name, t in times.items()}
 
 
-SWEPT = {"dps": ("dps_zeta", "zeta"), "deft": ("guidance_scale", "gamma")}
-"""The knob of each tunable method (its :class:`Reconstructor` field, its key in a sweep table): DPS's
-step size ζ and deft's guidance scale γ."""
+SWEPT: dict[str, dict[str, str]] = {
+    "dps": {"dps_zeta": "zeta"},
+    "deft": {"guidance_scale": "gamma"},
+    "diffpir": {"diffpir_lambda": "lambda", "diffpir_zeta": "zeta"},
+}
+"""The knobs of each tunable method: its :class:`Reconstructor` field → its key in a sweep table (DPS's step size ζ,
+deft's guidance scale γ, DiffPIR's λ and ζ)."""
 
 
-def sweep_on_train(rec: Reconstructor, method: str, values: Sequence[float], run: FinetunedRun, spec: EvalSpec, device: torch.device) -> tuple[float, list[dict[str, float]]]:
-    """Pick ``method``'s knob (:data:`SWEPT`) by the PSNR of one sample per image on the first training images.
+def knob_candidates(spec: EvalSpec, method: str) -> tuple[list[dict[str, float]], bool]:
+    """The settings (field → value) to try for ``method``'s knobs, and whether that is a sweep: a knob given in the
+    spec keeps its value, one left None takes every value of its sweep grid (all combinations)."""
+    given = {"dps_zeta": spec.dps_zeta,
+             "guidance_scale": None if spec.guidance_scale == "sweep" else spec.guidance_scale,
+             "diffpir_lambda": spec.diffpir_lambda, "diffpir_zeta": spec.diffpir_zeta}
+    grids = {"dps_zeta": spec.dps_sweep, "guidance_scale": spec.guidance_sweep,
+             "diffpir_lambda": spec.diffpir_sweep.lambdas, "diffpir_zeta": spec.diffpir_sweep.zetas}
+    choices = {field: [given[field]] if given[field] is not None else list(grids[field]) for field in SWEPT[method]}
+    candidates = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+    return candidates, any(given[field] is None for field in SWEPT[method])
+
+
+def sweep_on_train(
+    rec: Reconstructor, method: str, candidates: Sequence[dict[str, float]], data: DataSpec, spec: EvalSpec,
+    device: torch.device,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Pick ``method``'s knobs (:data:`SWEPT`) among ``candidates`` (dicts field → value) by the PSNR of one
+    sample per image on the first training images of ``data``.
 
     The training images and their measurements (seed + 7) are the same for every method and value,
-    and never the evaluated split's. ``rec`` itself is left as it was.
+    and never the evaluated split's. ``rec`` itself is left as it was. Returns the best candidate and
+    the table (one row per candidate: the knobs under their :data:`SWEPT` keys and the PSNR).
     """
-    field, key = SWEPT[method]
-    train = open_dataset(run.spec.data, "train", rec.prior.image_shape[-1], rec.prior.image_shape[0])
+    keys = SWEPT[method]
+    train = open_dataset(data, "train", rec.prior.image_shape[-1], rec.prior.image_shape[0])
     images = range(min(SWEEP_IMAGES, len(train)))
     x = train.batch(images).to(device)
     y = rec.operator.measure(x, generator=torch.Generator(device="cpu").manual_seed(spec.seed + 7)).to(device)
     table = []
-    for value in values:
-        samples = draw_per_image(replace(rec, **{field: value}), method, y, images, 1, spec.batch_size, spec.seed)[:, 0]
-        table.append({key: value, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
-    return max(table, key=lambda row: row["psnr"])[key], table
+    for candidate in candidates:
+        samples = draw_per_image(replace(rec, **candidate), method, y, images, 1, spec.batch_size, spec.seed)[:, 0]
+        knobs = {keys[field]: value for field, value in candidate.items()}
+        table.append({**knobs, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
+    best = max(range(len(table)), key=lambda i: table[i]["psnr"])
+    return dict(candidates[best]), table
+
+
+def evaluated_methods(spec: EvalSpec, operator: Operator, tell: bool = True) -> list[str]:
+    """The methods to evaluate: ``spec.methods``, or all of :data:`~deftcli.specs.EVAL_METHODS` less the SVD-based
+    ones when the operator has no SVD (said on stderr when ``tell``); an SVD-based method asked for explicitly
+    needs the SVD."""
+    if operator.svd() is not None:
+        return list(spec.methods or EVAL_METHODS)
+    for method in spec.spectral_methods_asked():
+        operator_svd(method, operator)
+    if spec.methods is None and tell:
+        left_out = " and ".join(SPECTRAL_METHODS)
+        print(f"deft: note: operator '{operator.name}' has no singular value decomposition, "
+              f"so {left_out} are not evaluated", file=sys.stderr)
+    return [m for m in spec.methods or EVAL_METHODS if m not in SPECTRAL_METHODS]
 
 
 def output_folder(spec: EvalSpec, run: FinetunedRun, force: bool) -> Path:
@@ -147,6 +188,7 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     run = open_run(spec.run, device)
     prior, operator = run.prior, run.operator
     dataset = open_dataset(run.spec.data, spec.split, prior.image_shape[-1], prior.image_shape[0])
+    methods = evaluated_methods(spec, operator, tell=ctx.is_main)
     out = Path(ctx.broadcast(str(output_folder(spec, run, force)) if ctx.is_main else None))
     n = min(spec.n, len(dataset))
     if n < spec.n and ctx.is_main:
@@ -156,25 +198,30 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     y_all = operator.measure(x_all, generator=torch.Generator(device="cpu").manual_seed(spec.seed))
     x_true, y = x_all[mine].to(device), y_all[mine].to(device)
     steps = spec.steps or run.spec.time_steps
-    rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final, spec.clip_x0)
+    rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final, spec.clip_x0,
+                        ddrm_eta=spec.ddrm_eta, ddrm_eta_b=spec.ddrm_eta_b)
     results: dict[str, Any] = {
         "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
         "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size,
         "likelihood_weight": run.htransform.config.likelihood_weight, "methods": {},
     }
-    sweeps = {"dps": (spec.dps_zeta, spec.dps_sweep), "deft": (None if spec.guidance_scale == "sweep" else spec.guidance_scale, spec.guidance_sweep)}
-    for method, (given, values) in sweeps.items():
-        if method not in spec.methods:
-            continue
-        if given is None:
-            chosen, sweep = ctx.broadcast(sweep_on_train(rec, method, values, run, spec, device) if ctx.is_main else None)
-            results[f"{method}_sweep"] = {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": chosen}
+    for method in (m for m in SWEPT if m in methods):
+        candidates, swept = knob_candidates(spec, method)
+        if swept:
+            chosen, sweep = ctx.broadcast(
+                sweep_on_train(rec, method, candidates, run.spec.data, spec, device) if ctx.is_main else None)
+            selected = {SWEPT[method][field]: value for field, value in chosen.items()}
+            results[f"{method}_sweep"] = {"images": f"first {SWEEP_IMAGES} of train", "table": sweep,
+                                          "selected": next(iter(selected.values())) if len(selected) == 1 else selected}
         else:
-            chosen = given
-        setattr(rec, SWEPT[method][0], chosen)
-        results[SWEPT[method][0]] = chosen
+            chosen = candidates[0]
+        for field, value in chosen.items():
+            setattr(rec, field, value)
+            results[field] = value
+    if "ddrm" in methods:
+        results.update(rec.settings("ddrm"))
     grid_samples: dict[str, Tensor] = {}
-    for method in spec.methods:
+    for method in methods:
         k = 1 if method == "dagger" else spec.k
         per_image, samples, seconds = per_image_metrics(rec, method, x_true, y, mine, k, spec.batch_size, spec.seed)
         shown = [(i, s) for i, s in zip(mine, samples.cpu()) if i < GRID_COLUMNS]
@@ -198,7 +245,7 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
 
 
 def result_grid(x_true: Tensor, y: Tensor, samples: dict[str, Tensor], operator) -> Tensor:
-    """Rows: ground truth, measurement, deft samples, deft mean, deft std, DPS sample (those evaluated)."""
+    """Rows: ground truth, measurement, deft samples, mean and std, a DPS, DiffPIR, DDRM sample (those evaluated)."""
     cols = min(GRID_COLUMNS, x_true.shape[0])
     size = tuple(x_true.shape[-2:])
     rows = [x_true[:cols], upsample_to(y[:cols], size) if y.shape[-2:] != size else y[:cols]]
@@ -209,8 +256,7 @@ def result_grid(x_true: Tensor, y: Tensor, samples: dict[str, Tensor], operator)
         rows += [deft[:, i] for i in range(min(2, deft.shape[1]))]
         rows.append(deft.mean(1))
         rows.append(torch.stack([colormap(s.std(0).mean(0).cpu()) for s in deft]) if deft.shape[1] > 1 else torch.zeros_like(deft[:, 0]))
-    if "dps" in samples:
-        rows.append(samples["dps"][:cols, 0])
+    rows += [samples[baseline][:cols, 0] for baseline in ("dps", "diffpir", "ddrm") if baseline in samples]
     return image_grid([r.cpu() for r in rows])
 
 
@@ -219,7 +265,10 @@ def print_table(results: dict[str, Any]) -> None:
     for col in ("method", "PSNR sample", "SSIM sample", "PSNR mean", "SSIM mean", "‖Ax̂−y‖/√m", "σ_y", "s/image", "NFE/image prior/h/∇prior"):
         table.add_column(col, justify="right")
     for name, m in results["methods"].items():
-        label = f"dps (ζ={results['dps_zeta']:g})" if name == "dps" else name
+        symbols = {"dps": [("ζ", "dps_zeta")], "diffpir": [("λ", "diffpir_lambda"), ("ζ", "diffpir_zeta")],
+                   "ddrm": [("η", "ddrm_eta"), ("η_b", "ddrm_eta_b")]}
+        settings = ", ".join(f"{symbol}={results[key]:g}" for symbol, key in symbols.get(name, ()))
+        label = f"{name} ({settings})" if settings else name
         if name == "deft":
             knobs = [f"{symbol}={results[key]:g}" for symbol, key in (("w", "likelihood_weight"), ("γ", "guidance_scale")) if results[key] != 1]
             label = f"deft ({', '.join(knobs)})" if knobs else name

@@ -5,6 +5,9 @@ r"""Reconstruction methods as samplers over the same Euler–Maruyama loop.
   ``renoise`` sampler with fresh-noise fraction ζ (:mod:`deftcli.samplers`);
 - ``dps``: diffusion posterior sampling (Chung et al. 2023): after each prior reverse-SDE step,
   x ← x − ζ ∇_{x_t} ‖y − A x̂0(x_t)‖ (autograd through the prior);
+- ``ddrm``: denoising diffusion restoration models (Kawar et al. 2022, :mod:`deftcli.ddrm`) and
+  ``diffpir``: diffusion plug-and-play restoration (Zhu et al. 2023, :mod:`deftcli.diffpir`), both on the
+  operator's SVD (:meth:`~deftcli.operators.Operator.svd`), the prior's score and the same time grid;
 - ``prior``: unconditional samples of the prior (ignores y);
 - ``dagger``: the back-projection A†y (deterministic, no network).
 
@@ -19,17 +22,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .ddrm import sample_ddrm
+from .diffpir import sample_diffpir
 from .errors import DeftError
 from .htransform import ConditionalScore, HTransform
-from .operators import Operator
+from .operators import Operator, SingularValueDecomposition
 from .priors import Prior
 from .samplers import (
     NoiseSource, SamplerKind, ScoreFn, clip_denoised, denoise, gaussian, reverse_sde_step, run_sampler, sample_reverse_sde, standard_noise, time_batch,
 )
 from .sde import VPSDE, reverse_time_grid
-from .specs import DEFAULT_DPS_ZETA
+from .specs import (DEFAULT_DDRM_ETA, DEFAULT_DDRM_ETA_B, DEFAULT_DIFFPIR_LAMBDA, DEFAULT_DIFFPIR_ZETA,
+                    DEFAULT_DPS_ZETA, SPECTRAL_METHODS, SamplerName)
 
-METHODS = ("deft", "dps", "prior", "dagger")
+METHODS: tuple[SamplerName, ...] = ("deft", "dps", "ddrm", "diffpir", "prior", "dagger")
+
+
+def operator_svd(method: str, operator: Operator) -> SingularValueDecomposition:
+    """The operator's SVD for a spectral method, or a one-line error naming the operator that has none."""
+    svd = operator.svd()
+    if svd is None:
+        raise DeftError(f"method '{method}' needs the operator's singular value decomposition, "
+                        f"and operator '{operator.name}' provides none (its svd() returns None)")
+    return svd
 
 
 @dataclass
@@ -58,6 +73,10 @@ class Reconstructor:
     guidance_scale: float = 1.0
     sampler: SamplerKind = "sde"
     renoise_zeta: float = 1.0
+    diffpir_lambda: float = DEFAULT_DIFFPIR_LAMBDA
+    diffpir_zeta: float = DEFAULT_DIFFPIR_ZETA
+    ddrm_eta: float = DEFAULT_DDRM_ETA
+    ddrm_eta_b: float = DEFAULT_DDRM_ETA_B
 
     @property
     def grid(self) -> list[float]:
@@ -77,17 +96,20 @@ class Reconstructor:
             return Cost(prior=n, hnet=n)
         if method == "dps":
             return Cost(prior=n, prior_backward=self.steps - 1)
-        if method == "prior":
+        if method in ("prior", *SPECTRAL_METHODS):
             return Cost(prior=n)
         return Cost()
 
     def settings(self, method: str) -> dict[str, float]:
-        """The method's own knobs, for the record: γ, the run's likelihood weight w and the sampler for deft, ζ for DPS."""
+        """The method's own knobs, for the record: γ, the run's likelihood weight w and the sampler for deft, ζ for DPS,
+        λ and ζ for DiffPIR, η and η_b for DDRM."""
         if method == "deft":
             weight = self.htransform.config.likelihood_weight if self.htransform is not None else 1.0
             sampler = {"sampler": self.sampler, **({"renoise_zeta": self.renoise_zeta} if self.sampler == "renoise" else {})}
             return {"guidance_scale": self.guidance_scale, "likelihood_weight": weight, **sampler}
-        return {"dps_zeta": self.dps_zeta} if method == "dps" else {}
+        fields = {"dps": ("dps_zeta",), "diffpir": ("diffpir_lambda", "diffpir_zeta"),
+                  "ddrm": ("ddrm_eta", "ddrm_eta_b")}
+        return {field: getattr(self, field) for field in fields.get(method, ())}
 
     def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
         """One sample per row of y (B, …) → (B, C, H, W)."""
@@ -107,6 +129,14 @@ class Reconstructor:
             return run_sampler(self.sampler, score, self.prior.sde, x, self.grid, self.renoise_zeta, generator, self.denoise_final)
         if method == "dps":
             return sample_dps(self.prior_score(), self.prior, self.operator, y, x, self.grid, self.dps_zeta, generator, self.denoise_final)
+        if method == "ddrm":
+            svd = operator_svd(method, self.operator)
+            return sample_ddrm(self.prior_score(), self.prior.sde, svd, y, self.operator.sigma, x, self.grid,
+                               self.ddrm_eta, self.ddrm_eta_b, generator, self.denoise_final)
+        if method == "diffpir":
+            svd = operator_svd(method, self.operator)
+            return sample_diffpir(self.prior_score(), self.prior.sde, svd, y, self.operator.sigma, x, self.grid,
+                                  self.diffpir_lambda, self.diffpir_zeta, generator, self.denoise_final)
         raise DeftError(f"unknown method '{method}' (use {', '.join(METHODS)})")
 
 

@@ -4,7 +4,9 @@ A measurement is y = A(x) + η, η ~ N(0, σ_y² I), with x a batch of images (B
 model's pixel scale [-1, 1] and A linear. Every operator is an :class:`Operator` subclass that
 provides A, its exact adjoint Aᵀ (⟨A x, y⟩ = ⟨x, Aᵀ y⟩), an image-shaped back-projection A† and
 the measurement shape; the base class derives everything else from them (noisy measurements,
-the likelihood gradient g = Aᵀ(A x̂0 − y) / σ_y², the dense matrix of A).
+the likelihood gradient g = Aᵀ(A x̂0 − y) / σ_y², the dense matrix of A). An operator may also
+give its singular value decomposition (:meth:`Operator.svd`, a :class:`SingularValueDecomposition`),
+which the spectral baselines DDRM and DiffPIR need; a plugin without one simply cannot use them.
 
 Operators are discovered through the entry-point group ``deft.operators``; the built-ins
 (``superres``, ``blur``, ``inpaint`` in the top-level package ``operators``) are registered in
@@ -54,6 +56,50 @@ class OperatorParams(StrictModel):
     )
 
 
+class SingularValueDecomposition(abc.ABC):
+    r"""A = U S Vᵀ of a linear operator, as functions on batches.
+
+    V is an orthonormal (or unitary) basis of image space: :meth:`Vt` maps images (B, C, H, W) to
+    their coordinates in it, the *spectral layout* (B, …), and :meth:`V` maps such coordinates back,
+    so V(Vt(x)) = x and ⟨Vt a, Vt b⟩ = ⟨a, b⟩. :meth:`singular_values` gives S ≥ 0, broadcastable
+    against the spectral layout; where s = 0 the coordinate lies in the null space of A.
+    :meth:`Ut` maps a measurement into the spectral layout (zeros where s = 0) and :meth:`U` maps
+    the spectral layout onto measurement space, so that
+
+        A x = U(S · Vt(x)),     Aᵀ y = V(S · Ut(y)).
+
+    The layout may be complex (a unitary Fourier basis): then Vt of a real image is Hermitian
+    symmetric, every elementwise operation with real factors keeps that symmetry, and V returns the
+    real image. Noise in spectral coordinates is drawn as Vt of real white image noise, which has
+    unit variance in every real degree of freedom.
+    """
+
+    @abc.abstractmethod
+    def Vt(self, x: Tensor) -> Tensor:
+        """Image (B, C, H, W) → spectral coordinates Vᵀ x."""
+
+    @abc.abstractmethod
+    def V(self, z: Tensor) -> Tensor:
+        """Spectral coordinates → image V z (real)."""
+
+    @abc.abstractmethod
+    def Ut(self, y: Tensor) -> Tensor:
+        """Measurement → spectral layout Uᵀ y, zero where s = 0."""
+
+    @abc.abstractmethod
+    def U(self, z: Tensor) -> Tensor:
+        """Spectral layout → measurement U z (the coordinates where s = 0 are ignored)."""
+
+    @abc.abstractmethod
+    def singular_values(self, image_shape: ImageShape) -> Tensor:
+        """S ≥ 0 for images of shape (C, H, W) as a float64 CPU tensor, broadcastable against the spectral layout."""
+
+    def singular_values_like(self, x: Tensor) -> Tensor:
+        """S for the images x (B, C, H, W), on x's device in x's real dtype."""
+        real_dtype = x.real.dtype if x.is_complex() else x.dtype
+        return self.singular_values(tuple(x.shape[1:])).to(device=x.device, dtype=real_dtype)  # type: ignore[arg-type]
+
+
 class Operator(torch.nn.Module, abc.ABC):
     r"""A linear measurement operator y = A(x) + η, η ~ N(0, σ_y² I).
 
@@ -99,6 +145,11 @@ class Operator(torch.nn.Module, abc.ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.A(x)
+
+    def svd(self) -> SingularValueDecomposition | None:
+        """The singular value decomposition A = U S Vᵀ, or None when the operator does not provide one
+        (the default: a plugin need not; the spectral baselines DDRM and DiffPIR then refuse it)."""
+        return None
 
     def parameter_files(self) -> dict[str, Path]:
         """The parameters whose values are files this operator reads (a run keeps copies of them).

@@ -14,10 +14,10 @@ from .devices import resolve_device
 from .errors import DeftError
 from .finetune import check_measurement_shape
 from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, output_folder, read_measurement, save_image
-from .methods import Reconstructor
+from .methods import Reconstructor, operator_svd
 from .priors import load_prior
 from .runs import open_run
-from .specs import SampleSpec
+from .specs import SPECTRAL_METHODS, SampleSpec
 
 UNCONDITIONAL_STEPS = 100
 
@@ -75,7 +75,10 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
 
     run = open_run(spec.run, device, prior_override=spec.prior.path)
     steps = spec.steps or run.spec.time_steps
-    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, spec.dps_zeta, spec.guidance_scale)
+    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, spec.dps_zeta,
+                        spec.guidance_scale, spec.diffpir_lambda, spec.diffpir_zeta, spec.ddrm_eta, spec.ddrm_eta_b)
+    if spec.method in SPECTRAL_METHODS:
+        operator_svd(spec.method, run.operator)  # before any output exists
     expected = run.operator.measurement_shape(run.prior.image_shape)
     inputs = measurement_inputs(measurement)
     folders = [out] if len(inputs) == 1 else [out / p.name.removesuffix(TENSOR_SUFFIX).rsplit(".", 1)[0] for p in inputs]

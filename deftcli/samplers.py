@@ -140,6 +140,18 @@ def gaussian(shape: tuple[int, ...], source: NoiseSource, device: torch.device |
     return torch.randn(shape, generator=source, device=device, dtype=dtype)
 
 
+def noise_levels(sde: VPSDE, grid: Sequence[float], to_data: bool) -> list[tuple[float, float]]:
+    """(α(t_k), σ(t_k)) at t_k = 1 − s_k of the grid, then (1, 0), the data itself, when ``to_data``.
+
+    The spectral samplers (DDRM, DiffPIR) step from level k to level k + 1; ending at (1, 0) makes
+    their last step return its estimate of x_0, which costs the same one extra evaluation as
+    :func:`denoise`.
+    """
+    t = torch.tensor([1.0 - s for s in grid], dtype=torch.float64)
+    levels = list(zip(sde.alpha(t).tolist(), sde.sigma(t).tolist()))
+    return levels + [(1.0, 0.0)] if to_data else levels
+
+
 def denoise(score_fn: ScoreFn, sde: VPSDE, x: Tensor, s: float) -> Tensor:
     """Tweedie's x̂0 of the final state (one more score evaluation)."""
     t = time_batch(s, x)

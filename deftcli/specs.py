@@ -20,12 +20,20 @@ from .errors import DeftError
 from .unet import UNetConfig
 
 DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/README.md)
+DEFAULT_DIFFPIR_LAMBDA = 0.25  # DiffPIR's λ and ζ: the best pair of `deft eval`'s sweep on petals train,
+DEFAULT_DIFFPIR_ZETA = 1.0  # 4× super-resolution, σ_y 0.05, N = 50, the shipped prior
+DEFAULT_DDRM_ETA = 0.85  # DDRM's η and η_b as in Kawar et al. 2022
+DEFAULT_DDRM_ETA_B = 1.0
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 Precision = Literal["fp32", "bf16"]
 DatasetName = Literal["petals", "flowers102", "folder"]
 Method = Literal["vargrad", "backprop"]
-SamplerName = Literal["deft", "dps", "prior", "dagger"]
+SamplerName = Literal["deft", "dps", "ddrm", "diffpir", "prior", "dagger"]
+EVAL_METHODS: tuple[SamplerName, ...] = ("deft", "dps", "diffpir", "ddrm", "prior", "dagger")
+"""What ``deft eval`` evaluates by default (ddrm and diffpir only where the operator has an SVD)."""
+SPECTRAL_METHODS: tuple[SamplerName, ...] = ("ddrm", "diffpir")
+"""The samplers that need the operator's singular value decomposition."""
 
 
 class StrictModel(BaseModel):
@@ -196,6 +204,17 @@ class FinetuneSpec(StrictModel):
 
 GuidanceScale = Annotated[float, Field(ge=0)]
 """γ of deft's sampler s_θ + γ h (:class:`~deftcli.htransform.ConditionalScore`)."""
+DiffPIRLambda = Annotated[float, Field(gt=0, description="DiffPIR's λ: ρ_t = λ σ_y² / σ̄_t² weighs the prior")]
+DiffPIRZeta = Annotated[float, Field(ge=0, le=1, description="DiffPIR's ζ: the share of fresh noise when re-noising")]
+DDRMEta = Annotated[float, Field(ge=0, le=1, description="DDRM's η: fresh-noise share of the unobserved")]
+DDRMEtaB = Annotated[float, Field(ge=0, le=1, description="DDRM's η_b: weight of a measurement noisier than the state")]
+
+
+class DiffPIRSweep(StrictModel):
+    """The (λ, ζ) grid that ``deft eval`` sweeps for DiffPIR on training images: every λ with every ζ."""
+
+    lambdas: list[DiffPIRLambda] = Field([0.25, 1.0, 4.0], min_length=1)
+    zetas: list[DiffPIRZeta] = Field([0.3, 0.7, 1.0], min_length=1)
 
 
 class SampleSpec(StrictModel):
@@ -209,6 +228,10 @@ class SampleSpec(StrictModel):
     steps: int | None = Field(None, ge=3, description="grid points (default: the run's time_steps, or 100)")
     batch_size: int = Field(16, ge=1)
     dps_zeta: float = Field(DEFAULT_DPS_ZETA, gt=0, description="DPS step size ζ (the sweep of `deft eval` picks it per problem)")
+    diffpir_lambda: DiffPIRLambda = DEFAULT_DIFFPIR_LAMBDA
+    diffpir_zeta: DiffPIRZeta = DEFAULT_DIFFPIR_ZETA
+    ddrm_eta: DDRMEta = DEFAULT_DDRM_ETA
+    ddrm_eta_b: DDRMEtaB = DEFAULT_DDRM_ETA_B
     guidance_scale: GuidanceScale = Field(1.0, description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
@@ -218,7 +241,10 @@ class SampleSpec(StrictModel):
 
     @model_validator(mode="after")
     def _options_of_the_sampler(self) -> "SampleSpec":
-        options = {"method": ("--method", None), "dps_zeta": ("--dps-zeta", "dps"), "guidance_scale": ("--guidance-scale", "deft")}
+        options = {"method": ("--method", None), "dps_zeta": ("--dps-zeta", "dps"),
+                   "guidance_scale": ("--guidance-scale", "deft"),
+                   "diffpir_lambda": ("--diffpir-lambda", "diffpir"), "diffpir_zeta": ("--diffpir-zeta", "diffpir"),
+                   "ddrm_eta": ("--ddrm-eta", "ddrm"), "ddrm_eta_b": ("--ddrm-eta-b", "ddrm")}
         given = {field: options[field] for field in options if field in self.model_fields_set}
         if self.unconditional and given:
             raise ValueError(f"{', '.join(flag for flag, _ in given.values())}: a posterior sampler's option, but --unconditional draws prior samples")
@@ -235,10 +261,16 @@ class EvalSpec(StrictModel):
     split: Literal["train", "val", "test"] = "val"
     n: int = Field(64, ge=1)
     k: int = Field(4, ge=1, description="samples per image (posterior mean over k)")
-    methods: list[SamplerName] = Field(["deft", "dps", "prior", "dagger"], min_length=1)
+    methods: Annotated[list[SamplerName], Field(min_length=1)] | None = Field(
+        None, description="None: deft, dps, diffpir, ddrm, prior, dagger (ddrm, diffpir where the operator has an SVD)")
     steps: int | None = Field(None, ge=3)
     dps_zeta: float | None = Field(None, gt=0, description="None: select ζ by a sweep on training images")
     dps_sweep: list[Annotated[float, Field(gt=0)]] = Field([0.3, 1.0, 3.0, 10.0, 30.0], min_length=1)
+    diffpir_lambda: DiffPIRLambda | None = Field(None, description="None: select λ by the sweep on training images")
+    diffpir_zeta: DiffPIRZeta | None = Field(None, description="None: select ζ by the sweep on training images")
+    diffpir_sweep: DiffPIRSweep = DiffPIRSweep()
+    ddrm_eta: DDRMEta = DEFAULT_DDRM_ETA
+    ddrm_eta_b: DDRMEtaB = DEFAULT_DDRM_ETA_B
     guidance_scale: float | Literal["sweep"] = Field(1.0, description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ")
     guidance_sweep: list[GuidanceScale] = Field([1.0, 1.5, 2.0, 3.0, 5.0], min_length=1)
     denoise_final: bool = True
@@ -264,10 +296,20 @@ class EvalSpec(StrictModel):
     @model_validator(mode="after")
     def _options_of_evaluated_methods(self) -> "EvalSpec":
         for field, method, flag in (("dps_zeta", "dps", "--dps-zeta"), ("dps_sweep", "dps", "dps_sweep"),
-                                    ("guidance_scale", "deft", "--guidance-scale"), ("guidance_sweep", "deft", "guidance_sweep")):
-            if field in self.model_fields_set and method not in self.methods:
+                                    ("guidance_scale", "deft", "--guidance-scale"), ("guidance_sweep", "deft", "guidance_sweep"),
+                                    ("diffpir_lambda", "diffpir", "--diffpir-lambda"),
+                                    ("diffpir_zeta", "diffpir", "--diffpir-zeta"),
+                                    ("diffpir_sweep", "diffpir", "diffpir_sweep"),
+                                    ("ddrm_eta", "ddrm", "ddrm_eta"), ("ddrm_eta_b", "ddrm", "ddrm_eta_b")):
+            if field in self.model_fields_set and method not in (self.methods or EVAL_METHODS):
                 raise ValueError(f"{flag} is an option of {method}, but {method} is not among the methods")
         return self
+
+    def spectral_methods_asked(self) -> list[SamplerName]:
+        """The SVD-based methods asked for explicitly: in ``methods``, or through one of their options."""
+        if self.methods is not None:
+            return [m for m in self.methods if m in SPECTRAL_METHODS]
+        return [m for m in SPECTRAL_METHODS if any(field.startswith(m + "_") for field in self.model_fields_set)]
 
 
 S = TypeVar("S", bound=BaseModel)

@@ -17,6 +17,11 @@ A† is the Tikhonov-regularised (Wiener) inverse for a white signal of unit var
 which inverts the frequencies the blur keeps and damps those it removes (its gain is at most
 1 / (2√ε) ≈ 16 for σ_y = 0).
 
+SVD (:class:`FourierSVD`): with the unitary 2-D DFT 𝓕 (norm "ortho") and K = |K| e^{iφ} on the
+full H × W frequency grid, A = 𝓕⁻¹ K 𝓕 = U S Vᵀ with Vᵀ = 𝓕, S = |K| and U = 𝓕⁻¹ e^{iφ}
+(e^{iφ} = 1 where K = 0). The spectral layout (B, C, H, W) is complex and Hermitian symmetric for
+real images.
+
 Kernels: ``gaussian`` k[u, v] ∝ exp(−((u − r)² + (v − r)²) / (2 s²)) of size ``kernel_size`` and
 std s = ``kernel_std``; ``uniform`` a ``kernel_size`` × ``kernel_size`` box; otherwise the gray
 levels of a kernel image file (any size, centre at (⌊kh/2⌋, ⌊kw/2⌋)). All are normalised to sum 1.
@@ -33,7 +38,7 @@ from pydantic_core import PydanticCustomError
 from torch import Tensor
 
 from deftcli.errors import DeftError
-from deftcli.operators import ImageShape, Operator, OperatorParams, read_grayscale_image
+from deftcli.operators import ImageShape, Operator, OperatorParams, SingularValueDecomposition, read_grayscale_image
 
 NAMED_KERNELS = ("gaussian", "uniform")
 MIN_TIKHONOV_EPS = 1e-3
@@ -99,6 +104,10 @@ class Blur(Operator):
     def transfer_function(self, height: int, width: int) -> Tensor:
         """K = rfft2 of the kernel wrapped onto the H × W torus with its centre at the origin,
         complex128 on the CPU, shape (H, W // 2 + 1)."""
+        return torch.fft.rfft2(self.wrapped_kernel(height, width))
+
+    def wrapped_kernel(self, height: int, width: int) -> Tensor:
+        """The kernel wrapped onto the H × W torus with its centre at the origin, float64 on the CPU."""
         kernel_height, kernel_width = self.kernel.shape
         rows = (torch.arange(kernel_height) - kernel_height // 2) % height
         cols = (torch.arange(kernel_width) - kernel_width // 2) % width
@@ -108,7 +117,7 @@ class Blur(Operator):
             self.kernel,
             accumulate=True,
         )
-        return torch.fft.rfft2(wrapped)
+        return wrapped
 
     def _filter(self, images: Tensor, response: Callable[[Tensor], Tensor]) -> Tensor:
         """𝓕⁻¹(response(K) · 𝓕 images), computed in float64 for float64 images and in float32
@@ -134,3 +143,49 @@ class Blur(Operator):
         """A† y = 𝓕⁻¹(conj(K) / (|K|² + ε) · 𝓕y) = (AᵀA + ε I)⁻¹ Aᵀ y, ε = :attr:`tikhonov_eps`."""
         eps = self.tikhonov_eps
         return self._filter(y, lambda transfer: transfer.conj() / (transfer.abs() ** 2 + eps))
+
+    def svd(self) -> "FourierSVD":
+        return FourierSVD(self)
+
+
+class FourierSVD(SingularValueDecomposition):
+    """A = U S Vᵀ of the circular blur in the unitary Fourier basis (see the module docstring)."""
+
+    def __init__(self, operator: Blur) -> None:
+        self.operator = operator
+
+    def _spectrum(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """|K| and the phase e^{iφ} (1 where K = 0) on the full H × W grid, complex128 on the CPU."""
+        transfer = torch.fft.fft2(self.operator.wrapped_kernel(height, width))
+        magnitude = transfer.abs()
+        phase = torch.where(magnitude > 0, transfer / magnitude.clamp_min(1e-300), torch.ones_like(transfer))
+        return magnitude, phase
+
+    def _phase(self, like: Tensor) -> Tensor:
+        height, width = like.shape[-2:]
+        return self.operator.constant_like(("phase", height, width), like, lambda: self._spectrum(height, width)[1])
+
+    @staticmethod
+    def _fft_input(x: Tensor) -> Tensor:
+        return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    def Vt(self, x: Tensor) -> Tensor:
+        self.operator.check_images(x)
+        return torch.fft.fft2(self._fft_input(x), norm="ortho")
+
+    def V(self, z: Tensor) -> Tensor:
+        return torch.fft.ifft2(z, norm="ortho").real
+
+    def Ut(self, y: Tensor) -> Tensor:
+        spectrum = torch.fft.fft2(self._fft_input(y), norm="ortho")
+        phase = self._phase(spectrum)
+        observed = self.singular_values_like(spectrum) > 0
+        return spectrum * phase.conj() * observed
+
+    def U(self, z: Tensor) -> Tensor:
+        return torch.fft.ifft2(z * self._phase(z), norm="ortho").real
+
+    def singular_values(self, image_shape: ImageShape) -> Tensor:
+        """|K| on the full H × W frequency grid, shape (H, W)."""
+        _, height, width = image_shape
+        return self._spectrum(height, width)[0]

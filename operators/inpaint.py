@@ -5,7 +5,8 @@ With a binary mask M (H, W) (1 = observed), shared by all channels,
     A x = M ⊙ x,     y has the image's shape (C, H, W).
 
 A is an orthogonal projection (diagonal with entries 0 and 1), so Aᵀ = A and its pseudo-inverse is
-A† = A: A† y = M ⊙ y, the measurement with its missing pixels at 0.
+A† = A: A† y = M ⊙ y, the measurement with its missing pixels at 0. Its SVD (:class:`MaskSVD`) is
+the pixel basis: V = U = I, singular values M ∈ {0, 1}, spectral layout = the image itself.
 
 Masks (``mask``):
 - ``box``: a centred missing box of round(f H) × round(f W) pixels, f = ``box_fraction``;
@@ -24,7 +25,7 @@ from pydantic import Field
 from torch import Tensor
 
 from deftcli.errors import DeftError
-from deftcli.operators import ImageShape, Operator, OperatorParams, read_grayscale_image
+from deftcli.operators import ImageShape, Operator, OperatorParams, SingularValueDecomposition, read_grayscale_image
 
 NAMED_MASKS = ("box", "random")
 
@@ -105,3 +106,32 @@ class Inpaint(Operator):
     def A_dagger(self, y: Tensor) -> Tensor:
         """A† y = M ⊙ y (A is an orthogonal projection, its own pseudo-inverse)."""
         return self.A(y)
+
+    def svd(self) -> "MaskSVD":
+        return MaskSVD(self)
+
+
+class MaskSVD(SingularValueDecomposition):
+    """A = U S Vᵀ of the mask: V = U = I and S = M (the pixel basis)."""
+
+    def __init__(self, operator: Inpaint) -> None:
+        self.operator = operator
+
+    def Vt(self, x: Tensor) -> Tensor:
+        self.operator.check_images(x)
+        return x
+
+    def V(self, z: Tensor) -> Tensor:
+        return z
+
+    def Ut(self, y: Tensor) -> Tensor:
+        """M ⊙ y: the unobserved pixels, where s = 0, are zero."""
+        return self.operator.A(y)
+
+    def U(self, z: Tensor) -> Tensor:
+        return z
+
+    def singular_values(self, image_shape: ImageShape) -> Tensor:
+        """The mask M as 0/1, shape (H, W)."""
+        _, height, width = image_shape
+        return self.operator.observed_mask(height, width).to(torch.float64)

@@ -561,3 +561,22 @@ def test_a_run_keeps_only_the_files_an_operator_reads_not_files_named_like_its_n
     kept = keep_operator_files(spec, create("blur", kernel="observed.png", kernel_std=3.0), run).operator.params
     assert kept == {"kernel": "operator-kernel.png", "kernel_std": 3.0}
     assert (run / "operator-kernel.png").read_bytes() == (tmp_path / "observed.png").read_bytes()
+
+
+@pytest.mark.parametrize("case", MATRIX_CASES, ids=str)
+def test_svd_is_orthonormal_and_reproduces_A_and_its_adjoint(case: Case, image_files: dict[str, Path]) -> None:
+    """Every built-in gives A = U S Vᵀ: Vᵀ is an isometry (VᵀV = I), V inverts it, A x = U(S Vᵀx), Aᵀ y = V(S Uᵀy)."""
+    operator = build(case, image_files)
+    svd = operator.svd()
+    size = int(np.prod(case.image_shape))
+    basis = torch.eye(size, dtype=torch.float64).reshape(size, *case.image_shape)
+    coordinates = svd.Vt(basis).reshape(size, -1)  # row j: the spectral coordinates of basis image j
+    torch.testing.assert_close((coordinates.conj() @ coordinates.T).real, torch.eye(size, dtype=torch.float64))
+    x = random_images(case, seed=3)
+    y = operator.A(random_images(case, seed=4)) + 0.1
+    s = svd.singular_values_like(x)
+    assert (s >= 0).all()
+    torch.testing.assert_close(svd.V(svd.Vt(x)), x)
+    torch.testing.assert_close(svd.U(s * svd.Vt(x)), operator.A(x))
+    torch.testing.assert_close(svd.V(s * svd.Ut(y)), operator.A_adjoint(y))
+    assert (svd.Ut(y) * (s == 0)).abs().max() == 0
