@@ -365,11 +365,13 @@ class Finetuner:
             c = self.htransform.time_model(t).flatten().tolist()
         return {f"c_t{v}": round(c_i, 6) for v, c_i in zip((0.1, 0.5, 0.9), c)}
 
-    def run(self) -> dict[str, Any]:
+    def run(self, interrupt: GracefulInterrupt) -> dict[str, Any]:
+        """Train up to ``spec.iterations``; a signal that ``interrupt`` caught (even before this was called)
+        stops the run after the current step, with a checkpoint."""
         spec = self.spec
         deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60 - self.seconds
         stopped_by = "iterations"
-        with GracefulInterrupt() as interrupt, TrainingProgress(
+        with TrainingProgress(
             f"finetune {spec.method}", spec.iterations, self.step_count, self.quiet, ["loss", "J", "D", "KL", "skipped_total"]
         ) as progress:
             while self.step_count < spec.iterations:
@@ -442,24 +444,28 @@ def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, comm
     """Fine-tune an h-transform as described by ``spec``; returns a summary of the run.
 
     Under ``torchrun`` every rank calls this; rank 0 prepares the run folder and writes all files.
+    SIGINT and SIGTERM are caught from the start: one while the prior, the data or a checkpoint is
+    still loading stops the run at its first step, which is saved.
     """
     ctx = setup(resolve_device(spec.device))
     try:
-        run_dir = Path(ctx.broadcast(str(resolve_run_dir(spec, resume)) if ctx.is_main else None))
-        if resume:
-            spec = spec.model_copy(update={"run_dir": str(run_dir)})
-            refuse_problem_change(run_dir, spec)
-        trainer = Finetuner(spec, run_dir, resume, quiet, ctx)  # checks prior, operator, measurement first
-        fresh = not resume and ctx.is_main
-        with cleared_on_failure(run_dir, run_dir / "state_last.safetensors", keep=(TrainingDiverged,)) if fresh else contextlib.nullcontext():
-            if ctx.is_main:
-                if resume:
-                    record_resumed_leg(trainer, run_dir, command)
-                else:
-                    output_folder(run_dir)
-                    write_run_info(trainer, run_dir, command)
-            ctx.barrier()
-            return trainer.run()
+        with GracefulInterrupt() as interrupt:
+            run_dir = Path(ctx.broadcast(str(resolve_run_dir(spec, resume)) if ctx.is_main else None))
+            if resume:
+                spec = spec.model_copy(update={"run_dir": str(run_dir)})
+                refuse_problem_change(run_dir, spec)
+            trainer = Finetuner(spec, run_dir, resume, quiet, ctx)  # checks prior, operator, measurement first
+            fresh = not resume and ctx.is_main
+            cleared = cleared_on_failure(run_dir, run_dir / "state_last.safetensors", keep=(TrainingDiverged,))
+            with cleared if fresh else contextlib.nullcontext():
+                if ctx.is_main:
+                    if resume:
+                        record_resumed_leg(trainer, run_dir, command)
+                    else:
+                        output_folder(run_dir)
+                        write_run_info(trainer, run_dir, command)
+                ctx.barrier()
+                return trainer.run(interrupt)
     finally:
         teardown(ctx)
 

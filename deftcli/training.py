@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .checkpoint import write_checkpoint_file
 from .errors import DeftError
 
 
@@ -82,16 +83,20 @@ def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> Non
 
 class GracefulInterrupt:
     """While active, the first SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler's preemption, ``timeout``)
-    only sets ``requested``; the loop saves and stops. A second one aborts."""
+    only sets ``requested``; the loop saves and stops. A second one aborts: the block ends in a
+    ``KeyboardInterrupt`` even where a library caught it and raised another error instead (torch, while
+    safetensors builds a tensor, reports it as a ``ValueError``, which would read as a corrupt file)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.aborted = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
+            self.aborted = True
             raise KeyboardInterrupt
         self.requested = True
 
@@ -102,9 +107,11 @@ class GracefulInterrupt:
             self._previous = {}
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+        if self.aborted and exc is not None and not isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
 
 
 class MetricsLog:
@@ -123,7 +130,8 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        text = "".join(line + "\n" for line in kept)
+        write_checkpoint_file(self.path, lambda tmp: Path(tmp).write_text(text))  # a kill meanwhile keeps every line
 
 
 class TrainingProgress:

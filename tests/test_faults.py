@@ -7,15 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY_HNET
-from deftcli.checkpoint import load_state
+from deftcli.checkpoint import PAUSE_HOOK, load_state
 from deftcli.errors import DeftError
 from deftcli.finetune import finetune
 from deftcli.specs import FinetuneSpec, build_spec
+from deftcli.training import GracefulInterrupt, MetricsLog
 
 
 def cli_args(problem, run_dir, iterations=6):
@@ -35,6 +37,13 @@ def wait_for(predicate, timeout=120.0):
         if time.time() - start > timeout:
             raise TimeoutError
         time.sleep(0.05)
+
+
+def tiny_spec(problem, run_dir, iterations):
+    return build_spec(FinetuneSpec, overrides={
+        "prior.path": str(problem["prior_dir"]), "operator.params": {"factor": 2, "sigma": 0.1},
+        "measurement": str(problem["y_path"]), "iterations": iterations, "time_steps": 6, "trajectories": 4,
+        "checkpoint_every": 1, "run_dir": str(run_dir), **TINY_HNET})
 
 
 def spec_file(tmp_path, every=1):
@@ -80,6 +89,59 @@ def test_an_interrupt_saves_a_checkpoint_and_exits_130_with_a_message(gmm_proble
     assert int(state["step"]) == len(lines(run_dir))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_resumed_run_starts_stops_it_after_a_step_with_a_checkpoint(gmm_problem, tmp_path, signum):
+    run_dir = tmp_path / "run"
+    finetune(tiny_spec(gmm_problem, run_dir, iterations=3), quiet=True)
+    # the resumed leg pauses in its start-up, after loading its checkpoint, while it trims the metrics log
+    env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_HOOK: "metrics.jsonl:0:5"}
+    resume = [sys.executable, "-m", "deftcli", "finetune", "--resume", "--run-dir", str(run_dir),
+              "--iterations", "9999", "--quiet"]
+    proc = subprocess.Popen(resume, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any(run_dir.glob(".metrics.jsonl.*.tmp")))
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "Traceback" not in err
+    steps = [line["step"] for line in lines(run_dir)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 3
+    assert int(load_state(run_dir / "state_last.safetensors")["step"]) == len(steps)
+
+
+class SignalsWhenProbed:
+    """Sends SIGINT when torch looks up an attribute; torch drops the KeyboardInterrupt this raises and reports
+    a RuntimeError instead (as it does, with a ValueError, when a signal lands while safetensors reads a file)."""
+
+    def __getattr__(self, name):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AttributeError(name)
+
+
+def test_a_second_signal_aborts_even_where_torch_reports_its_keyboard_interrupt_as_another_error():
+    with pytest.raises(KeyboardInterrupt):
+        with GracefulInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for(lambda: interrupt.requested)  # the first only asks the loop to save and stop
+            torch.as_tensor(SignalsWhenProbed())
+
+
+def test_trimming_the_metrics_log_for_a_resume_is_atomic_so_a_failure_midway_keeps_every_line(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.append({"step": step})
+    before = log.path.read_text()
+    write_text = Path.write_text
+
+    def half_then_disk_full(path, text):
+        write_text(path, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(DeftError, match="No space left on device"):
+        log.truncate_after(2)
+    assert log.path.read_text() == before
+
+
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(gmm_problem, tmp_path, monkeypatch):
     import deftcli.checkpoint as checkpoint
 
@@ -94,19 +156,14 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(gmm_p
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(checkpoint, "save_file", save_until_the_disk_fills)
-    spec = build_spec(FinetuneSpec, overrides={"prior.path": str(gmm_problem["prior_dir"]), "operator.params": {"factor": 2, "sigma": 0.1},
-                                               "measurement": str(gmm_problem["y_path"]), "iterations": 5, "time_steps": 6, "trajectories": 4,
-                                               "checkpoint_every": 1, "run_dir": str(tmp_path / "run"), **TINY_HNET})
     with pytest.raises(DeftError, match="No space left on device") as info:
-        finetune(spec, quiet=True)
+        finetune(tiny_spec(gmm_problem, tmp_path / "run", iterations=5), quiet=True)
     assert "\n" not in str(info.value) and "unchanged" in str(info.value)
     assert int(load_state(tmp_path / "run" / "state_last.safetensors")["step"]) == 2
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
 def test_a_write_that_fails_halfway_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from pathlib import Path
-
     from deftcli.images import atomic_write
 
     path = tmp_path / "state.json"
