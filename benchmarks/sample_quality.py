@@ -1,23 +1,21 @@
 """Posterior quality and speed on the embedded default: 4× super-resolution of petals val, σ_y = 0.05.
 
-Fine-tunes one run per likelihood weight w of ``--likelihood-weights`` (``deft finetune --operator
-superres --factor 4 --likelihood-weight w``: w = 1 is the default command, the posterior; w > 1 the
-tempered posterior p(x) p(y | x)^w, at the default lr 5e-4 / w; snapshots of the h-network every
-``--snapshot-every`` steps) unless ``--run`` names finished runs, then, on the first ``--n`` val
-images with measurements drawn once (seed 0), evaluates in this one process: A†y, the unconditional
-prior, DPS (ζ chosen by a sweep on train images), and for each run deft at γ = 1 (the fine-tuned
-posterior, or tempered posterior) and at the guidance scale γ that the same sweep selects for it,
-each with k samples per image at the run's number of time steps. The pair (w, γ) with the best
-train PSNR is the benchmark's selected deft; nothing is read off the val images. Also deft's PSNR
-for every snapshot of each run, against the fine-tuning minutes it had. A second, smaller comparison
-(``--prior-truth`` images) replaces the val images by samples of the prior itself: there the prior
-is exact, which separates what the prior's mismatch with petals costs each method from how close
-each sampler is to the posterior. Sampling speed is measured separately (w does not change the
-cost), so that no method pays for another's warm-up: one batch of ``--batch-size`` measurements per
-method, the methods interleaved over ``--speed-rounds`` rounds after a warm-up round, the median per
-method. Writes JSON and prints a table::
+Every method a user would pick, in one process, on the same first ``--n`` val images, the same
+measurements (seed 0), the same prior, time grid (the runs' N) and k samples per image: A†y, the
+unconditional prior, DPS, DiffPIR, DDRM and deft. Nothing is chosen on val images: DPS's ζ and
+DiffPIR's (λ, ζ) are selected by ``deft eval``'s sweep on the first train images, DDRM runs at the
+paper's η = 0.85, η_b = 1, and for deft every run (``--run``, or one fine-tuned per ``--configs``
+entry with the default ``deft finetune --operator superres --factor 4`` plus that entry's likelihood
+weight w and h-network start) is swept on the same train images over the guidance scale γ and the
+sampler (``sde``, or ``renoise`` at each ζ of ``--renoise-zetas``); the (run, γ, sampler) with the best
+train PSNR is the selected deft, which ``--write-tuning`` stores as the prior's tuned defaults
+(``tuning.json``). Reported: PSNR/SSIM of samples and posterior means, data residual, seconds per
+image, the paired per-image difference of the selected deft's posterior-mean PSNR against each
+baseline, every method on ``--prior-truth`` images drawn from the prior itself (where the model's
+posterior is exact), and sampling speed (one batch per method, the methods interleaved over
+``--speed-rounds`` rounds after a warm-up round, the median per method). Writes JSON and prints::
 
-    python benchmarks/sample_quality.py [--run runs/superres-… --run …] [--likelihood-weights 1,3] [--iterations 400 --snapshot-every 50] [--hnet-start gaussian] [--n 64] [-k 4]
+    python benchmarks/sample_quality.py [--run DIR --run DIR | --configs "1:gaussian,3:zero"] [--write-tuning model_weights/petals32/tuning.json]
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ from deftcli.data import open_dataset
 from deftcli.evaluate import (SWEEP_IMAGES, interleaved_seconds_per_image, knob_candidates, per_image_metrics,
                               sweep_on_train)
 from deftcli.finetune import finetune
-from deftcli.htransform import load_htransform
 from deftcli.methods import Reconstructor
 from deftcli.runs import FinetunedRun, open_run
 from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
@@ -52,20 +49,6 @@ def prior_truth_images(rec: Reconstructor, n: int) -> torch.Tensor:
     """n ground-truth images drawn from the prior itself (:data:`PRIOR_TRUTH`): there its posterior is the true one."""
     truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
     return truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
-
-
-def prior_truth_comparison(rec: Reconstructor, deft_configs: dict[str, Reconstructor], n: int, k: int, batch_size: int, zetas: list[float]) -> dict[str, object]:
-    """Every deft configuration and DPS (at each ζ of ``zetas``) on n ground-truth images drawn from the prior."""
-    x = prior_truth_images(rec, n)
-    y = rec.operator.measure(x, generator=torch.Generator().manual_seed(0))
-    images, rows = list(range(n)), {}
-    runs = [("dagger", "dagger", rec, 1), *((name, "deft", deft_rec, k) for name, deft_rec in deft_configs.items()),
-            *((f"dps_zeta_{z:g}", "dps", replace(rec, dps_zeta=z), k) for z in zetas)]
-    for name, method, method_rec, samples in runs:
-        per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, samples, batch_size, seed=0)
-        rows[name] = {**method_rec.settings(method), **summarise(per_image, seconds, n, samples)}
-        print(f"prior truth  {name:16s} PSNR mean {rows[name]['psnr_mean']:6.2f}  residual {rows[name]['data_residual']:.3f}", flush=True)
-    return {"images": f"{n} {PRIOR_TRUTH}", "methods": rows}
 
 
 def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.Namespace:
@@ -126,123 +109,143 @@ def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, 
             "images_above": int((difference > 0).sum()), "images": difference.numel()}
 
 
-def finetune_run(args: argparse.Namespace, weight: float) -> tuple[Path, dict[str, object]]:
-    """The default ``deft finetune --operator superres --factor 4`` with likelihood weight w (and its default lr, 5e-4 / w)."""
-    run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}-w{weight:g}"
+def finetune_run(args: argparse.Namespace, weight: float, start: str) -> tuple[Path, dict[str, object]]:
+    """The default ``deft finetune --operator superres --factor 4`` with likelihood weight w and h-network start."""
+    run_dir = Path("benchmarks/results/runs") / f"sample_quality-{datetime.now().strftime('%Y%m%d-%H%M%S')}-w{weight:g}-{start}"
     spec = build_spec(FinetuneSpec, overrides={"operator.name": "superres", "operator.params": {"factor": 4, "sigma": 0.05},
-                                               "snapshot_every": args.snapshot_every, "run_dir": str(run_dir), "device": "cpu",
-                                               "likelihood_weight": weight,
-                                               **({"iterations": args.iterations} if args.iterations else {}),
-                                               **({"hnet.start": args.hnet_start} if args.hnet_start else {})})
+                                               "run_dir": str(run_dir), "device": "cpu", "likelihood_weight": weight, "hnet.start": start,
+                                               **({"iterations": args.iterations} if args.iterations else {})})
     return run_dir, finetune(spec, quiet=True, command=["benchmarks/sample_quality.py"])
+
+
+def run_name(run: FinetunedRun) -> str:
+    """deft_w<w>_<start>: a run by what it was fine-tuned for."""
+    start = "gaussian" if run.htransform.config.guidance is not None else "zero"
+    return f"deft_w{run.htransform.config.likelihood_weight:g}_{start}"
+
+
+def deft_candidates(gammas: list[float], zetas: list[float]) -> list[dict[str, object]]:
+    """deft's sampling settings to sweep: each γ with the reverse SDE and with the renoise sampler at each ζ."""
+    samplers = [{"sampler": "sde"}, *({"sampler": "renoise", "renoise_zeta": z} for z in zetas)]
+    return [{"guidance_scale": g, **sampler} for sampler in samplers for g in gammas]
+
+
+def finetune_seconds(run: FinetunedRun) -> float:
+    """The training seconds of a run: the last line of its metrics log."""
+    lines = (run.path / "metrics.jsonl").read_text().splitlines()
+    return round(json.loads(lines[-1])["seconds"], 1)
+
+
+def tuning_file(selected: dict[str, object], run: FinetunedRun, out: Path) -> dict[str, object]:
+    """The prior's ``tuning.json`` for the selected deft (:mod:`deftcli.tuning`)."""
+    config = run.htransform.config
+    return {
+        "selected_by": f"benchmarks/sample_quality.py: best PSNR on the first {SWEEP_IMAGES} petals train images, "
+                       f"4x super-resolution, sigma_y 0.05 ({out})",
+        "operators": {run.operator.name: {
+            "finetune": {"likelihood_weight": config.likelihood_weight, "iterations": run.spec.iterations,
+                         "hnet_start": "gaussian" if config.guidance is not None else "zero"},
+            "sampling": {key: selected[key] for key in ("guidance_scale", "sampler", "renoise_zeta") if key in selected},
+        }},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, action="append", help="an existing run of 4× super-resolution, repeatable (default: fine-tune one per --likelihood-weights)")
-    parser.add_argument("--likelihood-weights", default="1,3", help="fine-tune one run per weight w (p(y | x)^w), comma-separated; (w, γ) are selected together on train images")
-    parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: deft's default); a longer run shows when deft passes DPS")
-    parser.add_argument("--snapshot-every", type=int, default=20)
-    parser.add_argument("--hnet-start", choices=["zero", "gaussian"], help="the h-network's start (default: deft's default)")
+    parser.add_argument("--run", type=Path, action="append", help="an existing run of 4× super-resolution, repeatable (default: fine-tune --configs)")
+    parser.add_argument("--configs", default="1:gaussian,3:zero", help="runs to fine-tune, w:start comma-separated")
+    parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: deft's default)")
+    parser.add_argument("--renoise-zetas", default="0.7,1.0", help="ζ values of deft's renoise sampler in its train sweep")
     parser.add_argument("--prior-truth", type=int, default=32, help="images drawn from the prior for the prior-is-exact comparison (0: skip)")
-    parser.add_argument("--speed-rounds", type=int, default=9, help="interleaved timed rounds (3 left ±7–10 %% noise on the ratio)")
+    parser.add_argument("--speed-rounds", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--write-tuning", type=Path, help="write the selected deft as the prior's tuning.json here")
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/sample_quality.json"))
 
     finetune_summaries: dict[str, object] = {}
     run_dirs = args.run or []
     if not run_dirs:
-        for weight in (float(w) for w in args.likelihood_weights.split(",")):
-            run_dir, finetune_summaries[f"w{weight:g}"] = finetune_run(args, weight)
+        for entry in args.configs.split(","):
+            weight, start = entry.split(":")
+            run_dir, summary = finetune_run(args, float(weight), start)
+            finetune_summaries[run_dir.name] = summary
             run_dirs.append(run_dir)
-    runs = {}
-    for run_dir in run_dirs:
-        run = open_run(run_dir, torch.device("cpu"))
-        runs[run.htransform.config.likelihood_weight] = run
-    base = runs[min(runs, key=lambda w: abs(w - 1))]  # the posterior's run (w = 1) where there is one
+    runs = {run_name(run): run for run in (open_run(d, torch.device("cpu")) for d in run_dirs)}
+    base = next(iter(runs.values()))
     images, x = val_images(base, args.n)
     y = base.operator.measure(x, generator=torch.Generator().manual_seed(0))
-    steps = base.spec.time_steps
-    rec = Reconstructor(base.prior, base.operator, base.htransform, steps, denoise_final=True)
+    rec = Reconstructor(base.prior, base.operator, None, base.spec.time_steps, denoise_final=True)
     sweep_spec = EvalSpec(batch_size=args.batch_size)
-    candidates = knob_candidates(sweep_spec, "dps")[0]
-    chosen, sweep = sweep_on_train(rec, "dps", candidates, base.spec.data, sweep_spec, torch.device("cpu"))
-    zeta = chosen["dps_zeta"]
-    rec = replace(rec, **chosen)
+    cpu = torch.device("cpu")
 
-    # deft: per run (w), γ by the same train-image sweep; (w, γ) selected together by its best train PSNR
-    deft_configs, gamma_sweeps = {}, {}
-    for weight, run in runs.items():
+    sweeps, configured = {}, {}
+    for method in ("dps", "diffpir"):
+        chosen, table = sweep_on_train(rec, method, knob_candidates(sweep_spec, method)[0], base.spec.data, sweep_spec, cpu)
+        sweeps[method] = {"table": table, "selected": chosen}
+        configured[method] = (method, replace(rec, **chosen))
+        print(f"{method} sweep on train: {chosen}", flush=True)
+    configured["ddrm"] = ("ddrm", rec)
+    candidates = deft_candidates(sweep_spec.guidance_sweep, [float(z) for z in args.renoise_zetas.split(",")])
+    best_train = {}
+    for name, run in runs.items():
         run_rec = replace(rec, htransform=run.htransform)
-        candidates = [{"guidance_scale": g} for g in sweep_spec.guidance_sweep]
-        chosen, table = sweep_on_train(run_rec, "deft", candidates, run.spec.data, sweep_spec, torch.device("cpu"))
-        gamma = chosen["guidance_scale"]
-        gamma_sweeps[f"w{weight:g}"] = {"table": table, "selected": gamma, "best_train_psnr": max(row["psnr"] for row in table)}
-        deft_configs[f"deft_w{weight:g}"] = replace(run_rec, guidance_scale=1.0)
-        deft_configs[f"deft_w{weight:g}_guided"] = replace(run_rec, guidance_scale=gamma)
-    selected_weight = max(runs, key=lambda w: gamma_sweeps[f"w{w:g}"]["best_train_psnr"])
-    selected = f"deft_w{selected_weight:g}_guided"
+        chosen, table = sweep_on_train(run_rec, "deft", candidates, run.spec.data, sweep_spec, cpu)
+        best_train[name] = max(row["psnr"] for row in table)
+        sweeps[name] = {"table": table, "selected": chosen, "best_train_psnr": best_train[name]}
+        configured[name] = ("deft", replace(run_rec, **chosen))
+        print(f"{name} sweep on train: {chosen} ({best_train[name]:.2f} dB)", flush=True)
+    selected = max(best_train, key=best_train.get)
 
-    methods, psnr_of_means = {}, {}
-    for name, method, method_rec in (("dagger", "dagger", rec), ("prior", "prior", rec), ("dps", "dps", rec),
-                                     *((name, "deft", deft_rec) for name, deft_rec in deft_configs.items())):
+    methods, psnr_of_means, ssim_of_means = {}, {}, {}
+    for name, (method, method_rec) in {"dagger": ("dagger", rec), "prior": ("prior", rec), **configured}.items():
         k = 1 if method == "dagger" else args.k
         per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, k, args.batch_size, seed=0)
         methods[name] = {**method_rec.settings(method), **summarise(per_image, seconds, len(images), k)}
-        psnr_of_means[name] = per_image["psnr_mean"]
-        print(f"{name:16s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
+        psnr_of_means[name], ssim_of_means[name] = per_image["psnr_mean"], per_image["ssim_mean"]
+        print(f"{name:20s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
               f"SSIM mean {methods[name]['ssim_mean']:.3f}  {methods[name]['seconds_per_image']:.2f} s/image", flush=True)
+    baselines = ("dagger", "dps", "diffpir", "ddrm")
+    against = {base_name: {"psnr_mean": paired_difference(psnr_of_means[selected], psnr_of_means[base_name]),
+                           "ssim_mean": paired_difference(ssim_of_means[selected], ssim_of_means[base_name])} for base_name in baselines}
 
-    speed = interleaved_seconds_per_image({m: (rec, m) for m in ("deft", "dps", "prior")}, y[: args.batch_size], args.speed_rounds)
+    timed = {name: configured[name] for name in ("dps", "diffpir", "ddrm", selected)} | {"prior": ("prior", rec)}
+    speed = interleaved_seconds_per_image({name: (method_rec, method) for name, (method, method_rec) in timed.items()},
+                                          y[: args.batch_size], args.speed_rounds)
     print("seconds per image (median of interleaved rounds): " + ", ".join(f"{m} {v['median']:.3f}" for m, v in speed.items()), flush=True)
 
-    neighbours = sorted(z for z in EvalSpec().dps_sweep if zeta / 3.5 <= z <= zeta * 3.5)
-    prior_truth = prior_truth_comparison(rec, deft_configs, args.prior_truth, args.k, args.batch_size, neighbours) if args.prior_truth else None
+    prior_truth = None
+    if args.prior_truth:
+        truth = prior_truth_images(rec, args.prior_truth)
+        truth_y = rec.operator.measure(truth, generator=torch.Generator().manual_seed(0))
+        rows = {}
+        for name, (method, method_rec) in {"dagger": ("dagger", rec), **configured}.items():
+            k = 1 if method == "dagger" else args.k
+            per_image, _, seconds = per_image_metrics(method_rec, method, truth, truth_y, list(range(args.prior_truth)), k, args.batch_size, seed=0)
+            rows[name] = summarise(per_image, seconds, args.prior_truth, k)
+            print(f"prior truth  {name:20s} PSNR mean {rows[name]['psnr_mean']:6.2f}  SSIM mean {rows[name]['ssim_mean']:.3f}", flush=True)
+        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}", "methods": rows}
 
-    curves = {}
-    for weight, run in runs.items():
-        curve = []
-        for path in sorted((run.path / "snapshots").glob("hnet_step_*.safetensors")):
-            htransform, meta = load_htransform(path, run.prior)
-            row = {"step": meta["step"], "finetune_minutes": round(meta["seconds"] / 60, 2)}
-            for key in (f"deft_w{weight:g}", f"deft_w{weight:g}_guided"):
-                snap = replace(deft_configs[key], htransform=htransform.eval())
-                per_image, _, seconds = per_image_metrics(snap, "deft", x, y, images, args.k, args.batch_size, seed=0)
-                row[key] = {"guidance_scale": snap.guidance_scale, **summarise(per_image, seconds, len(images), args.k)}
-            curve.append(row)
-            print(f"w = {weight:g}, snapshot step {row['step']:4d} ({row['finetune_minutes']:5.2f} min)  PSNR mean "
-                  + ", ".join(f"γ = {row[key]['guidance_scale']:g}: {row[key]['psnr_mean']:6.2f}" for key in row if key.startswith("deft")), flush=True)
-        curves[f"w{weight:g}"] = curve
-
-    def minutes_to_pass_dps(key: str, curve: list[dict]) -> float | None:
-        passed = [row for row in curve if row[key]["psnr_mean"] > methods["dps"]["psnr_mean"]]
-        return passed[0]["finetune_minutes"] if passed else None
-    posterior = f"deft_w{base.htransform.config.likelihood_weight:g}"
+    top = {metric: max(baselines[1:], key=lambda m: methods[m][metric]) for metric in ("psnr_mean", "ssim_mean")}
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": base.operator.describe(), "time_steps": steps, "k": args.k,
-                  "runs": {f"w{w:g}": str(run.path) for w, run in runs.items()}, "threads": args.threads, "torch": torch.__version__,
+        "setup": {"data": f"petals val, first {len(images)}", "operator": base.operator.describe(), "time_steps": base.spec.time_steps, "k": args.k,
+                  "runs": {name: str(run.path) for name, run in runs.items()}, "threads": args.threads, "torch": torch.__version__,
                   "platform": platform.platform()},
-        "finetune": finetune_summaries or None,
-        "dps_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta},
-        "guidance_sweep": {"images": f"first {SWEEP_IMAGES} of train", "runs": gamma_sweeps,
-                           "selected": {"likelihood_weight": selected_weight, "guidance_scale": deft_configs[selected].guidance_scale, "method": selected}},
+        "finetune": {name: {"seconds": finetune_seconds(run), "iterations": run.spec.iterations} for name, run in runs.items()},
+        "finetune_summaries": finetune_summaries or None,
+        "sweeps": {"images": f"first {SWEEP_IMAGES} of train", **sweeps},
+        "selected_deft": {"run": selected, **sweeps[selected]["selected"]},
         "methods": methods,
-        "against_dps_per_image": {name: paired_difference(psnr_of_means[name], psnr_of_means["dps"]) for name in deft_configs},
-        "sampling_speed": {"batch": min(args.batch_size, len(images)), "rounds": args.speed_rounds, "deft_run": str(base.path),
-                           "seconds_per_image": speed},
-        "curves": curves,
+        "selected_deft_against": against,
+        "sampling_speed": {"batch": min(args.batch_size, len(images)), "rounds": args.speed_rounds, "seconds_per_image": speed},
         "prior_truth": prior_truth,
         "targets": {
-            "deft_posterior_mean_psnr_above_dps": methods[posterior]["psnr_mean"] > methods["dps"]["psnr_mean"],
-            "deft_posterior_mean_psnr_above_dagger": methods[posterior]["psnr_mean"] > methods["dagger"]["psnr_mean"],
-            "deft_selected_mean_psnr_above_dps": methods[selected]["psnr_mean"] > methods["dps"]["psnr_mean"],
-            "deft_selected_minus_dps_psnr_mean": round(methods[selected]["psnr_mean"] - methods["dps"]["psnr_mean"], 3),
-            "dps_over_deft_seconds_per_image": round(speed["dps"]["median"] / speed["deft"]["median"], 2),
-            "finetune_minutes_to_pass_dps": {key: minutes_to_pass_dps(key, curves[f"w{w:g}"]) for w in runs
-                                              for key in (f"deft_w{w:g}", f"deft_w{w:g}_guided")},
+            f"deft_{metric}_minus_best_baseline": {"baseline": top[metric], "difference": against[top[metric]][metric]}
+            for metric in ("psnr_mean", "ssim_mean")
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.write_tuning:
+        args.write_tuning.write_text(json.dumps(tuning_file(sweeps[selected]["selected"], runs[selected], args.out), indent=2) + "\n")
     print(json.dumps(result["targets"], indent=2))
 
 

@@ -39,6 +39,9 @@ app.add_typer(check_app, name="check")
 # ---------------------------------------------------------------- shared options
 SpecOpt = Annotated[Optional[Path], typer.Option("--spec", help="run spec file (YAML, TOML or JSON); flags override it")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="random seed (default 0)")]
+SamplerOpt = Annotated[Optional[str], typer.Option(
+    "--sampler", help="deft's sampler: sde (Euler–Maruyama on the reverse SDE) or renoise (denoise and re-noise; default: the run's tuned one, else sde)")]
+RenoiseZetaOpt = Annotated[Optional[float], typer.Option("--renoise-zeta", help="deft's renoise sampler: share ζ ∈ [0, 1] of fresh noise per step")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="plain log lines instead of a progress bar")]
 OperatorOpt = Annotated[Optional[str], typer.Option("--operator", help="forward operator (see `deft operators`)")]
@@ -271,7 +274,9 @@ def sample_cmd(
     diffpir_zeta: Annotated[Optional[float], typer.Option("--diffpir-zeta", help="DiffPIR's ζ ∈ [0, 1] (1)")] = None,
     ddrm_eta: Annotated[Optional[float], typer.Option("--ddrm-eta", help="DDRM's η in [0, 1] (default 0.85)")] = None,
     ddrm_eta_b: Annotated[Optional[float], typer.Option("--ddrm-eta-b", help="DDRM's η_b in [0, 1] (default 1)")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="deft: γ in s_θ + γ h (1: the fine-tuned posterior)")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option("--guidance-scale", help="deft: γ in s_θ + γ h (default: the run's tuned γ, else 1)")] = None,
+    sampler: SamplerOpt = None,
+    renoise_zeta: RenoiseZetaOpt = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in the sampler")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 16)")] = None,
     seed: SeedOpt = None,
@@ -286,7 +291,8 @@ def sample_cmd(
         "out": out, "run": run, "prior.path": prior, "unconditional": unconditional or None, "n": n, "steps": steps,
         "method": method, "dps_zeta": dps_zeta, "diffpir_lambda": diffpir_lambda, "diffpir_zeta": diffpir_zeta,
         "ddrm_eta": ddrm_eta, "ddrm_eta_b": ddrm_eta_b,
-        "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device,
+        "guidance_scale": guidance_scale, "sampler": sampler, "renoise_zeta": renoise_zeta, "clip_x0": clip_x0, "batch_size": batch_size,
+        "seed": seed, "device": device,
     }
     resolved = build_spec(SampleSpec, spec, overrides)
     print_json(sample_command(resolved, measurement, force))
@@ -305,7 +311,9 @@ def eval_cmd(
     dps_zeta: Annotated[Optional[float], typer.Option("--dps-zeta", help="DPS step size (default: chosen by a sweep on train images)")] = None,
     diffpir_lambda: Annotated[Optional[float], typer.Option("--diffpir-lambda", help="DiffPIR's λ (swept)")] = None,
     diffpir_zeta: Annotated[Optional[float], typer.Option("--diffpir-zeta", help="DiffPIR's ζ (swept)")] = None,
-    guidance_scale: Annotated[Optional[str], typer.Option("--guidance-scale", help="deft's γ (default 1: the fine-tuned posterior), or 'sweep' to choose it on train images like ζ")] = None,
+    guidance_scale: Annotated[Optional[str], typer.Option("--guidance-scale", help="deft's γ (default: the run's tuned γ, else 1), or 'sweep' to choose it on train images like ζ")] = None,
+    sampler: SamplerOpt = None,
+    renoise_zeta: RenoiseZetaOpt = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in every sampler (default off)")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 32)")] = None,
     seed: SeedOpt = None,
@@ -320,7 +328,8 @@ def eval_cmd(
     method_list = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
     overrides = {"run": run, "split": split, "n": n, "k": k, "methods": method_list, "steps": steps, "dps_zeta": dps_zeta,
                  "diffpir_lambda": diffpir_lambda, "diffpir_zeta": diffpir_zeta,
-                 "guidance_scale": guidance_scale, "clip_x0": clip_x0, "batch_size": batch_size, "seed": seed, "device": device, "out": out}
+                 "guidance_scale": guidance_scale, "sampler": sampler, "renoise_zeta": renoise_zeta, "clip_x0": clip_x0,
+                 "batch_size": batch_size, "seed": seed, "device": device, "out": out}
     print_json(evaluate(build_spec(EvalSpec, spec, overrides), force))
 
 

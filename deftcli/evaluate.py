@@ -40,6 +40,7 @@ from .operators import Operator
 from .runs import FinetunedRun, open_run
 from .sample import data_residual
 from .specs import EVAL_METHODS, SPECTRAL_METHODS, DataSpec, EvalSpec
+from .tuning import deft_sampling, recorded_sampling
 
 SWEEP_IMAGES = 8
 GRID_COLUMNS = 8
@@ -143,7 +144,7 @@ def sweep_on_train(
     table = []
     for candidate in candidates:
         samples = draw_per_image(replace(rec, **candidate), method, y, images, 1, spec.batch_size, spec.seed)[:, 0]
-        knobs = {keys[field]: value for field, value in candidate.items()}
+        knobs = {keys.get(field, field): value for field, value in candidate.items()}
         table.append({**knobs, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
     best = max(range(len(table)), key=lambda i: table[i]["psnr"])
     return dict(candidates[best]), table
@@ -198,8 +199,12 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     y_all = operator.measure(x_all, generator=torch.Generator(device="cpu").manual_seed(spec.seed))
     x_true, y = x_all[mine].to(device), y_all[mine].to(device)
     steps = spec.steps or run.spec.time_steps
-    rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final, spec.clip_x0,
-                        ddrm_eta=spec.ddrm_eta, ddrm_eta_b=spec.ddrm_eta_b)
+    gamma = None if spec.guidance_scale == "sweep" else spec.guidance_scale
+    sampling = deft_sampling(recorded_sampling(run.info), gamma, spec.sampler, spec.renoise_zeta)
+    if spec.guidance_scale != "sweep":
+        spec = spec.model_copy(update={"guidance_scale": sampling.guidance_scale})
+    rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, sampler=sampling.sampler,
+                        renoise_zeta=sampling.renoise_zeta, ddrm_eta=spec.ddrm_eta, ddrm_eta_b=spec.ddrm_eta_b)
     results: dict[str, Any] = {
         "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
         "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size,
@@ -218,8 +223,9 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
         for field, value in chosen.items():
             setattr(rec, field, value)
             results[field] = value
-    if "ddrm" in methods:
-        results.update(rec.settings("ddrm"))
+    for method in ("ddrm", "deft"):
+        if method in methods:
+            results.update(rec.settings(method))
     grid_samples: dict[str, Tensor] = {}
     for method in methods:
         k = 1 if method == "dagger" else spec.k
@@ -271,6 +277,8 @@ def print_table(results: dict[str, Any]) -> None:
         label = f"{name} ({settings})" if settings else name
         if name == "deft":
             knobs = [f"{symbol}={results[key]:g}" for symbol, key in (("w", "likelihood_weight"), ("γ", "guidance_scale")) if results[key] != 1]
+            if results.get("sampler") == "renoise":
+                knobs.append(f"renoise ζ={results['renoise_zeta']:g}")
             label = f"deft ({', '.join(knobs)})" if knobs else name
         nfe = f"{m['nfe_prior_per_image']}/{m['nfe_hnet_per_image']}/{m['backward_prior_per_image']}"  # DPS's cost is its backward passes
         table.add_row(label, f"{m['psnr_sample']:.2f}", f"{m['ssim_sample']:.3f}", f"{m['psnr_mean']:.2f}", f"{m['ssim_mean']:.3f}",

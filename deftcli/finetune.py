@@ -40,6 +40,7 @@ from .htransform import GaussianGuidance, HTransform, HTransformConfig, save_htr
 from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
 from .operators import Operator
 from .priors import Prior, load_prior, state_dict_mismatch
+from .tuning import filled, run_record, spec_value, unset_fields, with_tuned_defaults
 from .runs import keep_operator_files, latest_run, read_run_record, refuse_other_prior, run_operator
 from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
@@ -143,6 +144,7 @@ def build_htransform(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HT
     prior's, and its start c_0 (``hnet.start``; the zero start where σ_y = 0)."""
     prior_unet = getattr(prior, "unet", None)
     max_period = prior_unet.config.max_period if prior_unet is not None else 0.005
+    spec, _ = with_tuned_defaults(spec, prior.tuning)  # a spec straight from the caller may leave them unset
     hnet = spec.hnet
     r, (_, height, width) = hnet.space_to_depth, prior.image_shape
     if hnet.architecture == "unet" and (height % r or width % r):
@@ -152,7 +154,7 @@ def build_htransform(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HT
             height // r, width // r, f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)")
     if hnet.model_channels is None:
         hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, prior)})
-    guidance, weight = None, spec.likelihood_weight
+    guidance, weight = None, spec.weight()
     if hnet.start == "gaussian" and operator.sigma > 0:
         guidance = GaussianGuidance(sigma_y=operator.sigma / math.sqrt(weight), gram_norm=operator.gram_norm(prior.image_shape),
                                     data_variance=prior.pixel_variance())
@@ -196,6 +198,8 @@ class Finetuner:
             raise DeftError("--precision bf16 needs a CUDA device (use fp32 on CPU/MPS)")
         self.autocast = autocast(self.device, spec.precision)
         self.prior = load_prior(spec.prior.path).to(self.device)
+        spec, self.tuned_fields = with_tuned_defaults(spec, self.prior.tuning)
+        self.spec = spec
         if resume:  # before the state is read or anything written
             refuse_other_prior(run_dir, read_run_record(run_dir), self.prior)
         self.operator = run_operator(spec, run_dir)
@@ -218,7 +222,7 @@ class Finetuner:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
         self.grid = reverse_time_grid(spec.time_steps)
         self.global_batch = self.source.global_batch()
-        self.loss_threshold = spec.loss_threshold or default_loss_threshold(self.source.expected, spec.likelihood_weight)
+        self.loss_threshold = spec.loss_threshold or default_loss_threshold(self.source.expected, spec.weight())
         self.rows = self._trajectory_rows()
         self.step_count, self.seconds, self.skipped_total, self.bad_in_row = 0, 0.0, 0, 0
         self.j_smooth: float | None = None
@@ -313,7 +317,7 @@ class Finetuner:
         spec, ctx = self.spec, self.ctx
         steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
         traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps, self.autocast)
-        d = data_term(self.operator, traj.x_final, batch.y, spec.likelihood_weight)
+        d = data_term(self.operator, traj.x_final, batch.y, spec.weight())
         filt = vargrad_weights(traj.log_rnd(d), batch.groups, self.loss_threshold, spec.min_kept_fraction, ctx.gather_with_grad, ctx.gather_values)
         if not filt.skipped:
             accumulate_vargrad_gradient(self.model, self.prior, self.grid, traj.stored, filt.weights, self.autocast, ctx.no_sync)
@@ -332,7 +336,7 @@ class Finetuner:
         spec, ctx = self.spec, self.ctx
         d, kl, x_final = backprop_soc_gradient(
             self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, self.autocast, ctx.no_sync,
-            spec.likelihood_weight,
+            spec.weight(),
         )
         d, kl = ctx.gather_values(d), ctx.gather_values(kl)
         j = float((d + kl).mean())
@@ -453,7 +457,7 @@ def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, comm
             run_dir = Path(ctx.broadcast(str(resolve_run_dir(spec, resume)) if ctx.is_main else None))
             if resume:
                 spec = spec.model_copy(update={"run_dir": str(run_dir)})
-                refuse_problem_change(run_dir, spec)
+                spec = refuse_problem_change(run_dir, spec)
             trainer = Finetuner(spec, run_dir, resume, quiet, ctx)  # checks prior, operator, measurement first
             fresh = not resume and ctx.is_main
             cleared = cleared_on_failure(run_dir, run_dir / "state_last.safetensors", keep=(TrainingDiverged,))
@@ -470,7 +474,7 @@ def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, comm
         teardown(ctx)
 
 
-def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
+def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> FinetuneSpec:
     """A one-line error, before anything is read into training or written, when ``--resume`` would
     change what the run solves or the network it trains.
 
@@ -481,6 +485,7 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
     which loads the prior anyway.
     """
     saved = FinetuneSpec.model_validate(read_saved_spec(run_dir / "spec.json"))
+    resumed = filled(resumed, {name: spec_value(saved, name) for name in unset_fields(resumed)})
     refuse_changes("run", {
         "operator": (saved.operator, resumed.operator),
         "dataset": (saved.data.dataset, resumed.data.dataset),
@@ -491,6 +496,7 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> None:
     kept = run_dir / "measurement.safetensors"
     if resumed.measurement is not None and kept.exists() and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept)):
         raise DeftError(f"--resume cannot change the run's measurement ({resumed.measurement} differs from the {kept} it was fine-tuned for)")
+    return resumed
 
 
 def record_resumed_leg(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
@@ -519,6 +525,7 @@ def write_run_info(trainer: Finetuner, run_dir: Path, command: list[str] | None)
         "random_streams": "data/gradient steps: seed, noise: seed + 1; drawn for the global batch, each process keeps its rows",
         "command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
         "started": datetime.now().isoformat(timespec="seconds"),
+        "tuned_defaults": run_record(trainer.prior.tuning, spec.operator.name, trainer.tuned_fields),
     }
     if trainer.source.fixed is not None:
         save_image(trainer.source.fixed[0], run_dir / "measurement.safetensors")

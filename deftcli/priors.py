@@ -28,6 +28,7 @@ from .checkpoint import file_sha256, load_weights, read_json
 from .errors import DeftError
 from .sde import VPSDE
 from .specs import yaml_error_text
+from .tuning import PriorTuning, read_tuning
 from .unet import UNet, UNetConfig
 
 DEFAULT_PRIOR = "petals32"
@@ -53,6 +54,9 @@ class Prior(nn.Module):
     def identity(self) -> dict[str, Any]:
         """What a run records to name the exact prior it was fine-tuned on."""
         raise NotImplementedError
+
+    tuning: PriorTuning | None = None
+    """The prior's ``tuning.json`` (:mod:`deftcli.tuning`): settings selected for it on training images."""
 
     def pixel_variance(self) -> float:
         """v, the per-pixel variance of the prior's data about its per-channel mean; 1 where the prior
@@ -242,7 +246,16 @@ def load_torch_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def load_prior(path_or_name: str | os.PathLike | None = None) -> Prior:
-    """Load a prior from a folder (any of the supported formats) or a shipped prior's name."""
+    """Load a prior from a folder (any of the supported formats) or a shipped prior's name, with the
+    folder's tuned defaults (``tuning.json``, :mod:`deftcli.tuning`) where it has them."""
+    folder = prior_folder(path_or_name)
+    prior = load_prior_weights(folder)
+    prior.tuning = read_tuning(folder)
+    return prior
+
+
+def prior_folder(path_or_name: str | os.PathLike | None) -> Path:
+    """The folder of a prior given by path or by a shipped prior's name (None: the default prior)."""
     if path_or_name is None:
         path_or_name = DEFAULT_PRIOR
     folder = Path(path_or_name)
@@ -252,6 +265,11 @@ def load_prior(path_or_name: str | os.PathLike | None = None) -> Prior:
         raise DeftError(f"prior '{path_or_name}': no such folder or shipped prior (shipped: {', '.join(shipped_priors()) or 'none'})")
     if not folder.is_dir():
         raise DeftError(f"prior '{folder}': expected a folder (config.json + model.safetensors, or model.pt + report.yaml)")
+    return folder
+
+
+def load_prior_weights(folder: Path) -> Prior:
+    """The prior in ``folder``, by the format its files show."""
     if (folder / "model_index.json").exists() or (folder / "scheduler").is_dir():
         from .diffusers_prior import load_diffusers_prior
 

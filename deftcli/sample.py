@@ -18,6 +18,7 @@ from .methods import Reconstructor, operator_svd
 from .priors import load_prior
 from .runs import open_run
 from .specs import SPECTRAL_METHODS, SampleSpec
+from .tuning import deft_sampling, recorded_sampling
 
 UNCONDITIONAL_STEPS = 100
 
@@ -75,8 +76,10 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
 
     run = open_run(spec.run, device, prior_override=spec.prior.path)
     steps = spec.steps or run.spec.time_steps
-    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, spec.dps_zeta,
-                        spec.guidance_scale, spec.diffpir_lambda, spec.diffpir_zeta, spec.ddrm_eta, spec.ddrm_eta_b)
+    sampling = deft_sampling(recorded_sampling(run.info), spec.guidance_scale, spec.sampler, spec.renoise_zeta)
+    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, dps_zeta=spec.dps_zeta,
+                        diffpir_lambda=spec.diffpir_lambda, diffpir_zeta=spec.diffpir_zeta, ddrm_eta=spec.ddrm_eta,
+                        ddrm_eta_b=spec.ddrm_eta_b, **sampling.model_dump())
     if spec.method in SPECTRAL_METHODS:
         operator_svd(spec.method, run.operator)  # before any output exists
     expected = run.operator.measurement_shape(run.prior.image_shape)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import DeftError
+from .samplers import SamplerKind
 from .unet import UNetConfig
 
 DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/README.md)
@@ -139,11 +140,11 @@ class HNetSpec(StrictModel):
     time_embedding_dim: int = Field(64, ge=2)
     time_hidden: int = Field(64, ge=1)
     init_scale: float = 5e-3
-    start: Literal["zero", "gaussian"] = Field(
-        "zero",
+    start: Literal["zero", "gaussian"] | None = Field(
+        None,
         description="zero: h starts at ≈ 0, the prior, as the original; gaussian: h starts at the exact h-transform of the "
         "prior's Gaussian approximation, −c_0(t) g, and learns the rest (needs σ_y > 0): a lower J and a data residual "
-        "at σ_y sooner, not a higher PSNR on petals (benchmarks/README.md)",
+        "at σ_y sooner; None: the prior's tuned choice for the operator (its tuning.json), else zero",
     )
     mlp_hidden: int = Field(256, ge=1, description="MLP architecture: hidden width")
     mlp_layers: int = Field(3, ge=1, description="MLP architecture: hidden layers")
@@ -161,15 +162,17 @@ class FinetuneSpec(StrictModel):
     data: DataSpec = DataSpec()
     measurement: str | None = Field(None, description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split")
     method: Method = "vargrad"
-    iterations: int = Field(100, ge=1, description="≈ 5 minutes for the default 4× super-resolution on a 2-core CPU")
+    iterations: int | None = Field(
+        None, ge=1, description="None: the prior's tuned value for the operator (its tuning.json), else 100 "
+        "(≈ 4 minutes for the default 4× super-resolution on a 2-core CPU)")
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much training time, counted over every leg of a resumed run")
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
     trajectories: int = Field(4, ge=2, description="K trajectories per measurement")
-    likelihood_weight: float = Field(
-        1.0, gt=0, le=100,
+    likelihood_weight: float | None = Field(
+        None, gt=0, le=100,
         description="w: fine-tune for the tempered posterior p(x) p(y | x)^w, i.e. the likelihood with σ_y/√w (measurements keep σ_y); "
-        "1 is the posterior, w > 1 a sharper one",
+        "1 is the posterior, w > 1 a sharper one; None: the prior's tuned value for the operator, else 1",
     )
     lr: float | None = Field(
         None, gt=0, le=1,
@@ -199,11 +202,19 @@ class FinetuneSpec(StrictModel):
 
     def learning_rate(self) -> float:
         """``lr``, or its default 5e-4 / w."""
-        return self.lr if self.lr is not None else DEFAULT_FINETUNE_LR / self.likelihood_weight
+        return self.lr if self.lr is not None else DEFAULT_FINETUNE_LR / self.weight()
+
+    def weight(self) -> float:
+        """w, once resolved (the fine-tuner fills ``likelihood_weight`` from the prior's tuned defaults)."""
+        if self.likelihood_weight is None:
+            raise ValueError("likelihood_weight is resolved from the prior's tuned defaults before it is used")
+        return self.likelihood_weight
 
 
 GuidanceScale = Annotated[float, Field(ge=0)]
 """γ of deft's sampler s_θ + γ h (:class:`~deftcli.htransform.ConditionalScore`)."""
+RenoiseZeta = Annotated[float, Field(ge=0, le=1, description="the renoise sampler's share of fresh noise per step")]
+DEFT_SAMPLING_NOTE = "None: the run's tuned default (run.json, from the prior's tuning.json), else "
 DiffPIRLambda = Annotated[float, Field(gt=0, description="DiffPIR's λ: ρ_t = λ σ_y² / σ̄_t² weighs the prior")]
 DiffPIRZeta = Annotated[float, Field(ge=0, le=1, description="DiffPIR's ζ: the share of fresh noise when re-noising")]
 DDRMEta = Annotated[float, Field(ge=0, le=1, description="DDRM's η: fresh-noise share of the unobserved")]
@@ -232,7 +243,10 @@ class SampleSpec(StrictModel):
     diffpir_zeta: DiffPIRZeta = DEFAULT_DIFFPIR_ZETA
     ddrm_eta: DDRMEta = DEFAULT_DDRM_ETA
     ddrm_eta_b: DDRMEtaB = DEFAULT_DDRM_ETA_B
-    guidance_scale: GuidanceScale = Field(1.0, description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood")
+    guidance_scale: GuidanceScale | None = Field(
+        None, description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood; " + DEFT_SAMPLING_NOTE + "1")
+    sampler: SamplerKind | None = Field(None, description="deft: sde (Euler–Maruyama) or renoise (denoise and re-noise); " + DEFT_SAMPLING_NOTE + "sde")
+    renoise_zeta: RenoiseZeta | None = Field(None, description="deft's renoise sampler: ζ; " + DEFT_SAMPLING_NOTE + "1")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
     seed: Seed = 0
@@ -242,7 +256,7 @@ class SampleSpec(StrictModel):
     @model_validator(mode="after")
     def _options_of_the_sampler(self) -> "SampleSpec":
         options = {"method": ("--method", None), "dps_zeta": ("--dps-zeta", "dps"),
-                   "guidance_scale": ("--guidance-scale", "deft"),
+                   "guidance_scale": ("--guidance-scale", "deft"), "sampler": ("--sampler", "deft"), "renoise_zeta": ("--renoise-zeta", "deft"),
                    "diffpir_lambda": ("--diffpir-lambda", "diffpir"), "diffpir_zeta": ("--diffpir-zeta", "diffpir"),
                    "ddrm_eta": ("--ddrm-eta", "ddrm"), "ddrm_eta_b": ("--ddrm-eta-b", "ddrm")}
         given = {field: options[field] for field in options if field in self.model_fields_set}
@@ -271,7 +285,10 @@ class EvalSpec(StrictModel):
     diffpir_sweep: DiffPIRSweep = DiffPIRSweep()
     ddrm_eta: DDRMEta = DEFAULT_DDRM_ETA
     ddrm_eta_b: DDRMEtaB = DEFAULT_DDRM_ETA_B
-    guidance_scale: float | Literal["sweep"] = Field(1.0, description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ")
+    guidance_scale: float | Literal["sweep"] | None = Field(
+        None, description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ; " + DEFT_SAMPLING_NOTE + "1")
+    sampler: SamplerKind | None = Field(None, description="deft's sampler, sde or renoise; " + DEFT_SAMPLING_NOTE + "sde")
+    renoise_zeta: RenoiseZeta | None = Field(None, description="deft's renoise sampler: ζ; " + DEFT_SAMPLING_NOTE + "1")
     guidance_sweep: list[GuidanceScale] = Field([1.0, 1.5, 2.0, 3.0, 5.0], min_length=1)
     denoise_final: bool = True
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)")
@@ -283,7 +300,7 @@ class EvalSpec(StrictModel):
     @field_validator("guidance_scale", mode="before")
     @classmethod
     def _number_or_sweep(cls, value: Any) -> Any:
-        if value == "sweep":
+        if value == "sweep" or value is None:
             return value
         try:
             number = float(value)
@@ -297,6 +314,7 @@ class EvalSpec(StrictModel):
     def _options_of_evaluated_methods(self) -> "EvalSpec":
         for field, method, flag in (("dps_zeta", "dps", "--dps-zeta"), ("dps_sweep", "dps", "dps_sweep"),
                                     ("guidance_scale", "deft", "--guidance-scale"), ("guidance_sweep", "deft", "guidance_sweep"),
+                                    ("sampler", "deft", "--sampler"), ("renoise_zeta", "deft", "--renoise-zeta"),
                                     ("diffpir_lambda", "diffpir", "--diffpir-lambda"),
                                     ("diffpir_zeta", "diffpir", "--diffpir-zeta"),
                                     ("diffpir_sweep", "diffpir", "diffpir_sweep"),

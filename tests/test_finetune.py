@@ -174,7 +174,7 @@ def test_a_likelihood_weight_multiplies_the_data_term_and_its_default_threshold(
 
 
 def test_the_default_learning_rate_is_divided_by_the_likelihood_weight(gmm_problem, tmp_path):
-    assert FinetuneSpec().learning_rate() == 5e-4 and FinetuneSpec(likelihood_weight=4.0).learning_rate() == 1.25e-4
+    assert FinetuneSpec(likelihood_weight=1.0).learning_rate() == 5e-4 and FinetuneSpec(likelihood_weight=4.0).learning_rate() == 1.25e-4
     assert FinetuneSpec(likelihood_weight=4.0, lr=1e-3).learning_rate() == 1e-3  # a given --lr is kept
     spec = gmm_spec(gmm_problem, tmp_path / "run", likelihood_weight=2.0).model_copy(update={"lr": None})
     cond_group, time_group = Finetuner(spec, tmp_path / "run", resume=False, quiet=True).optimizer.param_groups
@@ -186,7 +186,7 @@ def test_a_resumed_leg_may_not_change_the_likelihood_weight(gmm_problem, tmp_pat
     finetune(gmm_spec(gmm_problem, run_dir, iterations=2, likelihood_weight=2.0), quiet=True)
     assert load_htransform(run_dir / "hnet_last.safetensors", load_prior(gmm_problem["prior_dir"]))[0].config.likelihood_weight == 2.0
     with pytest.raises(DeftError, match=r"likelihood weight \(2.0 → 1.0\)"):
-        finetune(gmm_spec(gmm_problem, run_dir, iterations=3), resume=True, quiet=True)
+        finetune(gmm_spec(gmm_problem, run_dir, iterations=3, likelihood_weight=1.0), resume=True, quiet=True)
 
 
 def test_a_run_recorded_before_the_likelihood_weight_existed_opens_as_w_1_and_a_mismatch_is_refused(gmm_problem, tmp_path):

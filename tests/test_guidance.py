@@ -8,6 +8,7 @@ from deftcli.gmm import GaussianMixturePrior
 from deftcli.htransform import HTransformConfig, load_htransform, save_htransform
 from deftcli.operators import Operator, create
 from deftcli.specs import FinetuneSpec
+from deftcli.tuning import with_tuned_defaults
 
 IMAGE_SHAPE = (2, 4, 4)
 VARIANCE = 0.3
@@ -117,7 +118,7 @@ def test_zero_start_the_default_and_noiseless_measurements_have_no_start() -> No
     prior = gaussian_prior()
     zero = SPEC.model_copy(update={"hnet": SPEC.hnet.model_copy(update={"start": "zero"})})
     assert build_htransform(zero, prior, create("superres", factor=2, sigma=0.1)).config.guidance is None
-    assert FinetuneSpec().hnet.start == "zero"
+    assert with_tuned_defaults(FinetuneSpec(), None)[0].hnet.start == "zero"  # unset, on a prior without tuned defaults
     assert build_htransform(SPEC, prior, create("superres", factor=2, sigma=0.0)).config.guidance is None
 
 
