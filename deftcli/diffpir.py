@@ -21,14 +21,13 @@ goes to (α, σ) = (1, 0) and returns x̂0^(y) at t = ε. Score evaluations: one
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .operators import SingularValueDecomposition
-from .samplers import NoiseSource, ScoreFn, noise_levels, standard_noise, time_batch
+from .samplers import NoiseSource, ScoreFn, noise_levels, renoised, standard_noise, time_batch
 from .sde import VPSDE
 
 
@@ -55,10 +54,8 @@ def diffpir_step(
     """x_{t'} from x_t and its denoised x̂0: the proximal step with ρ_t = λ σ_y² α² / σ², then re-noising to
     ``next_level`` = (α(t'), σ(t')) with the share ζ of fresh standard ``noise``."""
     alpha, sigma = level
-    next_alpha, next_sigma = next_level
     x0_y = proximal_step(svd, y, x0, lam * sigma_y**2 * alpha**2 / sigma**2)
-    eps_hat = (x - alpha * x0_y) / sigma
-    return next_alpha * x0_y + next_sigma * (math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * noise)
+    return renoised(x, x0_y, level, next_level, zeta, noise)
 
 
 def sample_diffpir(

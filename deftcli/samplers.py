@@ -84,11 +84,12 @@ def sample_reverse_sde(
         return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
 
 
-def renoise_step(sde: VPSDE, x: Tensor, t: Tensor, t_next: Tensor, score: Tensor, zeta: float, xi: Tensor) -> Tensor:
-    """One denoise-and-re-noise step from t to t_next < t: α' x̂0 + σ' (√(1 − ζ) ε̂ + √ζ ξ)."""
-    x0 = sde.tweedie_x0(x, score, t)
-    eps = (x - _expand(sde.alpha(t), x) * x0) / _expand(sde.sigma(t), x)
-    return _expand(sde.alpha(t_next), x) * x0 + _expand(sde.sigma(t_next), x) * (math.sqrt(1.0 - zeta) * eps + math.sqrt(zeta) * xi)
+def renoised(x: Tensor, x0: Tensor, level: tuple[float, float], next_level: tuple[float, float], zeta: float, xi: Tensor) -> Tensor:
+    """x at the next level from x_t and an estimate x̂0 of x_0: α' x̂0 + σ' (√(1 − ζ) ε̂ + √ζ ξ), ε̂ = (x_t − α x̂0) / σ,
+    for the levels (α, σ) → (α', σ') (:func:`noise_levels`)."""
+    (alpha, sigma), (next_alpha, next_sigma) = level, next_level
+    eps = (x - alpha * x0) / sigma
+    return next_alpha * x0 + next_sigma * (math.sqrt(1.0 - zeta) * eps + math.sqrt(zeta) * xi)
 
 
 def sample_renoise(
@@ -100,17 +101,20 @@ def sample_renoise(
     generator: NoiseSource = None,
     denoise_final: bool = False,
 ) -> Tensor:
-    """The ``renoise`` sampler (module docstring) from x at t = 1 over ``grid``: x at t = ε, or Tweedie's x̂0 there.
+    """The ``renoise`` sampler (module docstring) from x at t = 1 over ``grid``: x at t = ε, or, with
+    ``denoise_final``, one more step to the data level (α, σ) = (1, 0), which returns Tweedie's x̂0 at t = ε.
 
     Score evaluations: len(grid) − 1, plus one with ``denoise_final``; the same as :func:`sample_reverse_sde`.
     """
     if not 0.0 <= zeta <= 1.0:
         raise ValueError(f"the re-noising fraction ζ must lie in [0, 1], got {zeta}")
+    levels = noise_levels(sde, grid, denoise_final)
     with torch.no_grad():
-        for k in range(len(grid) - 1):
-            t, t_next = time_batch(grid[k], x), time_batch(grid[k + 1], x)
-            x = renoise_step(sde, x, t, t_next, score_fn(x, t), zeta, standard_noise(x, generator))
-        return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
+        for k in range(len(levels) - 1):
+            t = time_batch(grid[k], x)
+            x0 = sde.tweedie_x0(x, score_fn(x, t), t)
+            x = renoised(x, x0, levels[k], levels[k + 1], zeta, standard_noise(x, generator))
+    return x
 
 
 def run_sampler(
