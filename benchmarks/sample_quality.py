@@ -141,7 +141,7 @@ def tuning_file(selected: dict[str, object], run: FinetunedRun, out: Path) -> di
     config = run.htransform.config
     return {
         "selected_by": f"benchmarks/sample_quality.py: best PSNR on the first {SWEEP_IMAGES} petals train images, "
-                       f"4x super-resolution, sigma_y 0.05 ({out})",
+                       f"4x super-resolution, sigma_y 0.05 (benchmarks/results/{out.name})",
         "operators": {run.operator.name: {
             "finetune": {"likelihood_weight": config.likelihood_weight, "iterations": run.spec.iterations,
                          "hnet_start": "gaussian" if config.guidance is not None else "zero"},
