@@ -22,7 +22,10 @@ from .unet import UNetConfig
 DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/README.md)
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
+"""The networks' precision: auto is bf16 on a CPU with native bf16 (AMX-BF16 or AVX512-BF16), else fp32 (deftcli.devices)."""
+PRECISION_HELP = "the networks' precision: auto (bf16 on a CPU with AMX-BF16 or AVX512-BF16, else fp32), fp32 or bf16 (CUDA, CPU)"
+COMPILE_HELP = "torch.compile the prior and the h-network (inductor; compiles once per batch size, minutes on a small CPU)"
 DatasetName = Literal["petals", "flowers102", "folder"]
 Method = Literal["vargrad", "backprop"]
 SamplerName = Literal["deft", "dps", "prior", "dagger"]
@@ -181,7 +184,8 @@ class FinetuneSpec(StrictModel):
     micro_batch: int | None = Field(None, ge=1, description="backprop: trajectories per backward pass (gradient accumulation)")
     gradient_checkpointing: bool = Field(True, description="backprop: recompute activations per step")
     hnet: HNetSpec = HNetSpec()
-    precision: Precision = "fp32"
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    compile: bool = Field(False, description=COMPILE_HELP)
     preview_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     snapshot_every: int | None = Field(None, ge=1, description="also keep the h-network every this many steps (snapshots/)")
@@ -212,6 +216,8 @@ class SampleSpec(StrictModel):
     guidance_scale: GuidanceScale = Field(1.0, description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    compile: bool = Field(False, description=COMPILE_HELP)
     seed: Seed = 0
     device: Device = "auto"
     out: str = "out"
@@ -243,6 +249,8 @@ class EvalSpec(StrictModel):
     guidance_sweep: list[GuidanceScale] = Field([1.0, 1.5, 2.0, 3.0, 5.0], min_length=1)
     denoise_final: bool = True
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    compile: bool = Field(False, description=COMPILE_HELP)
     seed: Seed = 0
     device: Device = "auto"
     batch_size: int = Field(32, ge=1)
