@@ -18,7 +18,8 @@ measurement × 14 trajectories), with a fifth configuration: bf16, compiled, cha
 ``--compiled-parts`` limits what the compiled configurations time (each part compiles its own graphs,
 minutes each on a small busy CPU); the others are reported as ``null``. Writes JSON::
 
-    python benchmarks/speed.py [--threads 1] [--rounds 2] [--compiled-parts prior_forward deft dps vargrad] [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py [--threads 1] [--rounds 2] [--compiled-parts prior_forward deft dps vargrad]
+                               [--out benchmarks/results/speed.json]
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ class Problem:
 
 def build(problem: Problem, device: torch.device, precision: str, compiled: bool, channels_last: bool, run_dir: Path
           ) -> tuple[dict[str, Callable[[], object]], Finetuner]:
-    """The timed calls of one configuration (prior forward, deft and DPS sampling, one vargrad iteration) and its trainer."""
+    """One configuration's timed calls (prior forward, deft and DPS sampling, a vargrad iteration) and its trainer."""
     run_dir.mkdir(parents=True)
     operator = create("superres", factor=FACTOR, sigma=SIGMA_Y).to(device)
-    spec = FinetuneSpec.model_validate({**problem.finetune, "precision": precision, "compile": compiled, "device": str(device), "run_dir": str(run_dir)})
+    spec = FinetuneSpec.model_validate({**problem.finetune, "precision": precision, "compile": compiled,
+                                        "device": str(device), "run_dir": str(run_dir)})
     prior = load_prior(problem.prior).to(device)
     torch.manual_seed(0)
     htransform = build_htransform(spec, prior, operator).to(device).eval().requires_grad_(False)
@@ -85,15 +87,17 @@ def build(problem: Problem, device: torch.device, precision: str, compiled: bool
         with torch.no_grad():
             return prior.score(x, t)
 
-    return {"prior_forward": forward, "deft": lambda: rec.sample("deft", y, generator), "dps": lambda: rec.sample("dps", y, generator),
-            "vargrad": trainer.step}, trainer
+    calls = {"prior_forward": forward, "deft": lambda: rec.sample("deft", y, generator),
+             "dps": lambda: rec.sample("dps", y, generator), "vargrad": trainer.step}
+    return calls, trainer
 
 
 def measure(problem: Problem, device: torch.device, configs: dict[str, tuple[str, bool, bool]], rounds: int, tmp: Path,
             compiled_parts: tuple[str, ...] = PARTS) -> dict:
     """First-call and median steady-state seconds of every call of every configuration, interleaved."""
     built = {name: build(problem, device, *config, tmp / name.replace(", ", "-")) for name, config in configs.items()}
-    calls = {name: {key: call for key, call in b[0].items() if not configs[name][1] or key in compiled_parts} for name, b in built.items()}
+    calls = {name: {key: call for key, call in b[0].items() if not configs[name][1] or key in compiled_parts}
+             for name, b in built.items()}
     trainers = {name: b[1] for name, b in built.items()}
     first: dict[str, dict[str, float]] = {name: {} for name in calls}
     times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in c} for name, c in calls.items()}
@@ -119,7 +123,7 @@ def measure(problem: Problem, device: torch.device, configs: dict[str, tuple[str
             return None if median[key] is None else round(median[key] * scale, digits)
 
         rows[name] = {
-            "prior_forward_images_per_second": None if median["prior_forward"] is None else round(batch / median["prior_forward"], 1),
+            "prior_forward_images_per_second": ratio(batch, median["prior_forward"], 1),
             "deft_seconds_per_sample": per("deft", 1 / batch, 4),
             "dps_seconds_per_sample": per("dps", 1 / batch, 4),
             "vargrad_seconds_per_iteration": per("vargrad", 1, 3),
@@ -128,15 +132,16 @@ def measure(problem: Problem, device: torch.device, configs: dict[str, tuple[str
             "all_seconds": {key: [round(s, 3) for s in v] for key, v in times[name].items()},
         }
     reference = rows["fp32, eager"]
-    ratios = {name: {"prior_forward_speedup": ratio(row["prior_forward_images_per_second"], reference["prior_forward_images_per_second"]),
-                     **{f"{key}_speedup": ratio(reference[key], row[key])
-                        for key in ("deft_seconds_per_sample", "dps_seconds_per_sample", "vargrad_seconds_per_iteration")}}
+    timed = ("deft_seconds_per_sample", "dps_seconds_per_sample", "vargrad_seconds_per_iteration")
+    throughput = "prior_forward_images_per_second"
+    ratios = {name: {"prior_forward_speedup": ratio(row[throughput], reference[throughput]),
+                     **{f"{key}_speedup": ratio(reference[key], row[key]) for key in timed}}
               for name, row in rows.items()}
     return {"rows": rows, "speedup_over_fp32_eager": ratios}
 
 
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or denominator is None else round(numerator / denominator, 3)
+def ratio(numerator: float | None, denominator: float | None, digits: int = 3) -> float | None:
+    return None if numerator is None or denominator is None else round(numerator / denominator, digits)
 
 
 def main() -> None:
@@ -154,22 +159,26 @@ def main() -> None:
     result = {"setup": {"batch": args.batch, "time_steps": args.steps, "threads": args.threads, "rounds": args.rounds,
                         "compiled_parts": args.compiled_parts, "torch": torch.__version__,
                         "platform": platform.platform(), "cpu": cpu_features().describe(),
-                        "problem": f"petals32, default h-network (random weights), superres factor {FACTOR}, sigma {SIGMA_Y}, DPS zeta 10"}}
+                        "problem": f"petals32, default h-network (random weights), superres factor {FACTOR}, "
+                                   f"sigma {SIGMA_Y}, DPS zeta 10"}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cpu = Problem(None, {"operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}, "time_steps": args.steps},
-                      operator.measure(val, generator=torch.Generator().manual_seed(0)))
+        superres = {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}
+        y = operator.measure(val, generator=torch.Generator().manual_seed(0))
+        cpu = Problem(None, {"operator": superres, "time_steps": args.steps}, y)
         result["cpu"] = measure(cpu, torch.device("cpu"), CONFIGS, args.rounds, tmp / "cpu", tuple(args.compiled_parts))
         if torch.cuda.is_available():
             device = torch.device("cuda")
             write_random_prior(tmp / "prior")
             save_image(torch.zeros(3, SIZE // FACTOR, SIZE // FACTOR), tmp / "y.safetensors")
             cuda = Problem(str(tmp / "prior"), {
-                "operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}, "measurement": str(tmp / "y.safetensors"),
+                "operator": superres, "measurement": str(tmp / "y.safetensors"),
                 "time_steps": args.steps, "trajectories": BATCH, "loss_threshold": 1e12, "hnet": ORIGINAL_HNET},
                 operator.measure(torch.rand(args.batch, 3, SIZE, SIZE) * 2 - 1))
-            result["cuda"] = {"card": torch.cuda.get_device_name(device), **measure(cuda, device, CUDA_CONFIGS, args.rounds, tmp / "cuda", tuple(args.compiled_parts))}
-    print(json.dumps({part: result[part]["speedup_over_fp32_eager"] for part in ("cpu", "cuda") if part in result}, indent=2))
+            measured = measure(cuda, device, CUDA_CONFIGS, args.rounds, tmp / "cuda", tuple(args.compiled_parts))
+            result["cuda"] = {"card": torch.cuda.get_device_name(device), **measured}
+    speedups = {part: result[part]["speedup_over_fp32_eager"] for part in ("cpu", "cuda") if part in result}
+    print(json.dumps(speedups, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

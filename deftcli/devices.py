@@ -80,7 +80,8 @@ def cpu_features() -> CPUFeatures:
             elif key.strip() == "model name" and value.strip():
                 model = value.strip()
     mkldnn_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-    return CPUFeatures(model, torch.backends.cpu.get_cpu_capability(), tuple(f for f in REPORTED_FLAGS if f in flags), mkldnn_bf16)
+    reported = tuple(f for f in REPORTED_FLAGS if f in flags)
+    return CPUFeatures(model, torch.backends.cpu.get_cpu_capability(), reported, mkldnn_bf16)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -106,9 +107,10 @@ def warn_emulated_bf16() -> None:
 
 
 def refuse_compile_without_compiler(device: torch.device) -> None:
-    """torch.compile's CPU code generation needs a C++ compiler; without one, a one-line error now, not a traceback later."""
+    """Inductor's CPU code needs a C++ compiler: without one, a one-line error now, not a traceback later."""
     if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
-        raise DeftError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH for torch.compile; install one or drop --compile")
+        raise DeftError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH for torch.compile; "
+                        "install one or drop --compile")
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class Runtime:
                 module.run_networks_with(self.network)
 
     def describe(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"precision": self.precision, "precision_requested": self.requested_precision, "compile": self.compile}
+        record: dict[str, Any] = {"precision": self.precision, "precision_requested": self.requested_precision,
+                                  "compile": self.compile}
         if self.device.type == "cpu":
             record["cpu"] = cpu_features().describe()
         return record

@@ -44,6 +44,10 @@ def tiny_htransform(seed: int = 0) -> HTransform:
     return h
 
 
+def images(n: int) -> torch.Tensor:
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).abs().max() / reference.abs().max())
 
@@ -51,7 +55,8 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.fixture
 def inputs():
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(4, 3, 16, 16, generator=gen), torch.tensor([0.05, 0.3, 0.6, 0.95]), torch.randn(4, 3, 16, 16, generator=gen)
+    x, g = torch.randn(4, 3, 16, 16, generator=gen), torch.randn(4, 3, 16, 16, generator=gen)
+    return x, torch.tensor([0.05, 0.3, 0.6, 0.95]), g
 
 
 def test_bf16_prior_score_is_float32_and_within_tolerance_of_fp32(tiny_prior, inputs):
@@ -80,7 +85,7 @@ def test_bf16_h_network_is_float32_and_within_tolerance_of_fp32(inputs):
 @pytest.mark.parametrize("method", ["deft", "dps"])
 def test_a_few_bf16_sampler_steps_stay_within_tolerance_of_fp32(tiny_prior, method):
     operator = create("superres", factor=2, sigma=0.1)
-    y = operator.measure(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1, generator=torch.Generator().manual_seed(2))
+    y = operator.measure(images(2), generator=torch.Generator().manual_seed(2))
     samples = []
     for runtime in (Runtime(CPU), bf16()):
         prior, h = load_prior(tiny_prior), tiny_htransform()
@@ -92,7 +97,7 @@ def test_a_few_bf16_sampler_steps_stay_within_tolerance_of_fp32(tiny_prior, meth
 
 def test_one_bf16_vargrad_gradient_points_where_the_fp32_gradient_does(tiny_prior):
     operator = create("superres", factor=2, sigma=0.1)
-    y = operator.measure(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1).repeat_interleave(3, 0)
+    y = operator.measure(images(2), generator=torch.Generator().manual_seed(2)).repeat_interleave(3, 0)
     groups = torch.arange(2).repeat_interleave(3)
     grid = reverse_time_grid(6)
     x_init = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
@@ -111,7 +116,8 @@ def test_one_bf16_vargrad_gradient_points_where_the_fp32_gradient_does(tiny_prio
     assert abs(float(low.norm() / fp32.norm()) - 1) < 0.05
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_prior_score_equals_eager(tiny_prior, inputs):
     x, t, _ = inputs
     eager, compiled = load_prior(tiny_prior), load_prior(tiny_prior)
@@ -159,9 +165,10 @@ def test_an_unknown_precision_is_a_one_line_error(run_cli, tmp_path):
 
 def test_finetune_at_bf16_records_the_precision_and_the_cpu_in_run_json(run_cli, tiny_prior, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2", "--iterations", "1",
-                           "--time-steps", "4", "--trajectories", "2", "--measurements-per-batch", "1", "--hnet-channels", "8",
-                           "--hnet-mult", "1", "--precision", "bf16", "--run-dir", str(run_dir), "--quiet")
+    code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2",
+                           "--iterations", "1", "--time-steps", "4", "--trajectories", "2",
+                           "--measurements-per-batch", "1", "--hnet-channels", "8", "--hnet-mult", "1",
+                           "--precision", "bf16", "--run-dir", str(run_dir), "--quiet")
     assert code == 0, err
     runtime = json.loads((run_dir / "run.json").read_text())["runtime"]
     assert runtime["precision"] == runtime["precision_requested"] == "bf16" and runtime["compile"] is False
