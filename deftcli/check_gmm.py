@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .devices import resolve_device
+from .devices import Runtime, resolve_device
 from .errors import DeftError
 from .finetune import finetune, resolve_run_dir
 from .gmm import GaussianMixturePosterior, GaussianMixturePrior, exact_posterior, hard_mixture
@@ -39,7 +39,7 @@ from .methods import Reconstructor
 from .operators import Operator, create
 from .samplers import sample_reverse_sde
 from .sde import reverse_time_grid
-from .specs import FinetuneSpec, HNetSpec, OperatorSpec, Seed, StrictModel
+from .specs import PRECISION_HELP, FinetuneSpec, HNetSpec, OperatorSpec, Precision, Seed, StrictModel
 
 SWEEP_MEASUREMENTS = 2
 SWEEP_SAMPLES = 500
@@ -63,6 +63,7 @@ class GMMCheckSpec(StrictModel):
     hnet: HNetSpec = HNetSpec(architecture="mlp", time_embedding_dim=32, time_hidden=32)
     samples: int = Field(2000, ge=10)
     dps_sweep: list[float] = [0.03, 0.1, 0.3, 1.0, 3.0]
+    precision: Precision = Field("auto", description=PRECISION_HELP + "; the mixture's score is exact in float64 either way")
     seed: Seed = 0
     device: str = "auto"
     run_dir: str | None = None
@@ -165,6 +166,7 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
             lr=spec.lr,
             likelihood_weight=spec.likelihood_weight,
             hnet=spec.hnet,
+            precision=spec.precision,
             seed=spec.seed,
             device=spec.device,
             run_dir=str(work),
@@ -177,6 +179,8 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
         prior = prior.to(device)
         htransform, _ = load_htransform(work / "hnet_last.safetensors", prior)
     htransform = htransform.to(device).eval()
+    runtime = Runtime.resolve(device, spec.precision)
+    runtime.adapt(htransform)
 
     rec = Reconstructor(prior, operator, htransform, spec.time_steps, denoise_final=False)
     y_dev = y.to(device)
@@ -189,7 +193,7 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
         "problem": {
             "shape": list(shape), "components": spec.components, "component_std": spec.component_std,
             "operator": operator.describe(), "likelihood_weight": spec.likelihood_weight, "seed": spec.seed, "time_steps": spec.time_steps,
-            "samples": spec.samples,
+            "samples": spec.samples, "runtime": runtime.describe(),
             "exact_weights": [round(float(w), 4) for w in posterior.weights],
         },
         "exact": {"noise_floor_sliced_w2": floor},

@@ -55,6 +55,10 @@ ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", help="any oper
 PriorOpt = Annotated[Optional[str], typer.Option("--prior", help="prior folder or shipped name (default: model_weights/petals32)")]
 DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="petals, flowers102 or folder")]
 DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", help="data folder for flowers102 / folder")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+    "--precision", help="the networks' precision: fp32 (default), bf16, or auto (bf16 on a CPU with AMX-BF16/AVX512-BF16, else fp32)")]
+CompileOpt = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", help="torch.compile the prior and the h-network (default off; compiles once per batch size)")]
 
 
 def operator_overrides(
@@ -221,7 +225,8 @@ def finetune_cmd(
     hnet_mult: Annotated[Optional[str], typer.Option("--hnet-mult", help="h-network channel multipliers, e.g. 1,2")] = None,
     hnet_space_to_depth: Annotated[Optional[int], typer.Option("--hnet-space-to-depth", help="h-network UNet on r×r pixel blocks (1: full resolution)")] = None,
     hnet_start: Annotated[Optional[str], typer.Option("--hnet-start", help="gaussian (h starts at the Gaussian-approximation guidance) or zero (as the original)")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or bf16 (CUDA)")] = None,
+    precision: PrecisionOpt = None,
+    compile_networks: CompileOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="run folder (default runs/<operator>-<timestamp>)")] = None,
@@ -238,7 +243,7 @@ def finetune_cmd(
         "measurements_per_batch": measurements_per_batch, "trajectories": trajectories, "lr": lr, "likelihood_weight": likelihood_weight,
         "hnet.model_channels": hnet_channels, "hnet.channel_mult": parse_ints(hnet_mult, "--hnet-mult"),
         "hnet.space_to_depth": hnet_space_to_depth, "hnet.start": hnet_start,
-        "precision": precision, "seed": seed, "device": device, "run_dir": run_dir,
+        "precision": precision, "compile": compile_networks, "seed": seed, "device": device, "run_dir": run_dir,
         **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
     }
     if measurement is not None and measurements_per_batch is not None and measurements_per_batch > 1:
@@ -279,6 +284,8 @@ def sample_cmd(
     renoise_zeta: RenoiseZetaOpt = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in the sampler")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 16)")] = None,
+    precision: PrecisionOpt = None,
+    compile_networks: CompileOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing outputs")] = False,
@@ -292,7 +299,7 @@ def sample_cmd(
         "method": method, "dps_zeta": dps_zeta, "diffpir_lambda": diffpir_lambda, "diffpir_zeta": diffpir_zeta,
         "ddrm_eta": ddrm_eta, "ddrm_eta_b": ddrm_eta_b,
         "guidance_scale": guidance_scale, "sampler": sampler, "renoise_zeta": renoise_zeta, "clip_x0": clip_x0, "batch_size": batch_size,
-        "seed": seed, "device": device,
+        "precision": precision, "compile": compile_networks, "seed": seed, "device": device,
     }
     resolved = build_spec(SampleSpec, spec, overrides)
     print_json(sample_command(resolved, measurement, force))
@@ -316,6 +323,8 @@ def eval_cmd(
     renoise_zeta: RenoiseZetaOpt = None,
     clip_x0: Annotated[Optional[bool], typer.Option("--clip-x0/--no-clip-x0", help="clip Tweedie x̂0 to [-1, 1] in every sampler (default off)")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="samples drawn at once (default 32)")] = None,
+    precision: PrecisionOpt = None,
+    compile_networks: CompileOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Optional[str], typer.Option("-o", "--out", help="output folder (default: <run>/eval-<split>-<time>)")] = None,
@@ -329,7 +338,7 @@ def eval_cmd(
     overrides = {"run": run, "split": split, "n": n, "k": k, "methods": method_list, "steps": steps, "dps_zeta": dps_zeta,
                  "diffpir_lambda": diffpir_lambda, "diffpir_zeta": diffpir_zeta,
                  "guidance_scale": guidance_scale, "sampler": sampler, "renoise_zeta": renoise_zeta, "clip_x0": clip_x0,
-                 "batch_size": batch_size, "seed": seed, "device": device, "out": out}
+                 "batch_size": batch_size, "precision": precision, "compile": compile_networks, "seed": seed, "device": device, "out": out}
     print_json(evaluate(build_spec(EvalSpec, spec, overrides), force))
 
 
@@ -353,6 +362,7 @@ def check_gmm_cmd(
     likelihood_weight: Annotated[Optional[float], typer.Option(
         "--likelihood-weight", help="w: fine-tune for p(x) p(y|x)^w and compare with that exact tempered posterior (default 1)")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="samples per method (default 2000)")] = None,
+    precision: PrecisionOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="keep the fine-tuning run here (default: a temporary folder)")] = None,
@@ -363,8 +373,8 @@ def check_gmm_cmd(
 
     overrides = {
         "shape": parse_ints(shape, "--shape", length=3), "components": components, "mode": mode, "iterations": iterations,
-        "time_steps": time_steps, "trajectories": trajectories, "lr": lr, "likelihood_weight": likelihood_weight, "samples": samples, "seed": seed,
-        "device": device, "run_dir": run_dir, **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
+        "time_steps": time_steps, "trajectories": trajectories, "lr": lr, "likelihood_weight": likelihood_weight, "samples": samples, "precision": precision,
+        "seed": seed, "device": device, "run_dir": run_dir, **operator_overrides(operator, factor, sigma, kernel, kernel_std, kernel_size, mask, param),
     }
     print_json(check_gmm(build_spec(GMMCheckSpec, None, overrides)))
 

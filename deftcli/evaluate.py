@@ -31,7 +31,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from .checkpoint import write_json
 from .data import open_dataset
-from .devices import resolve_device
+from .devices import Runtime, resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .images import colormap, image_grid, output_folder as make_output_folder, save_image, to_unit, upsample_to
@@ -188,6 +188,8 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     device = ctx.device(resolve_device(spec.device))
     run = open_run(spec.run, device)
     prior, operator = run.prior, run.operator
+    runtime = Runtime.resolve(device, spec.precision, spec.compile)
+    runtime.adapt(prior, run.htransform)
     dataset = open_dataset(run.spec.data, spec.split, prior.image_shape[-1], prior.image_shape[0])
     methods = evaluated_methods(spec, operator, tell=ctx.is_main)
     out = Path(ctx.broadcast(str(output_folder(spec, run, force)) if ctx.is_main else None))
@@ -207,7 +209,7 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
                         renoise_zeta=sampling.renoise_zeta, ddrm_eta=spec.ddrm_eta, ddrm_eta_b=spec.ddrm_eta_b)
     results: dict[str, Any] = {
         "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
-        "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "processes": ctx.world_size,
+        "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "runtime": runtime.describe(), "processes": ctx.world_size,
         "likelihood_weight": run.htransform.config.likelihood_weight, "methods": {},
     }
     for method in (m for m in SWEPT if m in methods):

@@ -32,7 +32,7 @@ from torch import Tensor
 from . import __version__
 from .checkpoint import file_sha256, load_state, rng_state, save_state, set_rng_state, write_json
 from .data import ImageDataset, open_dataset
-from .devices import autocast, resolve_device
+from .devices import Runtime, resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .gmm import GaussianMixturePrior
@@ -194,9 +194,7 @@ class Finetuner:
     def __init__(self, spec: FinetuneSpec, run_dir: Path, resume: bool, quiet: bool, ctx: Distributed = Distributed()) -> None:
         self.spec, self.run_dir, self.quiet, self.ctx = spec, run_dir, quiet or not ctx.is_main, ctx
         self.device = ctx.device(resolve_device(spec.device))
-        if spec.precision == "bf16" and self.device.type != "cuda":
-            raise DeftError("--precision bf16 needs a CUDA device (use fp32 on CPU/MPS)")
-        self.autocast = autocast(self.device, spec.precision)
+        self.runtime = Runtime.resolve(self.device, spec.precision, spec.compile)
         self.prior = load_prior(spec.prior.path).to(self.device)
         spec, self.tuned_fields = with_tuned_defaults(spec, self.prior.tuning)
         self.spec = spec
@@ -208,6 +206,7 @@ class Finetuner:
         self.source = MeasurementSource(spec, self.prior, self.operator, self.device)
         torch.manual_seed(spec.seed)
         self.htransform = build_htransform(spec, self.prior, self.operator).to(self.device)
+        self.runtime.adapt(self.prior, self.htransform)
         # the module that carries gradients: DDP averages them over ranks after the last backward of a step
         self.model: torch.nn.Module = self.htransform
         if ctx.enabled:
@@ -316,11 +315,11 @@ class Finetuner:
     def _vargrad_step(self, batch: Batch, x_init: Tensor, noise: BatchSlice) -> tuple[dict[str, Any], Tensor]:
         spec, ctx = self.spec, self.ctx
         steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
-        traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps, self.autocast)
+        traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps)
         d = data_term(self.operator, traj.x_final, batch.y, spec.weight())
         filt = vargrad_weights(traj.log_rnd(d), batch.groups, self.loss_threshold, spec.min_kept_fraction, ctx.gather_with_grad, ctx.gather_values)
         if not filt.skipped:
-            accumulate_vargrad_gradient(self.model, self.prior, self.grid, traj.stored, filt.weights, self.autocast, ctx.no_sync)
+            accumulate_vargrad_gradient(self.model, self.prior, self.grid, traj.stored, filt.weights, ctx.no_sync)
         d_all, t1_all, kept = ctx.gather_values(d), ctx.gather_values(traj.t1), filt.kept
         record = {
             "loss": float(filt.loss),
@@ -335,7 +334,7 @@ class Finetuner:
     def _backprop_step(self, batch: Batch, x_init: Tensor, noise: BatchSlice) -> tuple[dict[str, Any], Tensor]:
         spec, ctx = self.spec, self.ctx
         d, kl, x_final = backprop_soc_gradient(
-            self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, self.autocast, ctx.no_sync,
+            self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, ctx.no_sync,
             spec.weight(),
         )
         d, kl = ctx.gather_values(d), ctx.gather_values(kl)
@@ -520,6 +519,7 @@ def write_run_info(trainer: Finetuner, run_dir: Path, command: list[str] | None)
         "versions": versions(),
         "seed": spec.seed,
         "device": str(trainer.device),
+        "runtime": trainer.runtime.describe(),
         "processes": trainer.ctx.world_size,
         "global_batch": trainer.global_batch,
         "random_streams": "data/gradient steps: seed, noise: seed + 1; drawn for the global batch, each process keeps its rows",

@@ -17,6 +17,7 @@ and its component weights are decided by the prior alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .checkpoint import load_weights, read_json, save_weights, write_json
 from .errors import DeftError
 from .operators import Operator
 from .priors import Prior
+from .samplers import ScoreFn
 from .sde import VPSDE, _expand
 
 
@@ -66,6 +68,9 @@ class GaussianMixturePrior(Prior):
         r = self.responsibilities(x, t)  # (B, K)
         mean = (r @ self.means.flatten(1)).reshape(x.shape) * _expand(alpha, x)
         return ((mean - x.double()) / _expand(var, x)).to(x.dtype)
+
+    def run_networks_with(self, adapt: Callable[[ScoreFn], ScoreFn]) -> None:
+        """Nothing to adapt: the score is analytic and computed in float64."""
 
     def log_density(self, x: Tensor, t: Tensor) -> Tensor:
         """log p_t(x), (B,) — for checking the score against autograd."""

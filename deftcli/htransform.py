@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
@@ -155,6 +156,11 @@ class HTransform(nn.Module):
         """c_0(t) + c_ψ(t), (B, 1, 1, 1): the scale of the gradient term (c_0 = 0 without a Gaussian start)."""
         scale = self.time_model(t)
         return scale if self.config.guidance is None else scale + self.config.guidance.scale(t, self.sde)
+
+    def run_networks_with(self, adapt: Callable[[Callable[..., Tensor]], Callable[..., Tensor]]) -> None:
+        """Evaluate h as ``adapt(forward)`` from now on (mixed precision, compilation: :class:`~deftcli.devices.Runtime`);
+        the parameters and the state dict are unchanged."""
+        self.forward = adapt(self.forward)  # type: ignore[method-assign]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

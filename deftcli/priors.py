@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .checkpoint import file_sha256, load_weights, read_json
 from .errors import DeftError
+from .samplers import ScoreFn
 from .sde import VPSDE
 from .specs import yaml_error_text
 from .tuning import PriorTuning, read_tuning
@@ -62,6 +63,10 @@ class Prior(nn.Module):
         """v, the per-pixel variance of the prior's data about its per-channel mean; 1 where the prior
         does not record it (an upper bound for images in [-1, 1])."""
         return 1.0
+
+    def run_networks_with(self, adapt: Callable[[ScoreFn], ScoreFn]) -> None:
+        """Evaluate the score as ``adapt(score)`` from now on (mixed precision, compilation: :class:`~deftcli.devices.Runtime`)."""
+        self.score = adapt(self.score)  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)

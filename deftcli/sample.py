@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import write_json
-from .devices import resolve_device
+from .devices import Runtime, resolve_device
 from .errors import DeftError
 from .finetune import check_measurement_shape
 from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, output_folder, read_measurement, save_image
@@ -75,6 +75,8 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
         return sample_unconditional(spec, out, device, generator, force)
 
     run = open_run(spec.run, device, prior_override=spec.prior.path)
+    runtime = Runtime.resolve(device, spec.precision, spec.compile)
+    runtime.adapt(run.prior, run.htransform)
     steps = spec.steps or run.spec.time_steps
     sampling = deft_sampling(recorded_sampling(run.info), spec.guidance_scale, spec.sampler, spec.renoise_zeta)
     rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, dps_zeta=spec.dps_zeta,
@@ -126,6 +128,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
             "std_mean": round(float(std.mean()), 5),
             "seconds": round(seconds, 3),
             "seconds_per_sample": round(seconds / spec.n, 4),
+            "runtime": runtime.describe(),
             **rec.cost(spec.method).as_dict(),
         }
         write_json(summary, folder / "summary.json")
@@ -138,6 +141,8 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
 def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, generator: torch.Generator, force: bool) -> dict[str, Any]:
     """Prior samples: ``sample_###.png``, a ``grid.png`` and ``summary.json``."""
     prior = load_prior(spec.prior.path or (open_run(spec.run, device).spec.prior.path if spec.run else None)).to(device)
+    runtime = Runtime.resolve(device, spec.precision, spec.compile)
+    runtime.adapt(prior)
     rec = Reconstructor(prior, steps=spec.steps or UNCONDITIONAL_STEPS, denoise_final=spec.denoise_final, clip_x0=spec.clip_x0)
     refuse_existing(output_files(out, spec.n, ("grid.png", "summary.json")), force)
     output_folder(out)
@@ -153,6 +158,6 @@ def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, gene
     per_row = 8
     save_image(image_grid([x[i : i + per_row] for i in range(0, x.shape[0], per_row)]), out / "grid.png")
     summary = {"prior": prior.identity(), "n": spec.n, "steps": rec.steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
-               "denoise_final": spec.denoise_final, "seconds": round(seconds, 3), **rec.cost("prior").as_dict()}
+               "denoise_final": spec.denoise_final, "seconds": round(seconds, 3), "runtime": runtime.describe(), **rec.cost("prior").as_dict()}
     write_json(summary, out / "summary.json")
     return {"out": str(out), **summary}

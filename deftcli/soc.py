@@ -21,6 +21,9 @@ at the gradient-carrying steps S, and ∇Var(L) = Σ_b w_b ∇L_b with w_b = ∂
 (= 2 (L_b − L̄)/(B − 1) for one group). So :func:`rollout` computes every L_b without any autograd
 graph, storing (x_k, g_k, ξ_k) for k ∈ S, and :func:`accumulate_vargrad_gradient` replays those steps
 one at a time, each graph freed after its backward: memory does not grow with N.
+
+Everything here is float32: a network that runs in bf16 returns float32 itself
+(:class:`~deftcli.devices.Runtime`), so no precision context reaches the RND sums or the loss.
 """
 
 from __future__ import annotations
@@ -96,7 +99,6 @@ def rollout(
     grid: Sequence[float],
     generator: NoiseSource,
     store_steps: Sequence[int] = (),
-    autocast: ContextManager | None = None,
 ) -> Rollout:
     """Roll out the controlled SDE from x (t = 1) without autograd; store the steps in ``store_steps``."""
     store = set(store_steps)
@@ -107,9 +109,8 @@ def rollout(
             t = time_batch(grid[k], x)
             ds = grid[k + 1] - grid[k]
             xi = standard_noise(x, generator)
-            with autocast or contextlib.nullcontext():
-                score, g = guidance_inputs(prior, operator, x, t, y)
-                h = htransform(x, t, g).float()
+            score, g = guidance_inputs(prior, operator, x, t, y)
+            h = htransform(x, t, g)
             beta = prior.sde.beta(t)
             t1, t2, t3 = step_terms(h, beta, ds, xi)
             out.t1 += t1
@@ -117,7 +118,7 @@ def rollout(
             out.t3 += t3
             if k in store:
                 out.stored.append(StoredStep(k, x, g, xi))
-            x = reverse_sde_step(prior.sde, x, t, ds, score.float() + h, xi)
+            x = reverse_sde_step(prior.sde, x, t, ds, score + h, xi)
     out.x_final = x
     return out
 
@@ -128,7 +129,6 @@ def accumulate_vargrad_gradient(
     grid: Sequence[float],
     stored: Sequence[StoredStep],
     weights: Tensor,
-    autocast: ContextManager | None = None,
     no_sync: Callable[[torch.nn.Module, bool], ContextManager] | None = None,
 ) -> None:
     """Add Σ_b w_b ∇L_b to the parameters' .grad, one stored step (one small graph) at a time.
@@ -140,8 +140,7 @@ def accumulate_vargrad_gradient(
         t = time_batch(grid[step.k], step.x)
         ds = grid[step.k + 1] - grid[step.k]
         with no_sync(htransform, i == len(stored) - 1) if no_sync else contextlib.nullcontext():
-            with autocast or contextlib.nullcontext():
-                h = htransform(step.x, t, step.g)
+            h = htransform(step.x, t, step.g)
             t1, t2, t3 = step_terms(h, prior.sde.beta(t), ds, step.xi)
             (weights * (t1 + t2 + t3)).sum().backward()
 
@@ -209,7 +208,6 @@ def backprop_soc_gradient(
     generator: NoiseSource,
     micro_batch: int | None = None,
     checkpointing: bool = True,
-    autocast: ContextManager | None = None,
     no_sync: Callable[[torch.nn.Module, bool], ContextManager] | None = None,
     likelihood_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,12 +226,10 @@ def backprop_soc_gradient(
 
     def step(x_k: Tensor, xi: Tensor, y_k: Tensor, s: float, ds: float) -> tuple[Tensor, Tensor]:
         t = time_batch(s, x_k)
-        with autocast or contextlib.nullcontext():
-            score = prior.score(x_k, t)
-            with torch.no_grad():
-                g = operator.likelihood_grad(sde.tweedie_x0(x_k, score, t), y_k)
-            h = htransform(x_k, t, g)
-        h, score = h.float(), score.float()
+        score = prior.score(x_k, t)
+        with torch.no_grad():
+            g = operator.likelihood_grad(sde.tweedie_x0(x_k, score, t), y_k)
+        h = htransform(x_k, t, g)
         kl = 0.5 * sde.beta(t) * h.flatten(1).pow(2).sum(1) * ds
         return reverse_sde_step(sde, x_k, t, ds, score + h, xi), kl
 

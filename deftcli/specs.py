@@ -27,7 +27,10 @@ DEFAULT_DDRM_ETA = 0.85  # DDRM's η and η_b as in Kawar et al. 2022
 DEFAULT_DDRM_ETA_B = 1.0
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
+"""The networks' precision: auto is bf16 on a CPU with native bf16 (AMX-BF16 or AVX512-BF16), else fp32 (deftcli.devices)."""
+PRECISION_HELP = "the networks' precision: fp32 (default), bf16 (CUDA, CPU) or auto (bf16 on a CPU with AMX-BF16 or AVX512-BF16, else fp32)"
+COMPILE_HELP = "torch.compile the prior and the h-network (inductor; compiles once per batch size, minutes on a small CPU)"
 DatasetName = Literal["petals", "flowers102", "folder"]
 Method = Literal["vargrad", "backprop"]
 SamplerName = Literal["deft", "dps", "ddrm", "diffpir", "prior", "dagger"]
@@ -192,7 +195,8 @@ class FinetuneSpec(StrictModel):
     micro_batch: int | None = Field(None, ge=1, description="backprop: trajectories per backward pass (gradient accumulation)")
     gradient_checkpointing: bool = Field(True, description="backprop: recompute activations per step")
     hnet: HNetSpec = HNetSpec()
-    precision: Precision = "fp32"
+    precision: Precision = Field("fp32", description=PRECISION_HELP)
+    compile: bool = Field(False, description=COMPILE_HELP)
     preview_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     snapshot_every: int | None = Field(None, ge=1, description="also keep the h-network every this many steps (snapshots/)")
@@ -249,6 +253,8 @@ class SampleSpec(StrictModel):
     renoise_zeta: RenoiseZeta | None = Field(None, description="deft's renoise sampler: ζ; " + DEFT_SAMPLING_NOTE + "1")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
+    precision: Precision = Field("fp32", description=PRECISION_HELP)
+    compile: bool = Field(False, description=COMPILE_HELP)
     seed: Seed = 0
     device: Device = "auto"
     out: str = "out"
@@ -292,6 +298,8 @@ class EvalSpec(StrictModel):
     guidance_sweep: list[GuidanceScale] = Field([1.0, 1.5, 2.0, 3.0, 5.0], min_length=1)
     denoise_final: bool = True
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)")
+    precision: Precision = Field("fp32", description=PRECISION_HELP)
+    compile: bool = Field(False, description=COMPILE_HELP)
     seed: Seed = 0
     device: Device = "auto"
     batch_size: int = Field(32, ge=1)
