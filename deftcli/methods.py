@@ -27,6 +27,8 @@ from .sde import VPSDE, reverse_time_grid
 from .specs import DEFAULT_DPS_ZETA
 
 METHODS = ("deft", "dps", "prior", "dagger")
+DETERMINISTIC = ("dagger",)
+"""Methods whose output does not depend on the noise: one output per measurement, no spread to calibrate."""
 
 
 @dataclass
