@@ -151,6 +151,7 @@ def unavailable_note(k: int) -> str | None:
 
 PLOT_SIZE = 520
 PLOT_MARGIN = (64, 40, 24, 56)  # left, top, right, bottom
+LEGEND_ROW = 18
 PLOT_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -161,9 +162,9 @@ Curves = Mapping[str, Mapping[str, float | None]]
 def calibration_plot(curves: Curves, title: str = "coverage of central credible intervals") -> Image.Image:
     """Nominal level (x) against empirical coverage (y), one line per curve, the diagonal dashed.
 
-    Unavailable levels are left out of a curve's line.
+    Unavailable levels are left out of a curve's line; the legend is below the axes, clear of every curve.
     """
-    img = Image.new("RGB", (PLOT_SIZE, PLOT_SIZE), "white")
+    img = Image.new("RGB", (PLOT_SIZE, PLOT_SIZE + LEGEND_ROW * len(curves) + 8), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=13)
     left, top, right, bottom = PLOT_MARGIN
@@ -182,7 +183,7 @@ def calibration_plot(curves: Curves, title: str = "coverage of central credible 
     for step in range(0, 40, 2):  # the diagonal, dashed
         draw.line([point(step / 40, step / 40), point((step + 1) / 40, (step + 1) / 40)], fill="#808080", width=1)
     draw.text((PLOT_SIZE / 2, 12), title, fill="black", font=font, anchor="mt")
-    draw.text((left + side[0] / 2, PLOT_SIZE - 18), "nominal level", fill="black", font=font, anchor="mt")
+    draw.text((left + side[0] / 2, PLOT_SIZE - 26), "nominal level", fill="black", font=font, anchor="mt")
     draw.text((8, top + side[1] / 2), "empirical", fill="black", font=font, anchor="lm")
     for index, (label, coverage) in enumerate(curves.items()):
         colour = PLOT_COLOURS[index % len(PLOT_COLOURS)]
@@ -191,9 +192,10 @@ def calibration_plot(curves: Curves, title: str = "coverage of central credible 
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        legend_y = top + 10 + 18 * index
-        draw.line([(left + 10, legend_y), (left + 30, legend_y)], fill=colour, width=2)
-        draw.text((left + 36, legend_y), label, fill="black", font=font, anchor="lm")
+        legend_y = PLOT_SIZE + LEGEND_ROW * index
+        draw.line([(left, legend_y), (left + 20, legend_y)], fill=colour, width=2)
+        draw.ellipse([left + 7, legend_y - 3, left + 13, legend_y + 3], fill=colour)
+        draw.text((left + 28, legend_y), label, fill="black", font=font, anchor="lm")
     return img
 
 
