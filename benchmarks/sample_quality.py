@@ -51,11 +51,12 @@ def prior_truth_images(rec: Reconstructor, n: int) -> torch.Tensor:
     return truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
 
 
-def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.Namespace:
+def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path, n: int = 64, k: int = 4
+                                    ) -> argparse.Namespace:
     """Add the options every val-image benchmark shares (the benchmark's images, k, batch, threads, JSON
     path) with the defaults that make their measurements and samples the same, parse, and set the threads."""
-    parser.add_argument("--n", type=int, default=64, help="the first n val images")
-    parser.add_argument("-k", type=int, default=4, help="samples per image (posterior mean over k)")
+    parser.add_argument("--n", type=int, default=n, help="the first n val images")
+    parser.add_argument("-k", type=int, default=k, help="samples per image (posterior mean over k)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=out)

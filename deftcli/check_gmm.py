@@ -16,6 +16,14 @@ states at t = ε (no final denoising). Metrics:
 Besides ``deft``, ``dps`` and ``prior``, the JSON has ``exact_score``: the same reverse SDE on the
 same grid driven by the exact posterior score, i.e. deft with h = h*, whose errors are the sampler's
 own (time discretisation) — what no amount of fine-tuning can remove at this N.
+
+Its ``coverage`` section (:mod:`deftcli.calibration`) has a ground truth: the coverage of each
+sampler's central credible intervals by truths x* exchangeable with exact posterior samples, so that
+exact samples cover at the nominal rate (``exact_posterior``, the exact sampler's own samples, is the
+Monte-Carlo reference). Per-measurement mode: T = ``samples`` truths drawn from the exact posterior of
+the one y, all judged against the same ``samples`` samples. Amortised mode: P = 50 pairs x* ~ p(x),
+y = A x* + η drawn from the likelihood of the target (noise σ_y/√w, so that p(x) p(y | x)^w is their
+exact posterior), and max(19, ``samples``/P) samples per y.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from . import calibration
 from .devices import Runtime, resolve_device
 from .errors import DeftError
 from .finetune import finetune, resolve_run_dir
@@ -42,6 +51,7 @@ from .sde import reverse_time_grid
 from .specs import PRECISION_HELP, FinetuneSpec, HNetSpec, OperatorSpec, Precision, Seed, StrictModel
 
 SWEEP_MEASUREMENTS = 2
+COVERAGE_MEASUREMENTS = 50
 SWEEP_SAMPLES = 500
 PROJECTIONS = 256
 
@@ -94,14 +104,58 @@ def draw(rec: Reconstructor, method: str, y: Tensor, n: int, generator: torch.Ge
     return rec.sample(method, y.expand(n, *y.shape[1:]), generator).cpu()
 
 
-def draw_with_exact_score(prior: GaussianMixturePrior, posterior: GaussianMixturePosterior, spec: GMMCheckSpec, generator: torch.Generator) -> Tensor:
-    """The same reverse SDE on the same grid, driven by the exact posterior score ∇ log p_t(x | y).
+def draw_with_exact_score(prior: GaussianMixturePrior, posterior: GaussianMixturePosterior, n: int, time_steps: int,
+                          generator: torch.Generator) -> Tensor:
+    """n samples of the same reverse SDE on the same grid, driven by the exact posterior score ∇ log p_t(x | y).
 
     What an h-network equal to the optimal control h* would give: the sampler's own
     discretisation error, the best deft can reach at ``time_steps``. Runs on the CPU (analytic score).
     """
-    x = torch.randn(spec.samples, *spec.shape, generator=generator)
-    return sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, x, reverse_time_grid(spec.time_steps), generator)
+    x = torch.randn(n, *prior.image_shape, generator=generator)
+    return sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, x,
+                              reverse_time_grid(time_steps), generator)
+
+
+COVERAGE_METHODS = ("exact_posterior", "deft", "dps", "prior", "exact_score")
+
+
+def coverage_section(
+    prior: GaussianMixturePrior, likelihood: Operator, rec: Reconstructor, posterior: GaussianMixturePosterior,
+    drawn: dict[str, Tensor], spec: GMMCheckSpec, device: torch.device,
+) -> dict[str, Any]:
+    """Coverage of each sampler's central credible intervals by truths with a known guarantee (module docstring).
+
+    ``drawn`` holds the samples of the check's one measurement per method (and the exact posterior's),
+    which per-measurement mode reuses; amortised mode draws k samples for each of P fresh measurements.
+    """
+    gen = torch.Generator().manual_seed(spec.seed + 3)
+    if spec.mode == "per-measurement":
+        truth = posterior.sample(spec.samples, gen)[None]
+        samples = {method: drawn[method][None] for method in COVERAGE_METHODS}
+        setup = {"truth": "draws of the exact posterior of the check's measurement", "measurements": 1,
+                 "truths_per_measurement": spec.samples}
+    else:
+        k = max(calibration.minimum_samples(max(calibration.LEVELS)), spec.samples // COVERAGE_MEASUREMENTS)
+        truth = prior.sample(COVERAGE_MEASUREMENTS, gen)
+        ys = likelihood.measure(truth, generator=gen)
+        posteriors = [exact_posterior(prior, likelihood, y) for y in ys]
+        sampler_gen = torch.Generator(device=device).manual_seed(spec.seed + 4)
+
+        def sampled(method: str) -> Tensor:
+            rows = ys.to(device).repeat_interleave(k, dim=0)
+            return rec.sample(method, rows, sampler_gen).cpu().reshape(-1, k, *prior.image_shape)
+        samples = {
+            "exact_posterior": torch.stack([post.sample(k, gen) for post in posteriors]),
+            **{method: sampled(method) for method in ("deft", "dps", "prior")},
+            "exact_score": torch.stack([draw_with_exact_score(prior, post, k, spec.time_steps, gen)
+                                        for post in posteriors]),
+        }
+        setup = {"truth": "x* drawn from the prior, y = A x* + noise (σ_y/√w)", "measurements": COVERAGE_MEASUREMENTS,
+                 "truths_per_measurement": 1}
+    k = next(iter(samples.values())).shape[1]
+    summaries = {method: calibration.summarise(calibration.per_image_calibration(s, truth), k)
+                 for method, s in samples.items()}
+    return {**setup, "samples_per_measurement": k, **summaries}
 
 
 def tempered_likelihood(name: str, operator: Operator, weight: float) -> Operator:
@@ -201,16 +255,20 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
     if spec.likelihood_weight != 1.0:  # how far the tempered target is from the posterior: what a w-blind run would miss by
         untempered = exact_posterior(prior.cpu(), operator, y[0]).mean
         result["problem"]["posterior_mean_rel_distance_to_target"] = float((untempered - posterior.mean).norm() / posterior.mean.norm())
+    drawn = {"exact_posterior": reference}
     for method in ("deft", "dps", "prior", "exact_score"):
         start = time.perf_counter()
         if method == "exact_score":
-            samples = draw_with_exact_score(prior, posterior, spec, torch.Generator().manual_seed(spec.seed + 2))
+            exact_gen = torch.Generator().manual_seed(spec.seed + 2)
+            samples = draw_with_exact_score(prior, posterior, spec.samples, spec.time_steps, exact_gen)
         else:
             samples = draw(rec, method, y_dev, spec.samples, torch.Generator(device=device).manual_seed(spec.seed + 2))
         metrics = posterior_metrics(samples, posterior, reference, torch.Generator().manual_seed(7))
         metrics["sliced_w2_over_floor"] = metrics["sliced_w2"] / floor
         metrics["sample_seconds"] = round(time.perf_counter() - start, 2)
         result[method] = metrics
+        drawn[method] = samples
+    result["coverage"] = coverage_section(prior, likelihood, rec, posterior, drawn, spec, device)
     result["deft"].update(mode=spec.mode, iterations=summary["steps"], train_seconds=round(train_seconds, 1), skipped_steps=summary["skipped_steps"],
                           hnet_parameters=htransform.num_parameters())
     result["dps"].update(zeta=zeta, sweep=sweep, sweep_on=f"{SWEEP_MEASUREMENTS} measurements of other prior samples")

@@ -45,6 +45,8 @@ def operator_svd(method: str, operator: Operator) -> SingularValueDecomposition:
         raise DeftError(f"method '{method}' needs the operator's singular value decomposition, "
                         f"and operator '{operator.name}' provides none (its svd() returns None)")
     return svd
+DETERMINISTIC = ("dagger",)
+"""Methods whose output does not depend on the noise: one output per measurement, no spread to calibrate."""
 
 
 @dataclass
