@@ -167,7 +167,7 @@ class FinetuneSpec(StrictModel):
     method: Method = "vargrad"
     iterations: int | None = Field(
         None, ge=1, description="None: the prior's tuned value for the operator (its tuning.json), else 100 "
-        "(≈ 4 minutes for the default 4× super-resolution on a 2-core CPU)")
+        "(≈ 6 minutes for the default 4× super-resolution on a 2-core CPU)")
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much training time, counted over every leg of a resumed run")
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
