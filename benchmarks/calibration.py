@@ -1,8 +1,10 @@
 """Calibration of deft's and DPS's uncertainty on 4× super-resolution, σ_y = 0.05: coverage of credible intervals.
 
 For one fine-tuned run (``--run``; made by ``deft finetune --operator superres --factor 4``), deft
-samples its fine-tuned posterior (γ = 1) and DPS runs at the ζ that ``deft eval``'s sweep on train
-images selects, both at the run's N with the Tweedie-denoised last step and ``deft eval``'s sampler
+samples its fine-tuned posterior (``deft``: γ = 1, the ``sde`` sampler) and, as ``deft_tuned``, with the
+sampling settings the run recorded from the prior's tuned defaults (``deft sample``'s and ``deft eval``'s
+defaults; the same as ``deft`` for a run without them); DPS runs at the ζ that ``deft eval``'s sweep on
+train images selects; all at the run's N with the Tweedie-denoised last step and ``deft eval``'s sampler
 streams (seed 0). Each draws k samples per image for the first ``--n`` images of two truths, measured
 once (seed 0):
 
@@ -32,10 +34,11 @@ import torch
 from sample_quality import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
 
 from deftcli import calibration
-from deftcli.evaluate import SWEEP_IMAGES, per_image_metrics, sweep_on_train
+from deftcli.evaluate import SWEEP_IMAGES, knob_candidates, per_image_metrics, sweep_on_train
 from deftcli.methods import Reconstructor
 from deftcli.runs import open_run
 from deftcli.specs import EvalSpec
+from deftcli.tuning import recorded_sampling
 
 
 def main() -> None:
@@ -46,8 +49,10 @@ def main() -> None:
     run = open_run(args.run, torch.device("cpu"))
     rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
     sweep_spec = EvalSpec(batch_size=args.batch_size)
-    zeta, sweep = sweep_on_train(rec, "dps", sweep_spec.dps_sweep, run, sweep_spec, torch.device("cpu"))
-    methods = {"deft": rec, "dps": replace(rec, dps_zeta=zeta)}
+    chosen, sweep = sweep_on_train(rec, "dps", knob_candidates(sweep_spec, "dps")[0], run.spec.data, sweep_spec, torch.device("cpu"))
+    zeta = chosen["dps_zeta"]
+    tuned = replace(rec, **recorded_sampling(run.info).model_dump())
+    methods = {"deft": ("deft", rec), "deft_tuned": ("deft", tuned), "dps": ("dps", replace(rec, dps_zeta=zeta))}
 
     images, petals = val_images(run, args.n)
     truths = {"prior_truth": (f"{len(images)} {PRIOR_TRUTH}", prior_truth_images(rec, len(images))),
@@ -63,16 +68,16 @@ def main() -> None:
     for truth_name, (description, x) in truths.items():
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
         rows = {}
-        for name, method_rec in methods.items():
-            per_image, samples, seconds = per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size,
+        for name, (method, method_rec) in methods.items():
+            per_image, samples, seconds = per_image_metrics(method_rec, method, x, y, images, args.k, args.batch_size,
                                                             seed=0)
             cal = calibration.summarise(calibration.per_image_calibration(samples, x), args.k)
-            rows[name] = {**method_rec.settings(name), **summarise(per_image, seconds, len(images), args.k),
+            rows[name] = {**method_rec.settings(method), **summarise(per_image, seconds, len(images), args.k),
                           "calibration": cal}
             curves[f"{name}, {truth_name.replace('_', ' ')}"] = cal["coverage"]
             covered = "  ".join(f"{p}: {c if c is None else f'{c:.3f}'}" for p, c in cal["coverage"].items())
             one_std = f"within 1 std {cal['within_one_std']:.3f} (Gaussian {cal['within_one_std_gaussian']:.3f})"
-            print(f"{truth_name:11s} {name:4s} PSNR mean {rows[name]['psnr_mean']:6.2f} coverage {covered} {one_std}",
+            print(f"{truth_name:11s} {name:10s} PSNR mean {rows[name]['psnr_mean']:6.2f} coverage {covered} {one_std}",
                   flush=True)
         result[truth_name] = {"images": description, "methods": rows}
 
