@@ -28,8 +28,8 @@ which follows the activations of its full-resolution layers, falls by about r²
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch

@@ -48,6 +48,8 @@ class Prior(nn.Module):
     sde: VPSDE
     image_shape: tuple[int, int, int]
     name: str
+    tuning: PriorTuning | None = None
+    """The prior's ``tuning.json`` (:mod:`deftcli.tuning`): settings selected for it on training images."""
 
     def score(self, x: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -55,9 +57,6 @@ class Prior(nn.Module):
     def identity(self) -> dict[str, Any]:
         """What a run records to name the exact prior it was fine-tuned on."""
         raise NotImplementedError
-
-    tuning: PriorTuning | None = None
-    """The prior's ``tuning.json`` (:mod:`deftcli.tuning`): settings selected for it on training images."""
 
     def pixel_variance(self) -> float:
         """v, the per-pixel variance of the prior's data about its per-channel mean; 1 where the prior

@@ -111,7 +111,7 @@ def run_record(tuning: PriorTuning | None, operator_name: str, taken: dict[str, 
     """What ``run.json`` keeps under ``tuned_defaults``: where the settings came from, the fine-tuning fields
     taken from it, and the sampling defaults for ``deft sample`` / ``deft eval``."""
     tuned = tuned_for(tuning, operator_name)
-    if tuned is None or tuning is None:
+    if tuned is None:
         return {"source": None, "finetune": {}, "sampling": SamplingDefaults().model_dump()}
     return {"source": tuning.selected_by, "finetune": taken, "sampling": tuned.sampling.model_dump()}
 
