@@ -44,9 +44,9 @@ from .finetune import finetune, resolve_run_dir
 from .gmm import GaussianMixturePosterior, GaussianMixturePrior, exact_posterior, hard_mixture
 from .htransform import load_htransform
 from .images import save_image
-from .methods import Reconstructor
+from .methods import DPSSampler, Sampler, SamplingSetup, build_sampler
 from .operators import Operator, create
-from .samplers import sample_reverse_sde
+from .samplers import GeneratorNoise, sample_reverse_sde
 from .sde import reverse_time_grid
 from .specs import PRECISION_HELP, FinetuneSpec, HNetSpec, OperatorSpec, Precision, Seed, StrictModel
 
@@ -100,8 +100,8 @@ def posterior_metrics(samples: Tensor, posterior: GaussianMixturePosterior, refe
     }
 
 
-def draw(rec: Reconstructor, method: str, y: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    return rec.sample(method, y.expand(n, *y.shape[1:]), generator).cpu()
+def draw(sampler: Sampler, y: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    return sampler.sample(y.expand(n, *y.shape[1:]), GeneratorNoise(generator)).cpu()
 
 
 def draw_with_exact_score(prior: GaussianMixturePrior, posterior: GaussianMixturePosterior, n: int, time_steps: int,
@@ -111,16 +111,16 @@ def draw_with_exact_score(prior: GaussianMixturePrior, posterior: GaussianMixtur
     What an h-network equal to the optimal control h* would give: the sampler's own
     discretisation error, the best deft can reach at ``time_steps``. Runs on the CPU (analytic score).
     """
-    x = torch.randn(n, *prior.image_shape, generator=generator)
-    return sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, x,
-                              reverse_time_grid(time_steps), generator)
+    noise = GeneratorNoise(generator)
+    return sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, noise((n, *prior.image_shape), "cpu"),
+                              reverse_time_grid(time_steps), noise)
 
 
 COVERAGE_METHODS = ("exact_posterior", "deft", "dps", "prior", "exact_score")
 
 
 def coverage_section(
-    prior: GaussianMixturePrior, likelihood: Operator, rec: Reconstructor, posterior: GaussianMixturePosterior,
+    prior: GaussianMixturePrior, likelihood: Operator, samplers: dict[str, Sampler], posterior: GaussianMixturePosterior,
     drawn: dict[str, Tensor], spec: GMMCheckSpec, device: torch.device,
 ) -> dict[str, Any]:
     """Coverage of each sampler's central credible intervals by truths with a known guarantee (module docstring).
@@ -139,11 +139,11 @@ def coverage_section(
         truth = prior.sample(COVERAGE_MEASUREMENTS, gen)
         ys = likelihood.measure(truth, generator=gen)
         posteriors = [exact_posterior(prior, likelihood, y) for y in ys]
-        sampler_gen = torch.Generator(device=device).manual_seed(spec.seed + 4)
+        noise = GeneratorNoise(torch.Generator(device=device).manual_seed(spec.seed + 4))
 
         def sampled(method: str) -> Tensor:
             rows = ys.to(device).repeat_interleave(k, dim=0)
-            return rec.sample(method, rows, sampler_gen).cpu().reshape(-1, k, *prior.image_shape)
+            return samplers[method].sample(rows, noise).cpu().reshape(-1, k, *prior.image_shape)
         samples = {
             "exact_posterior": torch.stack([post.sample(k, gen) for post in posteriors]),
             **{method: sampled(method) for method in ("deft", "dps", "prior")},
@@ -164,7 +164,7 @@ def tempered_likelihood(name: str, operator: Operator, weight: float) -> Operato
 
 
 def select_dps_zeta(
-    prior: GaussianMixturePrior, operator: Operator, likelihood: Operator, rec: Reconstructor, spec: GMMCheckSpec, device: torch.device
+    prior: GaussianMixturePrior, operator: Operator, likelihood: Operator, dps: DPSSampler, spec: GMMCheckSpec, device: torch.device
 ) -> tuple[float, list[dict[str, float]]]:
     """ζ with the smallest mean posterior-mean error on measurements (by ``operator``) of *other* prior samples,
     against their exact posteriors under ``likelihood`` (the tempered one for a likelihood weight)."""
@@ -176,10 +176,9 @@ def select_dps_zeta(
         problems.append((y.to(device), exact_posterior(prior, likelihood, y[0])))
     table = []
     for zeta in spec.dps_sweep:
-        rec.dps_zeta = zeta
         errors = []
         for y, post in problems:
-            samples = draw(rec, "dps", y, SWEEP_SAMPLES, torch.Generator(device=device).manual_seed(spec.seed))
+            samples = draw(dps.with_settings(dps_zeta=zeta), y, SWEEP_SAMPLES, torch.Generator(device=device).manual_seed(spec.seed))
             errors.append(float((samples.double().mean(0) - post.mean).norm() / post.mean.norm()) if torch.isfinite(samples).all() else float("inf"))
         table.append({"zeta": zeta, "mean_rel_error": sum(errors) / len(errors)})
     best = min(table, key=lambda row: row["mean_rel_error"])
@@ -236,13 +235,14 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
     runtime = Runtime.resolve(device, spec.precision)
     runtime.adapt(htransform)
 
-    rec = Reconstructor(prior, operator, htransform, spec.time_steps, denoise_final=False)
+    setup = SamplingSetup(prior, spec.time_steps, denoise_final=False)
+    samplers = {method: build_sampler(method, setup, operator, htransform) for method in ("deft", "dps", "prior")}
     y_dev = y.to(device)
     ref_gen = torch.Generator().manual_seed(spec.seed + 1)
     reference = posterior.sample(spec.samples, ref_gen)
     floor = sliced_w2(posterior.sample(spec.samples, ref_gen), reference, torch.Generator().manual_seed(7))
-    zeta, sweep = select_dps_zeta(prior, operator, likelihood, rec, spec, device)
-    rec.dps_zeta = zeta
+    zeta, sweep = select_dps_zeta(prior, operator, likelihood, samplers["dps"], spec, device)
+    samplers["dps"] = samplers["dps"].with_settings(dps_zeta=zeta)
     result: dict[str, Any] = {
         "problem": {
             "shape": list(shape), "components": spec.components, "component_std": spec.component_std,
@@ -262,13 +262,13 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
             exact_gen = torch.Generator().manual_seed(spec.seed + 2)
             samples = draw_with_exact_score(prior, posterior, spec.samples, spec.time_steps, exact_gen)
         else:
-            samples = draw(rec, method, y_dev, spec.samples, torch.Generator(device=device).manual_seed(spec.seed + 2))
+            samples = draw(samplers[method], y_dev, spec.samples, torch.Generator(device=device).manual_seed(spec.seed + 2))
         metrics = posterior_metrics(samples, posterior, reference, torch.Generator().manual_seed(7))
         metrics["sliced_w2_over_floor"] = metrics["sliced_w2"] / floor
         metrics["sample_seconds"] = round(time.perf_counter() - start, 2)
         result[method] = metrics
         drawn[method] = samples
-    result["coverage"] = coverage_section(prior, likelihood, rec, posterior, drawn, spec, device)
+    result["coverage"] = coverage_section(prior, likelihood, samplers, posterior, drawn, spec, device)
     result["deft"].update(mode=spec.mode, iterations=summary["steps"], train_seconds=round(train_seconds, 1), skipped_steps=summary["skipped_steps"],
                           hnet_parameters=htransform.num_parameters())
     result["dps"].update(zeta=zeta, sweep=sweep, sweep_on=f"{SWEEP_MEASUREMENTS} measurements of other prior samples")

@@ -14,7 +14,7 @@ prior), draws every coordinate from
 
 and the start at t = 1 from N(ȳ_i, σ̄(1)² − τ_i²) where τ_i ≤ σ̄(1), N(0, σ̄(1)²) elsewhere. The paper's
 η = 0.85, η_b = 1 are the defaults. Noise in spectral coordinates is Vᵀ of standard image noise drawn from
-the run's generators (for a Fourier basis it keeps the Hermitian symmetry, so images stay real); the start
+the sampler's noise (for a Fourier basis it keeps the Hermitian symmetry, so images stay real); the start
 uses the same first draw that the other samplers take as x at t = 1.
 
 The levels are those of the reversed-time grid (:func:`~deftcli.samplers.noise_levels`); with
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .operators import SingularValueDecomposition
-from .samplers import NoiseSource, ScoreFn, noise_levels, standard_noise, time_batch
+from .samplers import NoiseSampler, ScoreFn, noise_levels, noise_like, time_batch
 from .sde import VPSDE
 
 
@@ -87,7 +87,7 @@ def sample_ddrm(
     grid: Sequence[float],
     eta: float,
     eta_b: float,
-    generator: NoiseSource,
+    noise: NoiseSampler,
     denoise_final: bool,
 ) -> Tensor:
     """DDRM over the reversed-time ``grid``; ``x`` is the standard image noise of the start at t = 1."""
@@ -100,6 +100,6 @@ def sample_ddrm(
             t = time_batch(grid[k], x)
             x_t = levels[k][0] * svd.V(state).to(x.dtype)
             x0_bar = svd.Vt(sde.tweedie_x0(x_t, score_fn(x_t, t), t))
-            noise = svd.Vt(standard_noise(x, generator))
-            state = ddrm_step(state, x0_bar, y_bar, tau, sigma_bars[k], sigma_bars[k + 1], eta, eta_b, noise)
+            spectral_noise = svd.Vt(noise_like(x, noise))
+            state = ddrm_step(state, x0_bar, y_bar, tau, sigma_bars[k], sigma_bars[k + 1], eta, eta_b, spectral_noise)
     return levels[-1][0] * svd.V(state).to(x.dtype)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .operators import SingularValueDecomposition
-from .samplers import NoiseSource, ScoreFn, noise_levels, renoised, standard_noise, time_batch
+from .samplers import NoiseSampler, ScoreFn, noise_levels, noise_like, renoised, time_batch
 from .sde import VPSDE
 
 
@@ -68,7 +68,7 @@ def sample_diffpir(
     grid: Sequence[float],
     lam: float,
     zeta: float,
-    generator: NoiseSource,
+    noise: NoiseSampler,
     denoise_final: bool,
 ) -> Tensor:
     """DiffPIR from x at t = 1 over the reversed-time ``grid``; x̂0^(y) at t = ε with ``denoise_final``, else x_ε."""
@@ -77,5 +77,5 @@ def sample_diffpir(
         for k in range(len(levels) - 1):
             t = time_batch(grid[k], x)
             x0 = sde.tweedie_x0(x, score_fn(x, t), t)
-            x = diffpir_step(svd, y, sigma_y, x, x0, levels[k], levels[k + 1], lam, zeta, standard_noise(x, generator))
+            x = diffpir_step(svd, y, sigma_y, x, x0, levels[k], levels[k + 1], lam, zeta, noise_like(x, noise))
     return x

@@ -3,7 +3,7 @@
 Under ``torchrun --nproc-per-node R -m deftcli finetune …`` every rank runs the same loop on its
 share of the global batch: NCCL on CUDA, gloo on CPU. The random streams (measurement images,
 noise, gradient steps) are the global batch's, and each rank keeps its rows (a
-:class:`~deftcli.samplers.BatchSlice`), so an R-process run follows exactly the single-process run
+:class:`~deftcli.samplers.SharedBatchNoise`), so an R-process run follows exactly the single-process run
 with the same global batch. Only rank 0 writes files.
 """
 

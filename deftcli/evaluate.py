@@ -6,7 +6,7 @@ own random stream (seed, i, j), so results do not depend on batching or on how `
 shards the images over processes (rank r evaluates images r, r + R, …; rank 0 gathers and writes). Reported per method: PSNR and
 SSIM (torchmetrics, images mapped to [0, 1]) of the samples (averaged) and of the posterior mean
 over k, the data residual ‖A x̂ − y‖/√m against σ_y, seconds and network evaluations per image, and,
-for every method that samples (all but :data:`~deftcli.methods.DETERMINISTIC`), the coverage of its
+for every method that samples (all but the deterministic A†y), the coverage of its
 central credible intervals by the truth (:mod:`deftcli.calibration`), plotted in ``calibration.png``.
 DPS uses the ζ that a small sweep on *training* images selects (reported), unless ζ is given; deft
 samples its fine-tuned posterior (γ = 1) unless a guidance scale γ is given, or ``sweep`` selects γ
@@ -20,7 +20,6 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,10 @@ from .devices import Runtime, resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .images import colormap, image_grid, output_folder as make_output_folder, save_image, to_unit, upsample_to
-from .methods import DETERMINISTIC, Reconstructor, operator_svd
+from .methods import Sampler, SamplingSetup, build_sampler, operator_svd
 from .operators import Operator
 from .runs import FinetunedRun, open_run
+from .samplers import PerSampleNoise
 from .sample import data_residual
 from .specs import EVAL_METHODS, SPECTRAL_METHODS, DataSpec, EvalSpec
 from .tuning import deft_sampling, recorded_sampling
@@ -64,18 +64,21 @@ def sample_generators(seed: int, images: Sequence[int], k: int, device: torch.de
     return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + 1000 * i + j) % 2**63) for i in images for j in range(k)]
 
 
-def draw_per_image(rec: Reconstructor, method: str, y: Tensor, images: Sequence[int], k: int, batch_size: int, seed: int) -> Tensor:
+def draw_per_image(sampler: Sampler, y: Tensor, images: Sequence[int], k: int, batch_size: int, seed: int) -> Tensor:
     """k samples for each measurement, (n, k, C, H, W); the same streams for every method."""
     generators = sample_generators(seed, images, k, y.device)
     ys = y.repeat_interleave(k, dim=0)
-    chunks = [rec.sample(method, ys[i : i + batch_size], generators[i : i + batch_size]) for i in range(0, ys.shape[0], batch_size)]
-    return torch.cat(chunks).reshape(y.shape[0], k, *rec.prior.image_shape)
+    chunks = [sampler.sample(ys[i : i + batch_size], PerSampleNoise(generators[i : i + batch_size])) for i in range(0, ys.shape[0], batch_size)]
+    samples = torch.cat(chunks)
+    return samples.reshape(y.shape[0], k, *samples.shape[1:])
 
 
-def per_image_metrics(rec: Reconstructor, method: str, x_true: Tensor, y: Tensor, images: Sequence[int], k: int, batch_size: int, seed: int) -> tuple[dict[str, Tensor], Tensor, float]:
-    """Per-image PSNR/SSIM of samples (averaged over k) and of their mean, data residual; samples; seconds."""
+def per_image_metrics(
+    sampler: Sampler, operator: Operator, x_true: Tensor, y: Tensor, images: Sequence[int], k: int, batch_size: int, seed: int,
+) -> tuple[dict[str, Tensor], Tensor, float]:
+    """Per-image PSNR/SSIM of samples (averaged over k) and of their mean, data residual ‖A x − y‖/√m; samples; seconds."""
     start = time.perf_counter()
-    samples = draw_per_image(rec, method, y, images, k, batch_size, seed)
+    samples = draw_per_image(sampler, y, images, k, batch_size, seed)
     seconds = time.perf_counter() - start
     n = x_true.shape[0]
     flat = samples.flatten(0, 1)
@@ -86,21 +89,21 @@ def per_image_metrics(rec: Reconstructor, method: str, x_true: Tensor, y: Tensor
         "ssim_sample": ssim(flat, truth).reshape(n, k).mean(1),
         "psnr_mean": psnr(mean, x_true),
         "ssim_mean": ssim(mean, x_true),
-        "data_residual": data_residual(rec.operator, flat, y.repeat_interleave(k, dim=0)).reshape(n, k).mean(1),
+        "data_residual": data_residual(operator, flat, y.repeat_interleave(k, dim=0)).reshape(n, k).mean(1),
     }
     return {key: v.detach().cpu() for key, v in per_image.items()}, samples, seconds
 
 
-def interleaved_seconds_per_image(samplers: dict[str, tuple[Reconstructor, str]], y: Tensor, rounds: int) -> dict[str, dict[str, Any]]:
-    """Seconds per image of each named (reconstructor, method) on the same batch y: one sample per row,
+def interleaved_seconds_per_image(samplers: dict[str, Sampler], y: Tensor, rounds: int) -> dict[str, dict[str, Any]]:
+    """Seconds per image of each named sampler on the same batch y: one sample per row,
     the samplers interleaved over ``rounds`` timed rounds after a warm-up round, so that none pays for
     another's warm-up or runs only while the machine is cool; the median per sampler and every round."""
     times: dict[str, list[float]] = {name: [] for name in samplers}
     images = range(y.shape[0])
     for round_index in range(rounds + 1):
-        for name, (rec, method) in samplers.items():
+        for name, sampler in samplers.items():
             began = time.perf_counter()
-            draw_per_image(rec, method, y, images, 1, y.shape[0], seed=round_index)
+            draw_per_image(sampler, y, images, 1, y.shape[0], seed=round_index)
             if round_index:
                 times[name].append((time.perf_counter() - began) / y.shape[0])
     return {name: {"median": round(statistics.median(t), 4), "all": [round(v, 4) for v in t]} for name, t in times.items()}
@@ -111,12 +114,12 @@ SWEPT: dict[str, dict[str, str]] = {
     "deft": {"guidance_scale": "gamma"},
     "diffpir": {"diffpir_lambda": "lambda", "diffpir_zeta": "zeta"},
 }
-"""The knobs of each tunable method: its :class:`Reconstructor` field → its key in a sweep table (DPS's step size ζ,
+"""The knobs of each tunable method: its setting (:meth:`~deftcli.methods.Sampler.settings`) → its key in a sweep table (DPS's step size ζ,
 deft's guidance scale γ, DiffPIR's λ and ζ)."""
 
 
 def knob_candidates(spec: EvalSpec, method: str) -> tuple[list[dict[str, float]], bool]:
-    """The settings (field → value) to try for ``method``'s knobs, and whether that is a sweep: a knob given in the
+    """The settings (name → value) to try for ``method``'s knobs, and whether that is a sweep: a knob given in the
     spec keeps its value, one left None takes every value of its sweep grid (all combinations)."""
     given = {"dps_zeta": spec.dps_zeta,
              "guidance_scale": None if spec.guidance_scale == "sweep" else spec.guidance_scale,
@@ -129,24 +132,24 @@ def knob_candidates(spec: EvalSpec, method: str) -> tuple[list[dict[str, float]]
 
 
 def sweep_on_train(
-    rec: Reconstructor, method: str, candidates: Sequence[dict[str, float]], data: DataSpec, spec: EvalSpec,
-    device: torch.device,
+    sampler: Sampler, operator: Operator, image_shape: Sequence[int], candidates: Sequence[dict[str, float]], data: DataSpec,
+    spec: EvalSpec, device: torch.device,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Pick ``method``'s knobs (:data:`SWEPT`) among ``candidates`` (dicts field → value) by the PSNR of one
-    sample per image on the first training images of ``data``.
+    """Pick the sampler's knobs (:data:`SWEPT`) among ``candidates`` (dicts setting → value) by the PSNR of one
+    sample per image on the first training images of ``data`` (of the prior's ``image_shape``).
 
     The training images and their measurements (seed + 7) are the same for every method and value,
-    and never the evaluated split's. ``rec`` itself is left as it was. Returns the best candidate and
-    the table (one row per candidate: the knobs under their :data:`SWEPT` keys and the PSNR).
+    and never the evaluated split's. Returns the best candidate and the table (one row per candidate:
+    the knobs under their :data:`SWEPT` keys and the PSNR).
     """
-    keys = SWEPT[method]
-    train = open_dataset(data, "train", rec.prior.image_shape[-1], rec.prior.image_shape[0])
+    keys = SWEPT[sampler.method]
+    train = open_dataset(data, "train", image_shape[-1], image_shape[0])
     images = range(min(SWEEP_IMAGES, len(train)))
     x = train.batch(images).to(device)
-    y = rec.operator.measure(x, generator=torch.Generator(device="cpu").manual_seed(spec.seed + 7)).to(device)
+    y = operator.measure(x, generator=torch.Generator(device="cpu").manual_seed(spec.seed + 7)).to(device)
     table = []
     for candidate in candidates:
-        samples = draw_per_image(replace(rec, **candidate), method, y, images, 1, spec.batch_size, spec.seed)[:, 0]
+        samples = draw_per_image(sampler.with_settings(**candidate), y, images, 1, spec.batch_size, spec.seed)[:, 0]
         knobs = {keys.get(field, field): value for field, value in candidate.items()}
         table.append({**knobs, "psnr": float(psnr(samples, x).nan_to_num(0.0).mean())})
     best = max(range(len(table)), key=lambda i: table[i]["psnr"])
@@ -208,8 +211,9 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
     sampling = deft_sampling(recorded_sampling(run.info), gamma, spec.sampler, spec.renoise_zeta)
     if spec.guidance_scale != "sweep":
         spec = spec.model_copy(update={"guidance_scale": sampling.guidance_scale})
-    rec = Reconstructor(prior, operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, sampler=sampling.sampler,
-                        renoise_zeta=sampling.renoise_zeta, ddrm_eta=spec.ddrm_eta, ddrm_eta_b=spec.ddrm_eta_b)
+    setup = SamplingSetup(prior, steps, spec.denoise_final, spec.clip_x0)
+    settings = {**sampling.model_dump(), "ddrm_eta": spec.ddrm_eta, "ddrm_eta_b": spec.ddrm_eta_b}
+    samplers = {method: build_sampler(method, setup, operator, run.htransform, settings) for method in methods}
     results: dict[str, Any] = {
         "run": str(run.path), "split": spec.split, "n": n, "k": spec.k, "steps": steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
         "operator": operator.describe(), "prior": prior.identity(), "device": str(device), "runtime": runtime.describe(), "processes": ctx.world_size,
@@ -219,23 +223,23 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
         candidates, swept = knob_candidates(spec, method)
         if swept:
             chosen, sweep = ctx.broadcast(
-                sweep_on_train(rec, method, candidates, run.spec.data, spec, device) if ctx.is_main else None)
+                sweep_on_train(samplers[method], operator, prior.image_shape, candidates, run.spec.data, spec, device)
+                if ctx.is_main else None)
             selected = {SWEPT[method][field]: value for field, value in chosen.items()}
             results[f"{method}_sweep"] = {"images": f"first {SWEEP_IMAGES} of train", "table": sweep,
                                           "selected": next(iter(selected.values())) if len(selected) == 1 else selected}
         else:
             chosen = candidates[0]
-        for field, value in chosen.items():
-            setattr(rec, field, value)
-            results[field] = value
+        samplers[method] = samplers[method].with_settings(**chosen)
+        results.update(chosen)
     for method in ("ddrm", "deft"):
         if method in methods:
-            results.update(rec.settings(method))
+            results.update(samplers[method].settings())
     grid_samples: dict[str, Tensor] = {}
-    for method in methods:
-        k = 1 if method in DETERMINISTIC else spec.k
-        per_image, samples, seconds = per_image_metrics(rec, method, x_true, y, mine, k, spec.batch_size, spec.seed)
-        coverage = {} if method in DETERMINISTIC else calibration.per_image_calibration(samples, x_true)
+    for method, sampler in samplers.items():
+        k = 1 if sampler.deterministic else spec.k
+        per_image, samples, seconds = per_image_metrics(sampler, operator, x_true, y, mine, k, spec.batch_size, spec.seed)
+        coverage = {} if sampler.deterministic else calibration.per_image_calibration(samples, x_true)
         shown = [(i, s) for i, s in zip(mine, samples.cpu()) if i < GRID_COLUMNS]
         gathered = ctx.gather_objects((mine, per_image, seconds, shown, coverage))
         order = torch.tensor([i for part in gathered for i in part[0]]).argsort()
@@ -243,7 +247,7 @@ def _evaluate(spec: EvalSpec, force: bool, ctx: Distributed) -> dict[str, Any]:
         coverage = {key: torch.cat([part[4][key] for part in gathered])[order] for key in coverage}
         total_seconds = sum(part[2] for part in gathered)
         grid_samples[method] = torch.stack([s for _, s in sorted((item for part in gathered for item in part[3]), key=lambda item: item[0])])
-        cost = rec.cost(method).as_dict()
+        cost = sampler.cost().as_dict()
         results["methods"][method] = {
             "k": k, **{key: float(v.mean()) for key, v in values.items()}, "sigma_y": operator.sigma,
             "seconds_per_image": total_seconds / n, "seconds_per_sample": total_seconds / (n * k),

@@ -42,7 +42,7 @@ from .operators import Operator
 from .priors import Prior, load_prior, state_dict_mismatch
 from .tuning import filled, run_record, spec_value, unset_fields, with_tuned_defaults
 from .runs import keep_operator_files, latest_run, read_run_record, refuse_other_prior, run_operator
-from .samplers import BatchSlice, gaussian
+from .samplers import SharedBatchNoise
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
 from .specs import FinetuneSpec, HNetSpec, read_saved_spec
@@ -286,8 +286,8 @@ class Finetuner:
         spec = self.spec
         t0 = time.perf_counter()
         batch = self.source.draw(self.data_gen, self.ctx)
-        noise = BatchSlice(self.noise_gen, self.global_batch, self.rows)
-        x_init = gaussian((batch.y.shape[0], *self.prior.image_shape), noise, self.device)
+        noise = SharedBatchNoise(self.noise_gen, self.global_batch, self.rows)
+        x_init = noise((batch.y.shape[0], *self.prior.image_shape), self.device)
         factor = warmup_cosine_factor(self.step_count, spec.warmup, spec.iterations, spec.lr_final_factor)
         scale_learning_rates(self.optimizer, factor)
         lr = self.lr * factor
@@ -312,7 +312,7 @@ class Finetuner:
             record["J_smooth"] = self.j_smooth
         return record, batch, x_final
 
-    def _vargrad_step(self, batch: Batch, x_init: Tensor, noise: BatchSlice) -> tuple[dict[str, Any], Tensor]:
+    def _vargrad_step(self, batch: Batch, x_init: Tensor, noise: SharedBatchNoise) -> tuple[dict[str, Any], Tensor]:
         spec, ctx = self.spec, self.ctx
         steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
         traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps)
@@ -331,7 +331,7 @@ class Finetuner:
         }
         return record, traj.x_final
 
-    def _backprop_step(self, batch: Batch, x_init: Tensor, noise: BatchSlice) -> tuple[dict[str, Any], Tensor]:
+    def _backprop_step(self, batch: Batch, x_init: Tensor, noise: SharedBatchNoise) -> tuple[dict[str, Any], Tensor]:
         spec, ctx = self.spec, self.ctx
         d, kl, x_final = backprop_soc_gradient(
             self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, ctx.no_sync,

@@ -189,11 +189,15 @@ class ConditionalScore:
     def __init__(self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor, guidance_scale: float = 1.0) -> None:
         self.prior, self.htransform, self.operator, self.y = prior, htransform, operator, y
         self.guidance_scale = guidance_scale
+        self.last: tuple[Tensor, Tensor] | None = None
+        """(g, h) of the latest evaluation, for a sampler's per-step callback (the fine-tuning rollout's RND terms)."""
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         score, g = guidance_inputs(self.prior, self.operator, x, t, self.y)
         with torch.no_grad():
-            return score + self.guidance_scale * self.htransform(x, t, g)
+            h = self.htransform(x, t, g)
+            self.last = (g, h)
+            return score + self.guidance_scale * h
 
 
 def save_htransform(htransform: HTransform, path: Path, info: dict[str, Any]) -> None:

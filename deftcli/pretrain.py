@@ -34,7 +34,7 @@ from .devices import resolve_device
 from .errors import DeftError
 from .images import image_grid, output_folder, save_image
 from .priors import GaussianScore, UNetPrior, unet_score
-from .samplers import sample_reverse_sde
+from .samplers import GeneratorNoise, sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec, read_saved_spec
 from .training import GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, load_optimizer_state, refuse_changes, refuse_resume_with_nothing_to_do, scale_learning_rates, warmup_cosine_factor
@@ -178,8 +178,9 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         def sample_grid() -> None:
             prior = UNetPrior(ema.model, sde, (spec.channels, spec.image_size, spec.image_size), name, {}, gaussian)
             g = torch.Generator(device=device).manual_seed(1234)
-            x = torch.randn((16, spec.channels, spec.image_size, spec.image_size), generator=g, device=device)
-            x = sample_reverse_sde(prior.score, sde, x, reverse_time_grid(spec.sample_steps), g, denoise_final=True)
+            noise = GeneratorNoise(g)
+            x = noise((16, spec.channels, spec.image_size, spec.image_size), device)
+            x = sample_reverse_sde(prior.score, sde, x, reverse_time_grid(spec.sample_steps), noise, denoise_final=True)
             save_image(image_grid([x[:8], x[8:]]), out / "samples" / f"step_{step:07d}.png")
             ema.model.requires_grad_(False)
 

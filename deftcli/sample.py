@@ -14,10 +14,11 @@ from .devices import Runtime, resolve_device
 from .errors import DeftError
 from .finetune import check_measurement_shape
 from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, output_folder, read_measurement, save_image
-from .methods import Reconstructor, operator_svd
+from .methods import PriorSampler, Sampler, SamplingSetup, build_sampler
 from .priors import load_prior
 from .runs import open_run
-from .specs import SPECTRAL_METHODS, SampleSpec
+from .samplers import GeneratorNoise, NoiseSampler
+from .specs import SampleSpec
 from .tuning import deft_sampling, recorded_sampling
 
 UNCONDITIONAL_STEPS = 100
@@ -28,12 +29,12 @@ def data_residual(operator, x: Tensor, y: Tensor) -> Tensor:
     return (operator.A(x) - y).flatten(1).norm(dim=1) / y[0].numel() ** 0.5
 
 
-def draw(rec: Reconstructor, method: str, y: Tensor, n: int, batch_size: int, generator: torch.Generator) -> Tensor:
+def draw(sampler: Sampler, y: Tensor, n: int, batch_size: int, noise: NoiseSampler) -> Tensor:
     """n samples for one measurement y (C, h, w), in batches."""
     out = []
     while sum(x.shape[0] for x in out) < n:
         b = min(batch_size, n - sum(x.shape[0] for x in out))
-        out.append(rec.sample(method, y[None].expand(b, *y.shape), generator))
+        out.append(sampler.sample(y[None].expand(b, *y.shape), noise))
     return torch.cat(out)
 
 
@@ -66,24 +67,23 @@ def measurement_inputs(source: Path) -> list[Path]:
 def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> dict[str, Any]:
     device = resolve_device(spec.device)
     out = Path(spec.out)
-    generator = torch.Generator(device=device).manual_seed(spec.seed)
+    noise = GeneratorNoise(torch.Generator(device=device).manual_seed(spec.seed))
     if spec.unconditional and measurement is not None:
         raise DeftError(f"--unconditional draws prior samples, which take no measurement ({measurement}): give one or the other")
     if spec.unconditional or measurement is None:
         if not spec.unconditional:
             raise DeftError("give a measurement image (or a folder of them), or --unconditional for prior samples")
-        return sample_unconditional(spec, out, device, generator, force)
+        return sample_unconditional(spec, out, device, noise, force)
 
     run = open_run(spec.run, device, prior_override=spec.prior.path)
     runtime = Runtime.resolve(device, spec.precision, spec.compile)
     runtime.adapt(run.prior, run.htransform)
     steps = spec.steps or run.spec.time_steps
     sampling = deft_sampling(recorded_sampling(run.info), spec.guidance_scale, spec.sampler, spec.renoise_zeta)
-    rec = Reconstructor(run.prior, run.operator, run.htransform, steps, spec.denoise_final, spec.clip_x0, dps_zeta=spec.dps_zeta,
-                        diffpir_lambda=spec.diffpir_lambda, diffpir_zeta=spec.diffpir_zeta, ddrm_eta=spec.ddrm_eta,
-                        ddrm_eta_b=spec.ddrm_eta_b, **sampling.model_dump())
-    if spec.method in SPECTRAL_METHODS:
-        operator_svd(spec.method, run.operator)  # before any output exists
+    settings = {"dps_zeta": spec.dps_zeta, "diffpir_lambda": spec.diffpir_lambda, "diffpir_zeta": spec.diffpir_zeta,
+                "ddrm_eta": spec.ddrm_eta, "ddrm_eta_b": spec.ddrm_eta_b, **sampling.model_dump()}
+    setup = SamplingSetup(run.prior, steps, spec.denoise_final, spec.clip_x0)
+    sampler = build_sampler(spec.method, setup, run.operator, run.htransform, settings)  # before any output exists
     expected = run.operator.measurement_shape(run.prior.image_shape)
     inputs = measurement_inputs(measurement)
     folders = [out] if len(inputs) == 1 else [out / p.name.removesuffix(TENSOR_SUFFIX).rsplit(".", 1)[0] for p in inputs]
@@ -102,7 +102,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
     summaries = []
     for path, y, folder in zip(inputs, measurements, folders):
         start = time.perf_counter()
-        x = draw(rec, spec.method, y, spec.n, spec.batch_size, generator)
+        x = draw(sampler, y, spec.n, spec.batch_size, noise)
         seconds = time.perf_counter() - start
         for i, xi in enumerate(x):
             save_image(xi, folder / f"sample_{i:03d}.png")
@@ -116,7 +116,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
             "run": str(run.path),
             "prior": run.prior.identity(),
             "method": spec.method,
-            **rec.settings(spec.method),
+            **sampler.settings(),
             "operator": run.operator.describe(),
             "n": spec.n,
             "steps": steps,
@@ -129,7 +129,7 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
             "seconds": round(seconds, 3),
             "seconds_per_sample": round(seconds / spec.n, 4),
             "runtime": runtime.describe(),
-            **rec.cost(spec.method).as_dict(),
+            **sampler.cost().as_dict(),
         }
         write_json(summary, folder / "summary.json")
         summaries.append(summary)
@@ -138,26 +138,26 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
             "sigma_y": run.operator.sigma}
 
 
-def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, generator: torch.Generator, force: bool) -> dict[str, Any]:
+def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, noise: NoiseSampler, force: bool) -> dict[str, Any]:
     """Prior samples: ``sample_###.png``, a ``grid.png`` and ``summary.json``."""
     prior = load_prior(spec.prior.path or (open_run(spec.run, device).spec.prior.path if spec.run else None)).to(device)
     runtime = Runtime.resolve(device, spec.precision, spec.compile)
     runtime.adapt(prior)
-    rec = Reconstructor(prior, steps=spec.steps or UNCONDITIONAL_STEPS, denoise_final=spec.denoise_final, clip_x0=spec.clip_x0)
+    sampler = PriorSampler(SamplingSetup(prior, spec.steps or UNCONDITIONAL_STEPS, spec.denoise_final, spec.clip_x0))
     refuse_existing(output_files(out, spec.n, ("grid.png", "summary.json")), force)
     output_folder(out)
     start = time.perf_counter()
     chunks = []
     for i in range(0, spec.n, spec.batch_size):
         b = min(spec.batch_size, spec.n - i)
-        chunks.append(rec.unconditional(b, device, generator))
+        chunks.append(sampler.unconditional(b, device, noise))
     x = torch.cat(chunks)
     seconds = time.perf_counter() - start
     for i, xi in enumerate(x):
         save_image(xi, out / f"sample_{i:03d}.png")
     per_row = 8
     save_image(image_grid([x[i : i + per_row] for i in range(0, x.shape[0], per_row)]), out / "grid.png")
-    summary = {"prior": prior.identity(), "n": spec.n, "steps": rec.steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
-               "denoise_final": spec.denoise_final, "seconds": round(seconds, 3), "runtime": runtime.describe(), **rec.cost("prior").as_dict()}
+    summary = {"prior": prior.identity(), "n": spec.n, "steps": sampler.setup.steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
+               "denoise_final": spec.denoise_final, "seconds": round(seconds, 3), "runtime": runtime.describe(), **sampler.cost().as_dict()}
     write_json(summary, out / "summary.json")
     return {"out": str(out), **summary}

@@ -1,8 +1,11 @@
-r"""Samplers: small plain functions over a score function and the reversed-time grid.
+r"""Samplers: small plain functions over a score function, a noise sampler and the reversed-time grid.
 
 A score function maps (x_t, t) → ∇ log p_t(x_t); wrappers (:func:`clip_denoised`,
-:class:`deftcli.htransform.ConditionalScore`) adapt it, so the same Euler–Maruyama loop serves the
-prior, the fine-tuned posterior and, with a guidance step, DPS.
+:class:`deftcli.htransform.ConditionalScore`) adapt it, so one Euler–Maruyama loop,
+:func:`sample_reverse_sde`, serves the prior, the fine-tuned posterior, DPS (through its per-step
+``guidance`` hook) and the fine-tuning rollout (through its per-step ``callback``). A noise sampler
+(:class:`NoiseSampler`) draws the standard normal ξ of every step, so where the randomness comes from
+(one generator, one per sample, a share of a larger batch) is the caller's choice, not the loop's.
 
 Two samplers share the reversed-time grid s_k of :func:`deftcli.sde.reverse_time_grid`
 (t_k = 1 − s_k, ξ_k ~ N(0, I)):
@@ -24,11 +27,11 @@ Two samplers share the reversed-time grid s_k of :func:`deftcli.sde.reverse_time
 
 from __future__ import annotations
 
+import contextlib
 import math
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -39,19 +42,65 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 SamplerKind = Literal["sde", "renoise"]
 
 
-@dataclass
-class BatchSlice:
-    """Rows ``rows`` of a batch of ``total``: the whole batch's noise is drawn from ``generator`` and
-    only these rows are kept, so a process holding a share of a batch sees exactly the noise a
-    single process would (data-parallel fine-tuning)."""
+class NoiseSampler(Protocol):
+    """Draws standard normal noise: ``noise(shape, device, dtype)`` → a tensor of ``shape`` on ``device``."""
+
+    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class GeneratorNoise:
+    """The whole batch's noise from one generator (``None``: torch's global one)."""
+
+    generator: torch.Generator | None = None
+
+    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.randn(shape, generator=self.generator, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class PerSampleNoise:
+    """Row b's noise from ``generators[b]``: a sample's noise does not depend on the batch it is drawn in."""
+
+    generators: Sequence[torch.Generator]
+
+    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+        if len(self.generators) != shape[0]:
+            raise ValueError(f"{len(self.generators)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in self.generators]).to(device)
+
+
+@dataclass(frozen=True)
+class SharedBatchNoise:
+    """Rows ``rows`` of a batch of ``total``: the whole batch's noise is drawn from ``generator`` and only
+    these rows are kept, so a process holding a share of a batch sees exactly the noise a single process
+    would (data-parallel fine-tuning)."""
 
     generator: torch.Generator
     total: int
     rows: slice
 
+    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+        full = torch.randn((self.total, *shape[1:]), generator=self.generator, device=self.generator.device, dtype=dtype)
+        return full[self.rows].to(device)
 
-NoiseSource = torch.Generator | Sequence[torch.Generator] | BatchSlice | None
-"""One generator for the batch, one per row (results independent of batching), or a slice of a larger batch."""
+
+class ReplayedNoise:
+    """Noise drawn before: the i-th call returns ``draws[i]`` (each already of the shape asked for)."""
+
+    def __init__(self, draws: Sequence[Tensor]) -> None:
+        self._draws = iter(draws)
+
+    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+        draw = next(self._draws)
+        if tuple(draw.shape) != tuple(shape):
+            raise ValueError(f"replayed noise of shape {tuple(draw.shape)} for a draw of {tuple(shape)}")
+        return draw.to(device=device, dtype=dtype)
+
+
+def noise_like(x: Tensor, noise: NoiseSampler) -> Tensor:
+    """ξ ~ N(0, I) shaped like ``x``, on its device and of its dtype."""
+    return noise(tuple(x.shape), x.device, x.dtype)
 
 
 def reverse_sde_step(sde: VPSDE, x: Tensor, t: Tensor, ds: float, score: Tensor, xi: Tensor) -> Tensor:
@@ -65,22 +114,59 @@ def time_batch(s: float, like: Tensor) -> Tensor:
     return torch.full((like.shape[0],), 1.0 - s, device=like.device, dtype=torch.float32)
 
 
+@dataclass
+class ReverseStep:
+    """What one step of :func:`sample_reverse_sde` used and made: step k from x at t (by Δs = ``ds``) with
+    the score s(x, t) and the noise ξ, to ``x_next``; given to the loop's ``callback``."""
+
+    k: int
+    x: Tensor
+    t: Tensor
+    ds: float
+    score: Tensor
+    xi: Tensor
+    x_next: Tensor
+
+
+class Guidance(Protocol):
+    """A per-step hook of :func:`sample_reverse_sde`: evaluates the score at (x, t) itself (with autograd where
+    it needs it) and returns it with a shift that the loop adds to the step's result."""
+
+    def __call__(self, score_fn: ScoreFn, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 def sample_reverse_sde(
     score_fn: ScoreFn,
     sde: VPSDE,
     x: Tensor,
     grid: Sequence[float],
-    generator: NoiseSource = None,
+    noise: NoiseSampler,
     denoise_final: bool = False,
+    guidance: Guidance | None = None,
+    callback: Callable[[ReverseStep], None] | None = None,
+    keep_graph: bool = False,
 ) -> Tensor:
     """Integrate the reverse SDE from x at t = 1 over ``grid``; return x at t = ε, or Tweedie's x̂0 there.
 
-    Score evaluations: len(grid) − 1, plus one with ``denoise_final``.
+    Per step k: x_{k+1} = EM step with s(x_k, t_k) (+ the ``guidance`` shift), then ``callback(step)``.
+    Score evaluations: len(grid) − 1, plus one with ``denoise_final``. No autograd graph outlives a step,
+    unless ``keep_graph`` (backpropagation through the whole trajectory).
     """
-    with torch.no_grad():
+    with contextlib.nullcontext() if keep_graph else torch.no_grad():
         for k in range(len(grid) - 1):
             t = time_batch(grid[k], x)
-            x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score_fn(x, t), standard_noise(x, generator))
+            ds = grid[k + 1] - grid[k]
+            if guidance is None:
+                score, shift = score_fn(x, t), None
+            else:
+                score, shift = guidance(score_fn, x, t)
+            xi = noise_like(x, noise)
+            x_next = reverse_sde_step(sde, x, t, ds, score, xi)
+            if shift is not None:
+                x_next = x_next + shift
+            if callback is not None:
+                callback(ReverseStep(k, x, t, ds, score, xi, x_next))
+            x = x_next
         return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
 
 
@@ -97,9 +183,9 @@ def sample_renoise(
     sde: VPSDE,
     x: Tensor,
     grid: Sequence[float],
-    zeta: float,
-    generator: NoiseSource = None,
+    noise: NoiseSampler,
     denoise_final: bool = False,
+    zeta: float = 1.0,
 ) -> Tensor:
     """The ``renoise`` sampler (module docstring) from x at t = 1 over ``grid``: x at t = ε, or, with
     ``denoise_final``, one more step to the data level (α, σ) = (1, 0), which returns Tweedie's x̂0 at t = ε.
@@ -113,35 +199,8 @@ def sample_renoise(
         for k in range(len(levels) - 1):
             t = time_batch(grid[k], x)
             x0 = sde.tweedie_x0(x, score_fn(x, t), t)
-            x = renoised(x, x0, levels[k], levels[k + 1], zeta, standard_noise(x, generator))
+            x = renoised(x, x0, levels[k], levels[k + 1], zeta, noise_like(x, noise))
     return x
-
-
-def run_sampler(
-    kind: SamplerKind, score_fn: ScoreFn, sde: VPSDE, x: Tensor, grid: Sequence[float], zeta: float,
-    generator: NoiseSource = None, denoise_final: bool = False,
-) -> Tensor:
-    """Run the sampler ``kind`` (``sde`` ignores ζ)."""
-    if kind == "renoise":
-        return sample_renoise(score_fn, sde, x, grid, zeta, generator, denoise_final)
-    return sample_reverse_sde(score_fn, sde, x, grid, generator, denoise_final)
-
-
-def standard_noise(like: Tensor, source: NoiseSource) -> Tensor:
-    """ξ ~ N(0, I) shaped like ``like`` (on its device), drawn from ``source``."""
-    return gaussian(tuple(like.shape), source, like.device, like.dtype)
-
-
-def gaussian(shape: tuple[int, ...], source: NoiseSource, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A standard normal tensor of ``shape`` drawn from a :data:`NoiseSource`."""
-    if isinstance(source, BatchSlice):
-        gen_device = source.generator.device
-        return torch.randn((source.total, *shape[1:]), generator=source.generator, device=gen_device, dtype=dtype)[source.rows].to(device)
-    if isinstance(source, (list, tuple)):
-        if len(source) != shape[0]:
-            raise ValueError(f"{len(source)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in source]).to(device)
-    return torch.randn(shape, generator=source, device=device, dtype=dtype)
 
 
 def noise_levels(sde: VPSDE, grid: Sequence[float], to_data: bool) -> list[tuple[float, float]]:

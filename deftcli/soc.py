@@ -37,10 +37,10 @@ from typing import ContextManager
 import torch
 from torch import Tensor
 
-from .htransform import HTransform, guidance_inputs
+from .htransform import ConditionalScore, HTransform
 from .operators import Operator
 from .priors import Prior
-from .samplers import NoiseSource, reverse_sde_step, standard_noise, time_batch
+from .samplers import NoiseSampler, ReplayedNoise, ReverseStep, noise_like, sample_reverse_sde, time_batch
 
 
 def data_term(operator: Operator, x: Tensor, y: Tensor, likelihood_weight: float = 1.0) -> Tensor:
@@ -97,29 +97,27 @@ def rollout(
     y: Tensor,
     x: Tensor,
     grid: Sequence[float],
-    generator: NoiseSource,
+    noise: NoiseSampler,
     store_steps: Sequence[int] = (),
 ) -> Rollout:
-    """Roll out the controlled SDE from x (t = 1) without autograd; store the steps in ``store_steps``."""
+    """Roll out the controlled SDE from x (t = 1) without autograd (the reverse-SDE loop with the score s_θ + h);
+    sum the RND terms of every step and store the steps in ``store_steps``."""
     store = set(store_steps)
     zeros = torch.zeros(x.shape[0], device=x.device)
     out = Rollout(x, zeros, zeros.clone(), zeros.clone())
-    with torch.no_grad():
-        for k in range(len(grid) - 1):
-            t = time_batch(grid[k], x)
-            ds = grid[k + 1] - grid[k]
-            xi = standard_noise(x, generator)
-            score, g = guidance_inputs(prior, operator, x, t, y)
-            h = htransform(x, t, g)
-            beta = prior.sde.beta(t)
-            t1, t2, t3 = step_terms(h, beta, ds, xi)
-            out.t1 += t1
-            out.t2 += t2
-            out.t3 += t3
-            if k in store:
-                out.stored.append(StoredStep(k, x, g, xi))
-            x = reverse_sde_step(prior.sde, x, t, ds, score + h, xi)
-    out.x_final = x
+    controlled = ConditionalScore(prior, htransform, operator, y)
+
+    def record(step: ReverseStep) -> None:
+        assert controlled.last is not None
+        g, h = controlled.last
+        t1, t2, t3 = step_terms(h, prior.sde.beta(step.t), step.ds, step.xi)
+        out.t1 += t1
+        out.t2 += t2
+        out.t3 += t3
+        if step.k in store:
+            out.stored.append(StoredStep(step.k, step.x, g, step.xi))
+
+    out.x_final = sample_reverse_sde(controlled, prior.sde, x, grid, noise, callback=record)
     return out
 
 
@@ -205,7 +203,7 @@ def backprop_soc_gradient(
     y: Tensor,
     x: Tensor,
     grid: Sequence[float],
-    generator: NoiseSource,
+    noise: NoiseSampler,
     micro_batch: int | None = None,
     checkpointing: bool = True,
     no_sync: Callable[[torch.nn.Module, bool], ContextManager] | None = None,
@@ -213,7 +211,8 @@ def backprop_soc_gradient(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference method: ∇J by backpropagation through whole trajectories (the prior included).
 
-    J = mean_b (D_b + ½ Σ_k β ‖h‖² Δs). Each step is gradient-checkpointed and trajectories are
+    J = mean_b (D_b + ½ Σ_k β ‖h‖² Δs), along the reverse-SDE loop with the graph kept. Each step's network
+    evaluations (s_θ and h) are gradient-checkpointed and trajectories are
     processed in micro-batches whose gradients accumulate; memory still grows with N (one state per
     step). The noise of all steps is drawn first, step by step for the whole batch as in
     :func:`rollout`, so checkpoint recomputation is exact and micro-batching does not change the
@@ -223,33 +222,41 @@ def backprop_soc_gradient(
     sde = prior.sde
     batch = x.shape[0]
     micro = micro_batch or batch
-
-    def step(x_k: Tensor, xi: Tensor, y_k: Tensor, s: float, ds: float) -> tuple[Tensor, Tensor]:
-        t = time_batch(s, x_k)
-        score = prior.score(x_k, t)
-        with torch.no_grad():
-            g = operator.likelihood_grad(sde.tweedie_x0(x_k, score, t), y_k)
-        h = htransform(x_k, t, g)
-        kl = 0.5 * sde.beta(t) * h.flatten(1).pow(2).sum(1) * ds
-        return reverse_sde_step(sde, x_k, t, ds, score + h, xi), kl
-
-    noise = [standard_noise(x, generator) for _ in range(len(grid) - 1)]
+    noises = [noise_like(x, noise) for _ in range(len(grid) - 1)]
     d_all, kl_all, x_all = [], [], []
     for start in range(0, batch, micro):
         sl = slice(start, start + micro)
-        x_k, y_k = x[sl], y[sl]
-        kl = torch.zeros(x_k.shape[0], device=x.device)
-        for k in range(len(grid) - 1):
-            args = (x_k, noise[k][sl], y_k, grid[k], grid[k + 1] - grid[k])
+        y_k = y[sl]
+
+        def controlled_score(x_k: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            """s_θ + h and h at (x_k, t); g is detached, the prior and h carry gradients."""
+            score = prior.score(x_k, t)
+            with torch.no_grad():
+                g = operator.likelihood_grad(sde.tweedie_x0(x_k, score, t), y_k)
+            h = htransform(x_k, t, g)
+            return score + h, h
+
+        evaluated: list[Tensor] = []
+
+        def score_fn(x_k: Tensor, t: Tensor) -> Tensor:
             if checkpointing:
-                x_k, kl_k = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+                total, h = torch.utils.checkpoint.checkpoint(controlled_score, x_k, t, use_reentrant=False)
             else:
-                x_k, kl_k = step(*args)
-            kl = kl + kl_k
-        d = data_term(operator, x_k, y_k, likelihood_weight)
+                total, h = controlled_score(x_k, t)
+            evaluated.append(h)
+            return total
+
+        kl = torch.zeros(y_k.shape[0], device=x.device)
+
+        def add_kl(step: ReverseStep) -> None:
+            nonlocal kl
+            kl = kl + 0.5 * sde.beta(step.t) * evaluated.pop().flatten(1).pow(2).sum(1) * step.ds
+
+        x_final = sample_reverse_sde(score_fn, sde, x[sl], grid, ReplayedNoise([n[sl] for n in noises]), callback=add_kl, keep_graph=True)
+        d = data_term(operator, x_final, y_k, likelihood_weight)
         with no_sync(htransform, start + micro >= batch) if no_sync else contextlib.nullcontext():
             ((d + kl).sum() / batch).backward()
         d_all.append(d.detach())
         kl_all.append(kl.detach())
-        x_all.append(x_k.detach())
+        x_all.append(x_final.detach())
     return torch.cat(d_all), torch.cat(kl_all), torch.cat(x_all)

@@ -28,7 +28,8 @@ from conftest import assert_user_error
 from deftcli.ddrm import sample_ddrm
 from deftcli.diffpir import diffpir_step, proximal_step, sample_diffpir
 from deftcli.gmm import GaussianMixturePrior, exact_posterior
-from deftcli.methods import Reconstructor
+from deftcli.methods import SamplingSetup, build_sampler
+from deftcli.samplers import GeneratorNoise, PerSampleNoise
 from deftcli.operators import Operator, OperatorParams, create
 from deftcli.samplers import clip_denoised
 from deftcli.sde import VPSDE
@@ -77,16 +78,16 @@ def test_the_proximal_step_solves_the_regularised_least_squares_problem(name):
 @pytest.mark.parametrize("name", OPERATORS)
 def test_samples_have_the_image_shape_and_follow_their_generators_whatever_the_batching(method, name):
     prior, operator, y = problem(name, channels=3, batch=4)
-    rec = Reconstructor(prior, operator, steps=20)
+    sampler = build_sampler(method, SamplingSetup(prior, steps=20), operator)
     generators = lambda: [torch.Generator().manual_seed(10 + i) for i in range(4)]  # noqa: E731
-    together = rec.sample(method, y, generators())
+    together = sampler.sample(y, PerSampleNoise(generators()))
     assert together.shape == (4, 3, 8, 8) and together.dtype == torch.float32 and torch.isfinite(together).all()
-    assert torch.equal(together, rec.sample(method, y, generators()))
+    assert torch.equal(together, sampler.sample(y, PerSampleNoise(generators())))
     streams = generators()
-    halves = torch.cat([rec.sample(method, y[:2], streams[:2]), rec.sample(method, y[2:], streams[2:])])
+    halves = torch.cat([sampler.sample(y[:2], PerSampleNoise(streams[:2])), sampler.sample(y[2:], PerSampleNoise(streams[2:]))])
     torch.testing.assert_close(halves, together, rtol=0, atol=1e-6)
     assert not torch.allclose(together[0], together[1])  # different streams, different samples
-    assert rec.cost(method).as_dict() == {"nfe_prior": 20, "nfe_hnet": 0, "backward_prior": 0}
+    assert sampler.cost().as_dict() == {"nfe_prior": 20, "nfe_hnet": 0, "backward_prior": 0}
 
 
 @pytest.mark.parametrize("method", SPECTRAL)
@@ -94,8 +95,8 @@ def test_samples_have_the_image_shape_and_follow_their_generators_whatever_the_b
 def test_the_sample_mean_is_the_exact_gaussian_posterior_mean(method, name):
     prior, operator, y = problem(name, batch=2000)
     posterior_mean = exact_posterior(prior, operator, y[:1]).mean
-    rec = Reconstructor(prior, operator, steps=50, diffpir_lambda=1.0, diffpir_zeta=1.0)
-    samples = rec.sample(method, y, torch.Generator().manual_seed(2))
+    sampler = build_sampler(method, SamplingSetup(prior, steps=50), operator, settings={"diffpir_lambda": 1.0, "diffpir_zeta": 1.0})
+    samples = sampler.sample(y, GeneratorNoise(torch.Generator().manual_seed(2)))
     error = float((samples.double().mean(0) - posterior_mean).pow(2).mean().sqrt())
     assert error < 0.02
     assert float((prior.means[0] - posterior_mean).pow(2).mean().sqrt()) > 0.1  # the check can fail: the prior is off
@@ -105,9 +106,9 @@ def test_ddrm_with_eta_b_one_keeps_a_noiseless_measurement_exactly():
     """σ_y = 0 gives τ = 0: every observed coordinate is pinned to ȳ at every level, so A x = y."""
     prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.0)
     y = operator.A(prior.sample(1, torch.Generator().manual_seed(1))).expand(3, -1, -1, -1)
-    grid = Reconstructor(prior, steps=20).grid
+    grid = SamplingSetup(prior, steps=20).grid
     x = sample_ddrm(prior.score, prior.sde, operator.svd(), y, 0.0, torch.randn(3, 1, 8, 8), grid, 0.85, 1.0,
-                    torch.Generator().manual_seed(0), True)
+                    GeneratorNoise(torch.Generator().manual_seed(0)), True)
     torch.testing.assert_close(operator.A(x), y, rtol=0, atol=1e-5)
 
 
@@ -115,9 +116,9 @@ def test_diffpir_with_zeta_zero_draws_no_fresh_noise():
     """ζ = 0 draws no fresh noise into the state: two generators give the same sample from the same start."""
     prior, operator, y = problem("superres", batch=2)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    grid = Reconstructor(prior, steps=20).grid
+    grid = SamplingSetup(prior, steps=20).grid
     runs = [sample_diffpir(prior.score, prior.sde, operator.svd(), y, operator.sigma, x, grid, 4.0, 0.0,
-                           torch.Generator().manual_seed(seed), True) for seed in (1, 2)]
+                           GeneratorNoise(torch.Generator().manual_seed(seed)), True) for seed in (1, 2)]
     torch.testing.assert_close(runs[0], runs[1])
 
 
@@ -181,9 +182,8 @@ def test_diffpir_reproduces_deepinv_iteration_by_iteration(name, monkeypatch):
 
     grid = [1 - time_of_noise_level(prior.sde, s) for _, s in denoiser.calls]
     replay = iter(noises[1:])
-    monkeypatch.setattr("deftcli.diffpir.standard_noise", lambda like, source: next(replay))
-    ours = sample_diffpir(denoiser.score, prior.sde, svd, y, operator.sigma, states[0], grid, lam / 2, zeta, None,
-                          denoise_final=False)
+    ours = sample_diffpir(denoiser.score, prior.sde, svd, y, operator.sigma, states[0], grid, lam / 2, zeta,
+                          lambda shape, device, dtype: next(replay), denoise_final=False)
     torch.testing.assert_close(ours, output, rtol=0, atol=1e-5)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from deftcli.errors import DeftError
 from deftcli.priors import load_prior
-from deftcli.samplers import sample_reverse_sde
+from deftcli.samplers import GeneratorNoise, sample_reverse_sde
 from deftcli.sde import reverse_time_grid
 
 diffusers = pytest.importorskip("diffusers")
@@ -193,5 +193,5 @@ def test_other_priors_never_import_diffusers(tiny_prior):
 def test_plugs_into_the_reverse_sde_sampler(saved):
     prior = load_prior(saved)
     x = torch.randn(2, *prior.image_shape, generator=torch.Generator().manual_seed(4))
-    out = sample_reverse_sde(prior.score, prior.sde, x, reverse_time_grid(5), generator=torch.Generator().manual_seed(5))
+    out = sample_reverse_sde(prior.score, prior.sde, x, reverse_time_grid(5), GeneratorNoise(torch.Generator().manual_seed(5)))
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()

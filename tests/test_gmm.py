@@ -10,7 +10,7 @@ from torch import nn
 from deftcli.check_gmm import GMMCheckSpec, check_gmm, sliced_w2
 from deftcli.gmm import exact_posterior, hard_mixture
 from deftcli.operators import create
-from deftcli.samplers import sample_reverse_sde
+from deftcli.samplers import GeneratorNoise, sample_reverse_sde
 from deftcli.sde import reverse_time_grid
 from deftcli.soc import data_term, rollout
 
@@ -85,7 +85,7 @@ class ExactHTransform(nn.Module):
 def test_sampler_with_the_exact_h_transform_reproduces_the_posterior(problem):
     _, prior, _, posterior = problem
     gen = torch.Generator().manual_seed(3)
-    samples = sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, torch.randn(2000, 1, 8, 8, generator=gen), reverse_time_grid(100), gen)
+    samples = sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, torch.randn(2000, 1, 8, 8, generator=gen), reverse_time_grid(100), GeneratorNoise(gen))
     assert float((samples.double().mean(0) - posterior.mean).norm() / posterior.mean.norm()) < 0.03
     weights = posterior.responsibilities(samples).mean(0)
     assert float(0.5 * (weights - posterior.weights).abs().sum()) < 0.04
@@ -98,9 +98,9 @@ def test_log_rnd_under_the_exact_control_is_constant_and_equals_minus_log_eviden
     op, prior, y, posterior = problem
     n, gen = 128, torch.Generator().manual_seed(4)
     ys = y.expand(n, -1, -1, -1)
-    exact = rollout(prior, ExactHTransform(prior, posterior), op, ys, torch.randn(n, 1, 8, 8, generator=gen), reverse_time_grid(100), gen)
+    exact = rollout(prior, ExactHTransform(prior, posterior), op, ys, torch.randn(n, 1, 8, 8, generator=gen), reverse_time_grid(100), GeneratorNoise(gen))
     log_rnd = exact.log_rnd(data_term(op, exact.x_final, ys))
-    uncontrolled = rollout(prior, ExactHTransform(prior, prior_as_posterior(prior)), op, ys, torch.randn(n, 1, 8, 8, generator=gen), reverse_time_grid(100), gen)
+    uncontrolled = rollout(prior, ExactHTransform(prior, prior_as_posterior(prior)), op, ys, torch.randn(n, 1, 8, 8, generator=gen), reverse_time_grid(100), GeneratorNoise(gen))
     log_rnd_prior = uncontrolled.log_rnd(data_term(op, uncontrolled.x_final, ys))
 
     a = op.matrix((1, 8, 8))

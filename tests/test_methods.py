@@ -9,34 +9,39 @@ from conftest import TINY_HNET
 from deftcli.finetune import build_htransform
 from deftcli.htransform import ConditionalScore
 from deftcli.images import save_image
-from deftcli.methods import Reconstructor
+from deftcli.methods import DeftSampler, PriorSampler, SamplingSetup
+from deftcli.samplers import GeneratorNoise
 from deftcli.sample import data_residual
 from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
 
 GAUSSIAN_START = build_spec(FinetuneSpec, overrides={**TINY_HNET, "hnet.start": "gaussian", "hnet.space_to_depth": 1})
 
 
-def reconstructor(problem, guidance_scale: float) -> Reconstructor:
+def deft_sampler(problem, guidance_scale: float) -> DeftSampler:
     htransform = build_htransform(GAUSSIAN_START, problem["prior"], problem["operator"]).eval().requires_grad_(False)
-    return Reconstructor(problem["prior"], problem["operator"], htransform, steps=20, guidance_scale=guidance_scale)
+    return DeftSampler(SamplingSetup(problem["prior"], steps=20), problem["operator"], htransform, guidance_scale=guidance_scale)
+
+
+def seeded(seed: int) -> GeneratorNoise:
+    return GeneratorNoise(torch.Generator().manual_seed(seed))
 
 
 def test_the_conditional_score_is_the_prior_score_plus_gamma_times_h(gmm_problem):
-    rec = reconstructor(gmm_problem, 1.0)
+    deft = deft_sampler(gmm_problem, 1.0)
     x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.1, 0.4, 0.7, 0.95])
     y = gmm_problem["y"].expand(4, -1, -1, -1)
     prior_score = gmm_problem["prior"].score(x, t)
-    h = ConditionalScore(rec.prior, rec.htransform, rec.operator, y)(x, t) - prior_score
+    h = ConditionalScore(deft.setup.prior, deft.htransform, deft.operator, y)(x, t) - prior_score
     assert h.abs().mean() > 1e-2  # the Gaussian start guides from the first step
     for gamma in (0.0, 2.5):
-        torch.testing.assert_close(ConditionalScore(rec.prior, rec.htransform, rec.operator, y, gamma)(x, t), prior_score + gamma * h)
+        torch.testing.assert_close(ConditionalScore(deft.setup.prior, deft.htransform, deft.operator, y, gamma)(x, t), prior_score + gamma * h)
 
 
 def test_gamma_zero_samples_the_prior_with_the_same_noise(gmm_problem):
-    rec = reconstructor(gmm_problem, 0.0)
+    deft_at_zero = deft_sampler(gmm_problem, 0.0)
     y = gmm_problem["y"].expand(3, -1, -1, -1)
-    deft = rec.sample("deft", y, torch.Generator().manual_seed(5))
-    prior = rec.sample("prior", y, torch.Generator().manual_seed(5))
+    deft = deft_at_zero.sample(y, seeded(5))
+    prior = PriorSampler(deft_at_zero.setup).sample(y, seeded(5))
     assert torch.equal(deft, prior)
 
 
@@ -44,7 +49,7 @@ def test_a_larger_gamma_fits_the_measurement_more_tightly(gmm_problem):
     y = gmm_problem["y"].expand(64, -1, -1, -1)
     residuals = []
     for gamma in (0.0, 1.0, 3.0):
-        x = reconstructor(gmm_problem, gamma).sample("deft", y, torch.Generator().manual_seed(0))
+        x = deft_sampler(gmm_problem, gamma).sample(y, seeded(0))
         residuals.append(float(data_residual(gmm_problem["operator"], x, y).mean()))
     assert residuals[0] > residuals[1] > residuals[2]
     assert residuals[1] < 2 * gmm_problem["operator"].sigma < residuals[0]
@@ -52,21 +57,19 @@ def test_a_larger_gamma_fits_the_measurement_more_tightly(gmm_problem):
 
 def test_one_dps_step_is_the_prior_step_minus_zeta_times_the_gradient_of_the_residual_norm():
     """With the prior N(0, I) (score −x) Tweedie gives x̂0 = α x, so ∇_x ‖y − A x̂0‖ = −α Aᵀ(y − α A x)/‖y − α A x‖."""
-    from types import SimpleNamespace
-
-    from deftcli.methods import sample_dps
+    from deftcli.methods import DPSGuidance
     from deftcli.operators import create
-    from deftcli.samplers import standard_noise
+    from deftcli.samplers import noise_like, sample_reverse_sde
     from deftcli.sde import VPSDE
 
     sde, op, zeta, (s0, s1) = VPSDE(), create("superres", factor=2, sigma=0.1), 0.7, (0.5, 0.6)
     x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([0.3, -0.2], dtype=torch.float64).reshape(2, 1, 1, 1)
-    got = sample_dps(lambda v, t: -v, SimpleNamespace(sde=sde), op, y, x, [s0, s1], zeta, torch.Generator().manual_seed(1), False)
+    got = sample_reverse_sde(lambda v, t: -v, sde, x, [s0, s1], seeded(1), guidance=DPSGuidance(sde, op, y, zeta))
 
     t = 1 - s0
     beta, alpha = 0.1 + t * 19.9, math.exp(-0.25 * t**2 * 19.9 - 0.5 * t * 0.1)
-    xi = standard_noise(x, torch.Generator().manual_seed(1))
+    xi = noise_like(x, seeded(1))
     prior_step = x + (0.5 * beta * x - beta * x) * (s1 - s0) + math.sqrt(beta * (s1 - s0)) * xi
     residual = y - alpha * x.mean(dim=(2, 3), keepdim=True)
     grad = -alpha * residual.expand_as(x) / 4 / residual.flatten(1).norm(dim=1).reshape(2, 1, 1, 1)  # Aᵀ spreads r/4 over the block

@@ -19,9 +19,10 @@ from deftcli import devices
 from deftcli.devices import CPUFeatures, Runtime, resolve_precision
 from deftcli.errors import DeftError
 from deftcli.htransform import HTransform, HTransformConfig
-from deftcli.methods import Reconstructor
+from deftcli.methods import SamplingSetup, build_sampler
 from deftcli.operators import create
 from deftcli.priors import load_prior
+from deftcli.samplers import GeneratorNoise
 from deftcli.sde import VPSDE, reverse_time_grid
 from deftcli.soc import accumulate_vargrad_gradient, data_term, rollout, vargrad_weights
 from deftcli.specs import HNetSpec
@@ -90,8 +91,8 @@ def test_a_few_bf16_sampler_steps_stay_within_tolerance_of_fp32(tiny_prior, meth
     for runtime in (Runtime(CPU), bf16()):
         prior, h = load_prior(tiny_prior), tiny_htransform()
         runtime.adapt(prior, h)
-        rec = Reconstructor(prior, operator, h, steps=5, dps_zeta=1.0)
-        samples.append(rec.sample(method, y, torch.Generator().manual_seed(3)))
+        sampler = build_sampler(method, SamplingSetup(prior, steps=5), operator, h, {"dps_zeta": 1.0})
+        samples.append(sampler.sample(y, GeneratorNoise(torch.Generator().manual_seed(3))))
     assert relative_error(samples[1], samples[0]) < BF16_TOLERANCE
 
 
@@ -105,7 +106,7 @@ def test_one_bf16_vargrad_gradient_points_where_the_fp32_gradient_does(tiny_prio
     for runtime in (Runtime(CPU), bf16()):
         prior, h = load_prior(tiny_prior), tiny_htransform()
         runtime.adapt(prior, h)
-        traj = rollout(prior, h, operator, y, x_init, grid, torch.Generator().manual_seed(9), [1, 3, 4])
+        traj = rollout(prior, h, operator, y, x_init, grid, GeneratorNoise(torch.Generator().manual_seed(9)), [1, 3, 4])
         assert traj.t3.dtype == torch.float32
         weights = vargrad_weights(traj.log_rnd(data_term(operator, traj.x_final, y)), groups, 1e12, 0.3).weights
         accumulate_vargrad_gradient(h, prior, grid, traj.stored, weights)

@@ -8,7 +8,7 @@ from torch import nn
 
 from deftcli.htransform import HTransform, HTransformConfig, guidance_inputs
 from deftcli.operators import create
-from deftcli.samplers import reverse_sde_step, standard_noise, time_batch
+from deftcli.samplers import GeneratorNoise, noise_like, reverse_sde_step, time_batch
 from deftcli.sde import VPSDE, reverse_time_grid
 from deftcli.soc import (
     accumulate_vargrad_gradient,
@@ -50,7 +50,7 @@ def test_log_rnd_terms_match_a_hand_computation_for_a_linear_toy():
     y = torch.tensor([[[[0.4]]]], dtype=torch.float64)
     x0 = torch.tensor([[[[0.5, -1.0], [0.2, 0.8]]]], dtype=torch.float64)
     grid = reverse_time_grid(3)
-    traj = rollout(prior, control, op, y, x0, grid, torch.Generator().manual_seed(5))
+    traj = rollout(prior, control, op, y, x0, grid, GeneratorNoise(torch.Generator().manual_seed(5)))
 
     # by hand, with the same noise
     gen = torch.Generator().manual_seed(5)
@@ -90,7 +90,7 @@ def test_backprop_gradient_equals_autograd_of_j_written_out_for_a_linear_toy():
     y = torch.tensor([0.4, -0.1], dtype=torch.float64).reshape(2, 1, 1, 1)
     x0 = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     grid = reverse_time_grid(4)
-    backprop_soc_gradient(prior, control, op, y, x0, grid, torch.Generator().manual_seed(5), None, False)
+    backprop_soc_gradient(prior, control, op, y, x0, grid, GeneratorNoise(torch.Generator().manual_seed(5)), None, False)
 
     a, gen, x, kl = torch.tensor(0.3, dtype=torch.float64, requires_grad=True), torch.Generator().manual_seed(5), x0.clone(), 0.0
     for k in range(len(grid) - 1):  # J = mean(D + ½ Σ β ‖h‖² Δs) along the same noise, by hand
@@ -162,7 +162,7 @@ def test_two_pass_gradient_equals_direct_backward_of_the_variance(gmm_problem, g
     x_init = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(4))
 
     # two passes
-    traj = rollout(prior, h, op, y, x_init, grid, torch.Generator().manual_seed(9), steps)
+    traj = rollout(prior, h, op, y, x_init, grid, GeneratorNoise(torch.Generator().manual_seed(9)), steps)
     log_rnd = traj.log_rnd(data_term(op, traj.x_final, y))
     weights = vargrad_weights(log_rnd, groups, 5e4, 0.3).weights
     h.zero_grad()
@@ -173,7 +173,7 @@ def test_two_pass_gradient_equals_direct_backward_of_the_variance(gmm_problem, g
     gen, x, total = torch.Generator().manual_seed(9), x_init, torch.zeros(6)
     for k in range(len(grid) - 1):
         t, ds = time_batch(grid[k], x), grid[k + 1] - grid[k]
-        xi = standard_noise(x, gen)
+        xi = noise_like(x, GeneratorNoise(gen))
         score, g = guidance_inputs(prior, op, x, t, y)
         hk = h(x, t, g)
         terms = sum(step_terms(hk, prior.sde.beta(t), ds, xi))
@@ -199,7 +199,7 @@ def test_backprop_gradient_is_the_gradient_of_J_with_and_without_checkpointing_a
     grads = []
     for micro, ckpt in ((None, False), (2, True)):
         h.zero_grad()
-        d, kl, _ = backprop_soc_gradient(prior, h, op, y, x_init, grid, torch.Generator().manual_seed(8), micro, ckpt)
+        d, kl, _ = backprop_soc_gradient(prior, h, op, y, x_init, grid, GeneratorNoise(torch.Generator().manual_seed(8)), micro, ckpt)
         grads.append(torch.cat([p.grad.flatten() for p in h.parameters()]))
     assert torch.isfinite(d).all() and (kl > 0).all()
     assert grads[0].abs().max() > 0
