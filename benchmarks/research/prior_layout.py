@@ -2,7 +2,7 @@
 
 On the CPU deft keeps the prior's convolution weights channels-last (:class:`deftcli.priors.UNetPrior`) and
 applies GroupNorm's SiLU in place (:class:`deftcli.unet.GroupNormAct`). This script loads the shipped
-prior twice, once as deft does and once as it did before (weights contiguous, SiLU out of place), and
+prior twice, once as deft does and once with contiguous weights and SiLU out of place, and
 times on the same inputs, interleaved over ``--rounds`` rounds after a warm-up round (medians):
 
 - the prior's forward pass (inference mode) and its forward pass plus the backward pass w.r.t. the input
