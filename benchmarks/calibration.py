@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from sample_quality import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
+from common import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
 
 from deftcli import calibration
 from deftcli.evaluate import SWEEP_IMAGES, knob_candidates, per_image_metrics, sweep_on_train

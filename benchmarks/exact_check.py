@@ -1,7 +1,7 @@
 """The exact check (``deft check gmm``) over several seeds, operators and both fine-tuning modes.
 
 For each case the JSON of ``deft check gmm`` is kept; the table compares deft and DPS against the
-targets of issue 6: posterior-mean relative error ≤ 0.05, component-weight TV ≤ 0.1, sliced W2 within
+check's targets: posterior-mean relative error ≤ 0.05, component-weight TV ≤ 0.1, sliced W2 within
 2× the noise floor, each better than DPS on the same y. ``exact_score`` (the sampler driven by the exact
 posterior score) shows how much of the remaining error is the sampler's own::
 

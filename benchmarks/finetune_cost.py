@@ -1,6 +1,6 @@
 """Seconds per iteration and peak memory of fine-tuning, against the number of time steps N.
 
-Configuration of issue 4 (and of the original code's measurement): 32×32 RGB, batch 8 (one
+Configuration of the original code's measurement: 32×32 RGB, batch 8 (one
 measurement × 8 trajectories), prior UNet 32 ch [1, 2, 2], h-network UNet 32 ch [1, 2], random
 weights (cost does not depend on them). Methods:
 

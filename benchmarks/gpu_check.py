@@ -1,4 +1,4 @@
-"""GPU smoke run and throughput at the original 64×64 configuration (the device check of issue 7).
+"""GPU smoke run and throughput at the original 64×64 configuration.
 
 The original Flowers102 experiment's sizes, with random weights (cost does not depend on them):
 a prior UNet of 64 ch, [1, 2, 4], one res block, no attention, max_period 0.005, on 64×64 RGB;
@@ -10,7 +10,7 @@ the original h-network (32 ch, [1, 2]); 4× super-resolution, σ_y = 0.05; batch
 - sampling: samples per second of deft, DPS and the prior at the same N and batch ``--sample-batch``,
   measured in this one process, and their peak memory.
 
-Also the embedded default's sampling cost (issue 5's speed target, on this device): the shipped
+Also the embedded default's sampling cost on this device: the shipped
 ``petals32`` prior with an auto-sized h-network (random weights), 4× super-resolution, N = 50: samples
 per second of deft, DPS and the prior, batch ``--sample-batch``.
 
@@ -36,37 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import BATCH, FACTOR, ORIGINAL_HNET, ORIGINAL_PRIOR, SIGMA_Y, SIZE, synchronize, write_random_prior
 
-from deftcli.checkpoint import save_weights, write_json
 from deftcli.finetune import Finetuner, build_htransform
 from deftcli.images import save_image
 from deftcli.methods import Reconstructor
 from deftcli.operators import create
 from deftcli.priors import load_prior
-from deftcli.sde import VPSDE
 from deftcli.specs import FinetuneSpec
-from deftcli.unet import UNet, UNetConfig
-
-ORIGINAL_PRIOR = {"model_channels": 64, "channel_mult": [1, 2, 4], "num_res_blocks": 1, "attention_resolutions": [], "max_period": 0.005}
-ORIGINAL_HNET = {"model_channels": 32, "channel_mult": [1, 2], "space_to_depth": 1}
-SIZE, BATCH, FACTOR, SIGMA_Y = 64, 14, 4, 0.05
-
-
-def write_random_prior(folder: Path) -> None:
-    config = UNetConfig(**ORIGINAL_PRIOR)
-    torch.manual_seed(0)
-    unet = UNet(config, VPSDE().sigma)
-    for p in unet.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    save_weights(unet.state_dict(), folder / "model.safetensors")
-    write_json({"format": "deft-unet-prior", "name": "random-original-size", "image_shape": [3, SIZE, SIZE],
-                "sde": {"beta_min": 0.1, "beta_max": 20.0}, "unet": config.model_dump(mode="json")}, folder / "config.json")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":

@@ -28,86 +28,14 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from common import PRIOR_TRUTH, paired_difference, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
 
-from deftcli.data import open_dataset
 from deftcli.evaluate import (SWEEP_IMAGES, interleaved_seconds_per_image, knob_candidates, per_image_metrics,
                               sweep_on_train)
 from deftcli.finetune import finetune
 from deftcli.methods import Reconstructor
 from deftcli.runs import FinetunedRun, open_run
 from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
-
-
-def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int) -> dict[str, float]:
-    return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
-
-
-PRIOR_TRUTH = "samples of the prior (200 steps, seed 123), clamped to [-1, 1]"
-
-
-def prior_truth_images(rec: Reconstructor, n: int) -> torch.Tensor:
-    """n ground-truth images drawn from the prior itself (:data:`PRIOR_TRUTH`): there its posterior is the true one."""
-    truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
-    return truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
-
-
-def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path, n: int = 64, k: int = 4
-                                    ) -> argparse.Namespace:
-    """Add the options every val-image benchmark shares (the benchmark's images, k, batch, threads, JSON
-    path) with the defaults that make their measurements and samples the same, parse, and set the threads."""
-    parser.add_argument("--n", type=int, default=n, help="the first n val images")
-    parser.add_argument("-k", type=int, default=k, help="samples per image (posterior mean over k)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=out)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    return args
-
-
-def add_deft_against_dps_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a benchmark that compares one fine-tuned run at guidance scale γ with DPS at step size ζ."""
-    parser.add_argument("--run", type=Path, required=True, help="a finished 4× super-resolution run")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="deft's γ")
-    parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
-
-
-def deft_against_dps(args: argparse.Namespace) -> tuple[FinetunedRun, list[int], torch.Tensor, dict[str, Reconstructor]]:
-    """The run of ``--run``, the benchmark's val images (indices, pixels) and the two samplers: deft at
-    ``--guidance-scale`` and DPS at ``--dps-zeta``, at the run's N with the Tweedie-denoised last step."""
-    run = open_run(args.run, torch.device("cpu"))
-    images, x = val_images(run, args.n)
-    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
-    return run, images, x, {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
-
-
-def deft_against_dps_row(methods: dict[str, Reconstructor], x: torch.Tensor, y: torch.Tensor, images: list[int], args: argparse.Namespace, seed: int) -> dict[str, object]:
-    """deft's and DPS's k samples per image for measurements y of truths x (sampler seed ``seed``): each
-    method's summary and the paired per-image difference of their posterior-mean PSNR, deft − DPS."""
-    per_method = {name: per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=seed) for name, method_rec in methods.items()}
-    return {**{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
-            "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
-
-
-def describe_gap(row: dict[str, object]) -> str:
-    """One line for a :func:`deft_against_dps_row`."""
-    gap = row["deft_minus_dps"]
-    return (f"PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
-            f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}")
-
-
-def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
-    """The benchmark's images: the indices and pixels of the first n images of the run's val split."""
-    data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
-    images = list(range(min(n, len(data))))
-    return images, data.batch(images)
-
-
-def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Per-image posterior-mean PSNR minus the reference's on the same images: mean, its standard error, and the images above."""
-    difference = psnr - reference
-    return {"mean_db": round(float(difference.mean()), 4), "standard_error_db": round(float(difference.std() / difference.numel() ** 0.5), 4),
-            "images_above": int((difference > 0).sum()), "images": difference.numel()}
 
 
 def finetune_run(args: argparse.Namespace, weight: float, start: str) -> tuple[Path, dict[str, object]]:

@@ -44,7 +44,7 @@ from deftcli.methods import Reconstructor
 from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.specs import DataSpec, FinetuneSpec
-from gpu_check import BATCH, FACTOR, ORIGINAL_HNET, SIGMA_Y, SIZE, synchronize, write_random_prior
+from common import BATCH, FACTOR, ORIGINAL_HNET, SIGMA_Y, SIZE, synchronize, write_random_prior
 
 CONFIGS = {"fp32, eager": ("fp32", False, False), "fp32, compiled": ("fp32", True, False),
            "bf16, eager": ("bf16", False, False), "bf16, compiled": ("bf16", True, False)}

@@ -7,7 +7,7 @@ posterior-mean PSNR and SSIM of each method and the paired per-image difference 
 standard error, images above). Seed 0 reproduces ``sample_quality.py``'s measurements and samples.
 Writes JSON and prints one line per seed::
 
-    python benchmarks/seed_spread.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 --seeds 0,1,2,3
+    python benchmarks/research/seed_spread.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 --seeds 0,1,2,3
 """
 
 from __future__ import annotations
@@ -16,17 +16,20 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch
-from sample_quality import add_deft_against_dps_arguments, deft_against_dps, deft_against_dps_row, describe_gap, parse_with_evaluation_arguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
+from common import add_deft_against_dps_arguments, deft_against_dps, deft_against_dps_row, describe_gap, parse_with_evaluation_arguments
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_deft_against_dps_arguments(parser)
     parser.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds of the measurements and the samplers")
-    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/seed_spread.json"))
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/seed_spread.json"))
 
     run, images, x, methods = deft_against_dps(args)
 

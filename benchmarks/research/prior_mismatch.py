@@ -11,7 +11,7 @@ the measurements are drawn with seed 0 and deft (one run at guidance scale γ) a
 ζ), as ``sample_quality.py`` selected them on petals train images, draw k samples per image with
 ``deft eval``'s noise streams. Writes JSON and prints a line per t*::
 
-    python benchmarks/prior_mismatch.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 --t-star 0,0.1,0.2,0.3,0.5,1
+    python benchmarks/research/prior_mismatch.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 --t-star 0,0.1,0.2,0.3,0.5,1
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
-from sample_quality import add_deft_against_dps_arguments, deft_against_dps, deft_against_dps_row, describe_gap, parse_with_evaluation_arguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
+from common import add_deft_against_dps_arguments, deft_against_dps, deft_against_dps_row, describe_gap, parse_with_evaluation_arguments
 
 from deftcli.evaluate import psnr
 from deftcli.operators import Operator
@@ -53,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_deft_against_dps_arguments(parser)
     parser.add_argument("--t-star", default="0,0.1,0.2,0.3,0.5,1", help="comma-separated SDEdit times t* of the projection")
-    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/prior_mismatch.json"))
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/prior_mismatch.json"))
 
     run, images, petals, methods = deft_against_dps(args)
 

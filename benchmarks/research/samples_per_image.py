@@ -11,7 +11,7 @@ the seconds this took. The equal-time rows pair DPS at each k with deft at the l
 seconds (at the seconds per sample measured here) do not exceed DPS's, where that k is below ``-k``
 or ``-k`` + 1 would exceed them. Writes JSON and prints a table::
 
-    python benchmarks/samples_per_image.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 -k 16
+    python benchmarks/research/samples_per_image.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 -k 16
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
-from sample_quality import add_deft_against_dps_arguments, deft_against_dps, paired_difference, parse_with_evaluation_arguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
+from common import add_deft_against_dps_arguments, deft_against_dps, paired_difference, parse_with_evaluation_arguments
 
 from deftcli.evaluate import per_image_metrics, psnr, ssim
 
@@ -40,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_deft_against_dps_arguments(parser)
     parser.set_defaults(k=16)
-    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/samples_per_image.json"))
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/samples_per_image.json"))
 
     run, images, x, methods = deft_against_dps(args)
     y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))

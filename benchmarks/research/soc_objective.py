@@ -21,7 +21,7 @@ streams (so each sampler reproduces its posterior-mean PSNR in ``sample_quality.
 per-image difference of J_1 from the first sampler, and the posterior-mean PSNR; with
 ``--prior-truth`` the same on ground truths drawn from the prior. Writes JSON and prints a table::
 
-    python benchmarks/soc_objective.py --run runs/…-w1 --run benchmarks/results/runs/sample_quality-…-w3
+    python benchmarks/research/soc_objective.py --run runs/…-w1 --run benchmarks/results/runs/sample_quality-…-w3
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ import argparse
 import json
 import platform
 from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import torch
-from hnet_anatomy import Guidance, LearntScheduleAlongJacobian, guided_chain
-from sample_quality import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, val_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
+from common import PRIOR_TRUTH, Guidance, LearntScheduleAlongJacobian, guided_chain, parse_with_evaluation_arguments, prior_truth_images, val_images
 from torch import Tensor
 
 from deftcli.evaluate import psnr, sample_generators
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--jacobian-gammas", default="1", help="γ of the learnt schedule along the prior's Jacobian, for every run")
     parser.add_argument("--dps-zetas", default="3,10")
     parser.add_argument("--prior-truth", type=int, default=32, help="also on this many ground truths drawn from the prior (0: none)")
-    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/soc_objective.json"))
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/soc_objective.json"))
 
     runs = {f"w{run.htransform.config.likelihood_weight:g}": run for run in (open_run(path, torch.device("cpu")) for path in args.run)}
     if not all(isinstance(run.htransform, HTransform) for run in runs.values()):

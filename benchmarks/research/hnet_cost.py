@@ -9,7 +9,7 @@ N = ``--steps`` on ``--batch`` measurements (4× super-resolution of petals val,
 DPS (ζ 10) and deft with each candidate, interleaved over ``--rounds`` rounds after a warm-up round
 (the cost does not depend on the weights). Writes JSON::
 
-    python benchmarks/hnet_cost.py [--threads 2] [--batch 32] [--rounds 3] [--candidates 0,2] [--out …]
+    python benchmarks/research/hnet_cost.py [--threads 2] [--batch 32] [--rounds 3] [--candidates 0,2] [--out …]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--candidates", type=str, help="comma-separated indices into CANDIDATES (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hnet_cost.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/research/results/hnet_cost.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

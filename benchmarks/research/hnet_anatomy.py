@@ -20,9 +20,9 @@ gradient at the prior's Tweedie x̂0 (no Jacobian of the prior). For one fine-tu
    each gains there is posterior accuracy, and what it gains only on petals makes up for the prior's
    mismatch with the data.
 
-    python benchmarks/hnet_anatomy.py --run benchmarks/results/runs/sample_quality-…-w3 --gammas 1,3
+    python benchmarks/research/hnet_anatomy.py --run benchmarks/results/runs/sample_quality-…-w3 --gammas 1,3
 
-Writes ``results/hnet_anatomy.json`` and prints one line per configuration.
+Writes ``benchmarks/research/results/hnet_anatomy.json`` and prints one line per configuration.
 """
 
 from __future__ import annotations
@@ -30,26 +30,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+import sys
 from pathlib import Path
-from typing import Literal
 
 import torch
-from sample_quality import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
+from common import (PRIOR_TRUTH, GuidedChainSampler, LearntScheduleAlongJacobian, parse_with_evaluation_arguments, prior_truth_images,
+                    sample_norm, summarise, val_images)
 from torch import Tensor, nn
 
 from deftcli.evaluate import per_image_metrics, sample_generators
 from deftcli.htransform import GaussianGuidance, HTransform, guidance_inputs
 from deftcli.methods import Reconstructor
-from deftcli.priors import Prior
 from deftcli.runs import open_run
-from deftcli.samplers import NoiseSource, denoise, gaussian, reverse_sde_step, standard_noise, time_batch
-
-
-def sample_norm(v: Tensor) -> Tensor:
-    """‖v_b‖ per batch row, (B, 1, 1, 1), kept away from 0 so that it can divide."""
-    return v.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+from deftcli.samplers import gaussian, reverse_sde_step, standard_noise, time_batch
 
 
 class GradientTermOnly(nn.Module):
@@ -63,41 +59,6 @@ class GradientTermOnly(nn.Module):
         return -self.htransform.scale(t) * self.htransform.weighted(g)
 
 
-Guidance = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-"""(x_t, t, y) → (the prior score, a control added to it, a correction added after the step), all detached."""
-
-
-def guided_chain(prior: Prior, grid: list[float], y: Tensor, generator: NoiseSource, guidance: Guidance) -> tuple[Tensor, Tensor]:
-    r"""The prior's Euler–Maruyama chain from noise with a guidance: x_{k+1} = EM step with s + control, + correction.
-
-    Returns x_N (at t = ε) and, per row, Σ_k ‖d_k‖² / (2 β_k Δs_k) with d_k = β_k Δs_k control + correction,
-    the mean shift of step k against the prior's chain: the KL divergence of the guided chain's path
-    from the prior's (each step is Gaussian with the prior's covariance β_k Δs_k I).
-    """
-    sde = prior.sde
-    x = gaussian((y.shape[0], *prior.image_shape), generator, y.device)
-    kl = torch.zeros(y.shape[0], device=y.device)
-    for k in range(len(grid) - 1):
-        t, ds = time_batch(grid[k], x), grid[k + 1] - grid[k]
-        score, control, correction = guidance(x, t, y)
-        with torch.no_grad():
-            beta_ds = sde.beta(t)[:, None, None, None] * ds
-            x = reverse_sde_step(sde, x, t, ds, score + control, standard_noise(x, generator)) + correction
-            kl += ((beta_ds * control + correction).pow(2) / (2 * beta_ds)).flatten(1).sum(1)
-    return x, kl
-
-
-class GuidedChainSampler(Reconstructor):
-    """A benchmark-only sampler: :func:`guided_chain` with :meth:`guidance`, Tweedie-denoised under the prior at the end."""
-
-    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
-
-    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
-        x, _ = guided_chain(self.prior, self.grid, y, generator, self.guidance)
-        return denoise(self.prior.score, self.prior.sde, x, self.grid[-1])
-
-
 @dataclass
 class JacobianFreeDPS(GuidedChainSampler):
     """DPS with the prior's Jacobian dropped: after each prior step, x ← x − ζ Aᵀ(A x̂0 − y)/‖A x̂0 − y‖."""
@@ -109,48 +70,6 @@ class JacobianFreeDPS(GuidedChainSampler):
             residual = self.operator.A(self.prior.sde.tweedie_x0(x, score, t)) - y
             step = self.operator.A_adjoint(residual) / sample_norm(residual)
             return score, torch.zeros_like(x), -self.dps_zeta * step
-
-
-@dataclass
-class LearntScheduleAlongJacobian(GuidedChainSampler):
-    """deft's learnt schedule along the prior's Jacobian: h = −(c_0 + c_ψ(t)) w ‖g‖ d / ‖d‖.
-
-    Jᵀg = ∇_{x_t}⟨x̂0(x_t), g⟩ by autograd through the prior (DPS's cost per step): the direction of the
-    likelihood gradient through x̂0(x_t), which the exact h-transform of a non-Gaussian prior carries
-    and g lacks, at the magnitude deft's h has. What NN_φ could add by learning that direction.
-    With P = A†A the projection onto range(Aᵀ), ``part`` picks d:
-
-    - ``full``: d = Jᵀg;
-    - ``range``: d = P Jᵀg, the Jacobian's effect on what y measures;
-    - ``null-space``: d = ‖P Jᵀg‖ g/‖g‖ + (I − P) Jᵀg, g's own direction in the range and the
-      Jacobian's part that y does not measure.
-    """
-
-    part: Literal["full", "range", "null-space"] = "full"
-
-    def direction(self, g: Tensor, jacobian_g: Tensor) -> Tensor:
-        if self.part == "full":
-            return jacobian_g
-        assert self.operator is not None
-        in_range = self.operator.A_dagger(self.operator.A(jacobian_g))
-        if self.part == "range":
-            return in_range
-        return g / sample_norm(g) * sample_norm(in_range) + (jacobian_g - in_range)
-
-    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The prior score s_θ(x_t, t) and the control γ h added to it (no correction)."""
-        sde, htransform = self.prior.sde, self.htransform
-        assert htransform is not None and self.operator is not None
-        x_in = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            score = self.prior.score(x_in, t)
-            x0 = sde.tweedie_x0(x_in, score, t)
-            g = self.operator.likelihood_grad(x0.detach(), y)
-            (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
-        with torch.no_grad():
-            d = self.direction(g, jacobian_g)
-            h = -htransform.scale(t) * htransform.weighted(d) * (sample_norm(g) / sample_norm(d))
-            return score.detach(), self.guidance_scale * h, torch.zeros_like(x)
 
 
 def trace(rec: Reconstructor, y: Tensor, reference: GaussianGuidance, every: int) -> list[dict[str, float]]:
@@ -193,7 +112,7 @@ def main() -> None:
                         help="also evaluate every sampler on this many ground truths drawn from the prior (0: none)")
     parser.add_argument("--trace-images", type=int, default=32)
     parser.add_argument("--trace-every", type=int, default=4, help="record every this many steps (and the last)")
-    args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/hnet_anatomy.json"))
+    args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/hnet_anatomy.json"))
 
     run = open_run(args.run, torch.device("cpu"))
     if not isinstance(run.htransform, HTransform):

@@ -2,7 +2,7 @@
 
 On the CPU deft keeps the prior's convolution weights channels-last (:class:`deftcli.priors.UNetPrior`) and
 applies GroupNorm's SiLU in place (:class:`deftcli.unet.GroupNormAct`). This script loads the shipped
-prior twice, once as deft does and once as it did before (weights contiguous, SiLU out of place), and
+prior twice, once as deft does and once with contiguous weights and SiLU out of place, and
 times on the same inputs, interleaved over ``--rounds`` rounds after a warm-up round (medians):
 
 - the prior's forward pass (inference mode) and its forward pass plus the backward pass w.r.t. the input
@@ -13,7 +13,7 @@ times on the same inputs, interleaved over ``--rounds`` rounds after a warm-up r
 
 Both layouts compute the same numbers (the largest difference of the scores is printed). Writes JSON::
 
-    python benchmarks/prior_layout.py [--threads 2] [--batch 32] [--rounds 9] [--out benchmarks/results/prior_layout.json]
+    python benchmarks/research/prior_layout.py [--threads 2] [--batch 32] [--rounds 9] [--out benchmarks/research/results/prior_layout.json]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prior_layout.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/research/results/prior_layout.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

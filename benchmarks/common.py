@@ -1,0 +1,207 @@
+"""What more than one benchmark script uses: the val-image benchmarks' options, images and summaries,
+deft against DPS on one run, the guided Euler–Maruyama chain of the research samplers, and the
+original 64×64 configuration of the device benchmarks.
+
+A script in ``benchmarks/`` imports it as ``common``; one in ``benchmarks/research/`` puts
+``benchmarks/`` on ``sys.path`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from deftcli.checkpoint import save_weights, write_json
+from deftcli.data import open_dataset
+from deftcli.evaluate import per_image_metrics
+from deftcli.methods import Reconstructor
+from deftcli.priors import Prior
+from deftcli.runs import FinetunedRun, open_run
+from deftcli.samplers import NoiseSource, denoise, gaussian, reverse_sde_step, standard_noise, time_batch
+from deftcli.sde import VPSDE
+from deftcli.unet import UNet, UNetConfig
+
+
+def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int) -> dict[str, float]:
+    return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
+
+
+PRIOR_TRUTH = "samples of the prior (200 steps, seed 123), clamped to [-1, 1]"
+
+
+def prior_truth_images(rec: Reconstructor, n: int) -> torch.Tensor:
+    """n ground-truth images drawn from the prior itself (:data:`PRIOR_TRUTH`): there its posterior is the true one."""
+    truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
+    return truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
+
+
+def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path, n: int = 64, k: int = 4
+                                    ) -> argparse.Namespace:
+    """Add the options every val-image benchmark shares (the benchmark's images, k, batch, threads, JSON
+    path) with the defaults that make their measurements and samples the same, parse, and set the threads."""
+    parser.add_argument("--n", type=int, default=n, help="the first n val images")
+    parser.add_argument("-k", type=int, default=k, help="samples per image (posterior mean over k)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=out)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def add_deft_against_dps_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that compares one fine-tuned run at guidance scale γ with DPS at step size ζ."""
+    parser.add_argument("--run", type=Path, required=True, help="a finished 4× super-resolution run")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="deft's γ")
+    parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
+
+
+def deft_against_dps(args: argparse.Namespace) -> tuple[FinetunedRun, list[int], torch.Tensor, dict[str, Reconstructor]]:
+    """The run of ``--run``, the benchmark's val images (indices, pixels) and the two samplers: deft at
+    ``--guidance-scale`` and DPS at ``--dps-zeta``, at the run's N with the Tweedie-denoised last step."""
+    run = open_run(args.run, torch.device("cpu"))
+    images, x = val_images(run, args.n)
+    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
+    return run, images, x, {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
+
+
+def deft_against_dps_row(methods: dict[str, Reconstructor], x: torch.Tensor, y: torch.Tensor, images: list[int], args: argparse.Namespace, seed: int) -> dict[str, object]:
+    """deft's and DPS's k samples per image for measurements y of truths x (sampler seed ``seed``): each
+    method's summary and the paired per-image difference of their posterior-mean PSNR, deft − DPS."""
+    per_method = {name: per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=seed) for name, method_rec in methods.items()}
+    return {**{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
+            "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
+
+
+def describe_gap(row: dict[str, object]) -> str:
+    """One line for a :func:`deft_against_dps_row`."""
+    gap = row["deft_minus_dps"]
+    return (f"PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
+            f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}")
+
+
+def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
+    """The benchmark's images: the indices and pixels of the first n images of the run's val split."""
+    data = open_dataset(run.spec.data, "val", run.prior.image_shape[-1], run.prior.image_shape[0])
+    images = list(range(min(n, len(data))))
+    return images, data.batch(images)
+
+
+def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Per-image posterior-mean PSNR minus the reference's on the same images: mean, its standard error, and the images above."""
+    difference = psnr - reference
+    return {"mean_db": round(float(difference.mean()), 4), "standard_error_db": round(float(difference.std() / difference.numel() ** 0.5), 4),
+            "images_above": int((difference > 0).sum()), "images": difference.numel()}
+
+
+def sample_norm(v: Tensor) -> Tensor:
+    """‖v_b‖ per batch row, (B, 1, 1, 1), kept away from 0 so that it can divide."""
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+
+
+Guidance = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+"""(x_t, t, y) → (the prior score, a control added to it, a correction added after the step), all detached."""
+
+
+def guided_chain(prior: Prior, grid: list[float], y: Tensor, generator: NoiseSource, guidance: Guidance) -> tuple[Tensor, Tensor]:
+    r"""The prior's Euler–Maruyama chain from noise with a guidance: x_{k+1} = EM step with s + control, + correction.
+
+    Returns x_N (at t = ε) and, per row, Σ_k ‖d_k‖² / (2 β_k Δs_k) with d_k = β_k Δs_k control + correction,
+    the mean shift of step k against the prior's chain: the KL divergence of the guided chain's path
+    from the prior's (each step is Gaussian with the prior's covariance β_k Δs_k I).
+    """
+    sde = prior.sde
+    x = gaussian((y.shape[0], *prior.image_shape), generator, y.device)
+    kl = torch.zeros(y.shape[0], device=y.device)
+    for k in range(len(grid) - 1):
+        t, ds = time_batch(grid[k], x), grid[k + 1] - grid[k]
+        score, control, correction = guidance(x, t, y)
+        with torch.no_grad():
+            beta_ds = sde.beta(t)[:, None, None, None] * ds
+            x = reverse_sde_step(sde, x, t, ds, score + control, standard_noise(x, generator)) + correction
+            kl += ((beta_ds * control + correction).pow(2) / (2 * beta_ds)).flatten(1).sum(1)
+    return x, kl
+
+
+class GuidedChainSampler(Reconstructor):
+    """A benchmark-only sampler: :func:`guided_chain` with :meth:`guidance`, Tweedie-denoised under the prior at the end."""
+
+    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
+        x, _ = guided_chain(self.prior, self.grid, y, generator, self.guidance)
+        return denoise(self.prior.score, self.prior.sde, x, self.grid[-1])
+
+
+@dataclass
+class LearntScheduleAlongJacobian(GuidedChainSampler):
+    """deft's learnt schedule along the prior's Jacobian: h = −(c_0 + c_ψ(t)) w ‖g‖ d / ‖d‖.
+
+    Jᵀg = ∇_{x_t}⟨x̂0(x_t), g⟩ by autograd through the prior (DPS's cost per step): the direction of the
+    likelihood gradient through x̂0(x_t), which the exact h-transform of a non-Gaussian prior carries
+    and g lacks, at the magnitude deft's h has. What NN_φ could add by learning that direction.
+    With P = A†A the projection onto range(Aᵀ), ``part`` picks d:
+
+    - ``full``: d = Jᵀg;
+    - ``range``: d = P Jᵀg, the Jacobian's effect on what y measures;
+    - ``null-space``: d = ‖P Jᵀg‖ g/‖g‖ + (I − P) Jᵀg, g's own direction in the range and the
+      Jacobian's part that y does not measure.
+    """
+
+    part: Literal["full", "range", "null-space"] = "full"
+
+    def direction(self, g: Tensor, jacobian_g: Tensor) -> Tensor:
+        if self.part == "full":
+            return jacobian_g
+        assert self.operator is not None
+        in_range = self.operator.A_dagger(self.operator.A(jacobian_g))
+        if self.part == "range":
+            return in_range
+        return g / sample_norm(g) * sample_norm(in_range) + (jacobian_g - in_range)
+
+    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The prior score s_θ(x_t, t) and the control γ h added to it (no correction)."""
+        sde, htransform = self.prior.sde, self.htransform
+        assert htransform is not None and self.operator is not None
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            score = self.prior.score(x_in, t)
+            x0 = sde.tweedie_x0(x_in, score, t)
+            g = self.operator.likelihood_grad(x0.detach(), y)
+            (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
+        with torch.no_grad():
+            d = self.direction(g, jacobian_g)
+            h = -htransform.scale(t) * htransform.weighted(d) * (sample_norm(g) / sample_norm(d))
+            return score.detach(), self.guidance_scale * h, torch.zeros_like(x)
+
+
+# The original Flowers102 experiment's sizes: its prior UNet, its h-network, 64×64 images, batch 14
+# (one measurement × 14 trajectories), 4× super-resolution at σ_y = 0.05.
+ORIGINAL_PRIOR = {"model_channels": 64, "channel_mult": [1, 2, 4], "num_res_blocks": 1, "attention_resolutions": [], "max_period": 0.005}
+ORIGINAL_HNET = {"model_channels": 32, "channel_mult": [1, 2], "space_to_depth": 1}
+SIZE, BATCH, FACTOR, SIGMA_Y = 64, 14, 4, 0.05
+
+
+def write_random_prior(folder: Path) -> None:
+    """A deft prior folder with a randomly initialised UNet of the original's sizes (cost does not depend on the weights)."""
+    config = UNetConfig(**ORIGINAL_PRIOR)
+    torch.manual_seed(0)
+    unet = UNet(config, VPSDE().sigma)
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    save_weights(unet.state_dict(), folder / "model.safetensors")
+    write_json({"format": "deft-unet-prior", "name": "random-original-size", "image_shape": [3, SIZE, SIZE],
+                "sde": {"beta_min": 0.1, "beta_max": 20.0}, "unet": config.model_dump(mode="json")}, folder / "config.json")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
