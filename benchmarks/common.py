@@ -20,7 +20,8 @@ from torch import Tensor
 from deftcli.checkpoint import save_weights, write_json
 from deftcli.data import open_dataset
 from deftcli.evaluate import per_image_metrics
-from deftcli.methods import Reconstructor
+from deftcli.methods import DeftSampler, DPSSampler, PriorSampler, Sampler, SamplingSetup
+from deftcli.operators import Operator
 from deftcli.priors import Prior
 from deftcli.runs import FinetunedRun, open_run
 from deftcli.samplers import NoiseSource, denoise, gaussian, reverse_sde_step, standard_noise, time_batch
@@ -35,10 +36,10 @@ def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int
 PRIOR_TRUTH = "samples of the prior (200 steps, seed 123), clamped to [-1, 1]"
 
 
-def prior_truth_images(rec: Reconstructor, n: int) -> torch.Tensor:
+def prior_truth_images(prior: Prior, n: int) -> torch.Tensor:
     """n ground-truth images drawn from the prior itself (:data:`PRIOR_TRUTH`): there its posterior is the true one."""
-    truth_rec = Reconstructor(rec.prior, rec.operator, None, 200, denoise_final=True)
-    return truth_rec.unconditional(n, torch.device("cpu"), torch.Generator().manual_seed(123)).clamp(-1, 1)
+    sampler = PriorSampler(SamplingSetup(prior, 200, denoise_final=True))
+    return sampler.unconditional(n, torch.device("cpu"), GeneratorNoise(torch.Generator().manual_seed(123))).clamp(-1, 1)
 
 
 def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path, n: int = 64, k: int = 4
@@ -62,19 +63,22 @@ def add_deft_against_dps_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dps-zeta", type=float, default=10.0, help="DPS's ζ")
 
 
-def deft_against_dps(args: argparse.Namespace) -> tuple[FinetunedRun, list[int], torch.Tensor, dict[str, Reconstructor]]:
+def deft_against_dps(args: argparse.Namespace) -> tuple[FinetunedRun, list[int], torch.Tensor, dict[str, Sampler]]:
     """The run of ``--run``, the benchmark's val images (indices, pixels) and the two samplers: deft at
     ``--guidance-scale`` and DPS at ``--dps-zeta``, at the run's N with the Tweedie-denoised last step."""
     run = open_run(args.run, torch.device("cpu"))
     images, x = val_images(run, args.n)
-    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
-    return run, images, x, {"deft": replace(rec, guidance_scale=args.guidance_scale), "dps": replace(rec, dps_zeta=args.dps_zeta)}
+    setup = SamplingSetup(run.prior, run.spec.time_steps, denoise_final=True)
+    return run, images, x, {"deft": DeftSampler(setup, run.operator, run.htransform, guidance_scale=args.guidance_scale),
+                            "dps": DPSSampler(setup, run.operator, zeta=args.dps_zeta)}
 
 
-def deft_against_dps_row(methods: dict[str, Reconstructor], x: torch.Tensor, y: torch.Tensor, images: list[int], args: argparse.Namespace, seed: int) -> dict[str, object]:
+def deft_against_dps_row(methods: dict[str, Sampler], operator: Operator, x: torch.Tensor, y: torch.Tensor, images: list[int],
+                         args: argparse.Namespace, seed: int) -> dict[str, object]:
     """deft's and DPS's k samples per image for measurements y of truths x (sampler seed ``seed``): each
     method's summary and the paired per-image difference of their posterior-mean PSNR, deft − DPS."""
-    per_method = {name: per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=seed) for name, method_rec in methods.items()}
+    per_method = {name: per_image_metrics(sampler, operator, x, y, images, args.k, args.batch_size, seed=seed)
+                  for name, sampler in methods.items()}
     return {**{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
             "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from common import PRIOR_TRUTH, paired_difference, parse_with_evaluation_argumen
 from deftcli.evaluate import (SWEEP_IMAGES, interleaved_seconds_per_image, knob_candidates, per_image_metrics,
                               sweep_on_train)
 from deftcli.finetune import finetune
-from deftcli.methods import Reconstructor
+from deftcli.methods import SamplingSetup, build_sampler
 from deftcli.runs import FinetunedRun, open_run
 from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
 
@@ -102,58 +101,61 @@ def main() -> None:
     base = next(iter(runs.values()))
     images, x = val_images(base, args.n)
     y = base.operator.measure(x, generator=torch.Generator().manual_seed(0))
-    rec = Reconstructor(base.prior, base.operator, None, base.spec.time_steps, denoise_final=True)
+    operator, image_shape = base.operator, base.prior.image_shape
+    setup = SamplingSetup(base.prior, base.spec.time_steps, denoise_final=True)
+    baselines = {method: build_sampler(method, setup, operator) for method in ("dagger", "prior", "dps", "diffpir", "ddrm")}
     sweep_spec = EvalSpec(batch_size=args.batch_size)
     cpu = torch.device("cpu")
 
     sweeps, configured = {}, {}
     for method in ("dps", "diffpir"):
-        chosen, table = sweep_on_train(rec, method, knob_candidates(sweep_spec, method)[0], base.spec.data, sweep_spec, cpu)
+        chosen, table = sweep_on_train(baselines[method], operator, image_shape, knob_candidates(sweep_spec, method)[0],
+                                       base.spec.data, sweep_spec, cpu)
         sweeps[method] = {"table": table, "selected": chosen}
-        configured[method] = (method, replace(rec, **chosen))
+        configured[method] = baselines[method].with_settings(**chosen)
         print(f"{method} sweep on train: {chosen}", flush=True)
-    configured["ddrm"] = ("ddrm", rec)
+    configured["ddrm"] = baselines["ddrm"]
     candidates = deft_candidates(sweep_spec.guidance_sweep, [float(z) for z in args.renoise_zetas.split(",")])
     best_train = {}
     for name, run in runs.items():
-        run_rec = replace(rec, htransform=run.htransform)
-        chosen, table = sweep_on_train(run_rec, "deft", candidates, run.spec.data, sweep_spec, cpu)
+        deft = build_sampler("deft", setup, operator, run.htransform)
+        chosen, table = sweep_on_train(deft, operator, image_shape, candidates, run.spec.data, sweep_spec, cpu)
         best_train[name] = max(row["psnr"] for row in table)
         sweeps[name] = {"table": table, "selected": chosen, "best_train_psnr": best_train[name]}
-        configured[name] = ("deft", replace(run_rec, **chosen))
+        configured[name] = deft.with_settings(**chosen)
         print(f"{name} sweep on train: {chosen} ({best_train[name]:.2f} dB)", flush=True)
     selected = max(best_train, key=best_train.get)
 
     methods, psnr_of_means, ssim_of_means = {}, {}, {}
-    for name, (method, method_rec) in {"dagger": ("dagger", rec), "prior": ("prior", rec), **configured}.items():
-        k = 1 if method == "dagger" else args.k
-        per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, k, args.batch_size, seed=0)
-        methods[name] = {**method_rec.settings(method), **summarise(per_image, seconds, len(images), k)}
+    for name, sampler in {"dagger": baselines["dagger"], "prior": baselines["prior"], **configured}.items():
+        k = 1 if sampler.deterministic else args.k
+        per_image, _, seconds = per_image_metrics(sampler, operator, x, y, images, k, args.batch_size, seed=0)
+        methods[name] = {**sampler.settings(), **summarise(per_image, seconds, len(images), k)}
         psnr_of_means[name], ssim_of_means[name] = per_image["psnr_mean"], per_image["ssim_mean"]
         print(f"{name:20s} PSNR sample {methods[name]['psnr_sample']:6.2f}  PSNR mean {methods[name]['psnr_mean']:6.2f}  "
               f"SSIM mean {methods[name]['ssim_mean']:.3f}  {methods[name]['seconds_per_image']:.2f} s/image", flush=True)
-    baselines = ("dagger", "dps", "diffpir", "ddrm")
+    compared = ("dagger", "dps", "diffpir", "ddrm")
     against = {base_name: {"psnr_mean": paired_difference(psnr_of_means[selected], psnr_of_means[base_name]),
-                           "ssim_mean": paired_difference(ssim_of_means[selected], ssim_of_means[base_name])} for base_name in baselines}
+                           "ssim_mean": paired_difference(ssim_of_means[selected], ssim_of_means[base_name])} for base_name in compared}
 
-    timed = {name: configured[name] for name in ("dps", "diffpir", "ddrm", selected)} | {"prior": ("prior", rec)}
-    speed = interleaved_seconds_per_image({name: (method_rec, method) for name, (method, method_rec) in timed.items()},
-                                          y[: args.batch_size], args.speed_rounds)
+    timed = {name: configured[name] for name in ("dps", "diffpir", "ddrm", selected)} | {"prior": baselines["prior"]}
+    speed = interleaved_seconds_per_image(timed, y[: args.batch_size], args.speed_rounds)
     print("seconds per image (median of interleaved rounds): " + ", ".join(f"{m} {v['median']:.3f}" for m, v in speed.items()), flush=True)
 
     prior_truth = None
     if args.prior_truth:
-        truth = prior_truth_images(rec, args.prior_truth)
-        truth_y = rec.operator.measure(truth, generator=torch.Generator().manual_seed(0))
+        truth = prior_truth_images(base.prior, args.prior_truth)
+        truth_y = operator.measure(truth, generator=torch.Generator().manual_seed(0))
         rows = {}
-        for name, (method, method_rec) in {"dagger": ("dagger", rec), **configured}.items():
-            k = 1 if method == "dagger" else args.k
-            per_image, _, seconds = per_image_metrics(method_rec, method, truth, truth_y, list(range(args.prior_truth)), k, args.batch_size, seed=0)
+        for name, sampler in {"dagger": baselines["dagger"], **configured}.items():
+            k = 1 if sampler.deterministic else args.k
+            per_image, _, seconds = per_image_metrics(sampler, operator, truth, truth_y, list(range(args.prior_truth)), k, args.batch_size,
+                                                      seed=0)
             rows[name] = summarise(per_image, seconds, args.prior_truth, k)
             print(f"prior truth  {name:20s} PSNR mean {rows[name]['psnr_mean']:6.2f}  SSIM mean {rows[name]['ssim_mean']:.3f}", flush=True)
         prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}", "methods": rows}
 
-    top = {metric: max(baselines[1:], key=lambda m: methods[m][metric]) for metric in ("psnr_mean", "ssim_mean")}
+    top = {metric: max(compared[1:], key=lambda m: methods[m][metric]) for metric in ("psnr_mean", "ssim_mean")}
     result = {
         "setup": {"data": f"petals val, first {len(images)}", "operator": base.operator.describe(), "time_steps": base.spec.time_steps, "k": args.k,
                   "runs": {name: str(run.path) for name, run in runs.items()}, "threads": args.threads, "torch": torch.__version__,
