@@ -6,7 +6,7 @@ DEFT := $(VENV)/bin/deft
 STAMP := $(VENV)/.deft-installed
 DEMO := demo-out
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test lint install clean-demo
 
 install: $(STAMP)
 
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 demo: $(STAMP)
 	$(PY) -m deftcli.demo --out $(DEMO)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from common import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_ima
 
 from deftcli import calibration
 from deftcli.evaluate import SWEEP_IMAGES, knob_candidates, per_image_metrics, sweep_on_train
-from deftcli.methods import Reconstructor
+from deftcli.methods import DeftSampler, DPSSampler, SamplingSetup
 from deftcli.runs import open_run
 from deftcli.specs import EvalSpec
 from deftcli.tuning import recorded_sampling
@@ -47,20 +46,22 @@ def main() -> None:
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/results/calibration.json"), n=32, k=16)
 
     run = open_run(args.run, torch.device("cpu"))
-    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
+    setup = SamplingSetup(run.prior, run.spec.time_steps, denoise_final=True)
+    deft, dps = DeftSampler(setup, run.operator, run.htransform), DPSSampler(setup, run.operator)
     sweep_spec = EvalSpec(batch_size=args.batch_size)
-    chosen, sweep = sweep_on_train(rec, "dps", knob_candidates(sweep_spec, "dps")[0], run.spec.data, sweep_spec, torch.device("cpu"))
+    chosen, sweep = sweep_on_train(dps, run.operator, run.prior.image_shape, knob_candidates(sweep_spec, "dps")[0], run.spec.data,
+                                   sweep_spec, torch.device("cpu"))
     zeta = chosen["dps_zeta"]
-    tuned = replace(rec, **recorded_sampling(run.info).model_dump())
-    methods = {"deft": ("deft", rec), "deft_tuned": ("deft", tuned), "dps": ("dps", replace(rec, dps_zeta=zeta))}
+    tuned = deft.with_settings(**recorded_sampling(run.info).model_dump())
+    methods = {"deft": deft, "deft_tuned": tuned, "dps": dps.with_settings(dps_zeta=zeta)}
 
     images, petals = val_images(run, args.n)
-    truths = {"prior_truth": (f"{len(images)} {PRIOR_TRUTH}", prior_truth_images(rec, len(images))),
+    truths = {"prior_truth": (f"{len(images)} {PRIOR_TRUTH}", prior_truth_images(run.prior, len(images))),
               "petals_val": (f"petals val, first {len(images)}", petals)}
     result: dict[str, object] = {
         "setup": {"operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
                   "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "guidance_scale": rec.guidance_scale,
+                  "guidance_scale": deft.guidance_scale,
                   "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
         "dps_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta},
     }
@@ -68,11 +69,10 @@ def main() -> None:
     for truth_name, (description, x) in truths.items():
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
         rows = {}
-        for name, (method, method_rec) in methods.items():
-            per_image, samples, seconds = per_image_metrics(method_rec, method, x, y, images, args.k, args.batch_size,
-                                                            seed=0)
+        for name, sampler in methods.items():
+            per_image, samples, seconds = per_image_metrics(sampler, run.operator, x, y, images, args.k, args.batch_size, seed=0)
             cal = calibration.summarise(calibration.per_image_calibration(samples, x), args.k)
-            rows[name] = {**method_rec.settings(method), **summarise(per_image, seconds, len(images), args.k),
+            rows[name] = {**sampler.settings(), **summarise(per_image, seconds, len(images), args.k),
                           "calibration": cal}
             curves[f"{name}, {truth_name.replace('_', ' ')}"] = cal["coverage"]
             covered = "  ".join(f"{p}: {c if c is None else f'{c:.3f}'}" for p, c in cal["coverage"].items())

@@ -45,24 +45,32 @@ def current_rss_mb() -> float:
 def single_pass_step(trainer) -> None:
     """The original code's memory behaviour: keep h's graph at the selected steps until the end."""
     from deftcli.htransform import guidance_inputs
-    from deftcli.samplers import reverse_sde_step, standard_noise, time_batch
-    from deftcli.soc import data_term, vargrad_weights, gradient_steps, step_terms
+    from deftcli.samplers import GeneratorNoise, ReverseStep, sample_reverse_sde
+    from deftcli.soc import data_term, gradient_steps, step_terms, vargrad_weights
 
     spec, prior, h, op = trainer.spec, trainer.prior, trainer.htransform, trainer.operator
     batch = trainer.source.draw(trainer.data_gen, trainer.ctx)
-    x = torch.randn(batch.y.shape[:1] + tuple(prior.image_shape), generator=trainer.noise_gen)
+    noise = GeneratorNoise(trainer.noise_gen)
+    x = noise(batch.y.shape[:1] + tuple(prior.image_shape), "cpu")
     grid = trainer.grid
     selected = set(gradient_steps(len(grid) - 1, spec.grad_fraction, trainer.data_gen))
-    total = torch.zeros(x.shape[0])
-    for k in range(len(grid) - 1):
-        t, ds = time_batch(grid[k], x), grid[k + 1] - grid[k]
-        xi = standard_noise(x, trainer.noise_gen)
+    total, k = torch.zeros(x.shape[0]), 0
+    evaluated: list[torch.Tensor] = []  # h of the step being taken
+
+    def controlled_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s_θ + h, with h's graph kept at the selected steps (the trajectory itself carries none)."""
         score, g = guidance_inputs(prior, op, x, t, batch.y)
         with torch.set_grad_enabled(k in selected):
-            hk = h(x, t, g)
-            terms = sum(step_terms(hk, prior.sde.beta(t), ds, xi))
-        total = total + terms
-        x = reverse_sde_step(prior.sde, x, t, ds, score + hk.detach(), xi).detach()
+            evaluated.append(h(x, t, g))
+        return score + evaluated[-1].detach()
+
+    def add_terms(step: ReverseStep) -> None:
+        nonlocal total, k
+        with torch.set_grad_enabled(step.k in selected):
+            total = total + sum(step_terms(evaluated.pop(), prior.sde.beta(step.t), step.ds, step.xi))
+        k += 1
+
+    x = sample_reverse_sde(controlled_score, prior.sde, x, grid, noise, callback=add_terms, keep_graph=True)
     log_rnd = data_term(op, x, batch.y) + total
     kept = vargrad_weights(log_rnd.detach(), batch.groups, trainer.loss_threshold, spec.min_kept_fraction).kept
     trainer.optimizer.zero_grad()

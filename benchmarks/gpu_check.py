@@ -39,10 +39,12 @@ import torch
 from common import BATCH, FACTOR, ORIGINAL_HNET, ORIGINAL_PRIOR, SIGMA_Y, SIZE, synchronize, write_random_prior
 
 from deftcli.finetune import Finetuner, build_htransform
+from deftcli.htransform import HTransform
 from deftcli.images import save_image
-from deftcli.methods import Reconstructor
-from deftcli.operators import create
+from deftcli.methods import SamplingSetup, build_sampler
+from deftcli.operators import Operator, create
 from deftcli.priors import load_prior
+from deftcli.samplers import GeneratorNoise
 from deftcli.specs import FinetuneSpec
 
 def reset_peak(device: torch.device) -> None:
@@ -66,16 +68,18 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return (time.perf_counter() - began) / repeats
 
 
-def sampling_speed(rec: Reconstructor, y: torch.Tensor, repeats: int, device: torch.device) -> dict[str, float | None]:
+def sampling_speed(setup: SamplingSetup, operator: Operator, htransform: HTransform, y: torch.Tensor, repeats: int,
+                   device: torch.device) -> dict[str, float | None]:
     """Samples per second and peak memory of deft, DPS and the prior on the same measurements."""
-    generator = torch.Generator(device).manual_seed(0)
+    noise = GeneratorNoise(torch.Generator(device).manual_seed(0))
     row: dict[str, float | None] = {}
     for method in ("deft", "dps", "prior"):
         reset_peak(device)
+        sampler = build_sampler(method, setup, operator, htransform)
 
         def draw() -> torch.Tensor:
             with torch.no_grad():
-                return rec.sample(method, y, generator)
+                return sampler.sample(y, noise)
 
         row[f"{method}_samples_per_second"] = round(y.shape[0] / timed(draw, device, repeats), 2)
         row[f"{method}_peak_memory_mb"] = peak_mb(device)
@@ -87,10 +91,10 @@ def shipped_prior_sampling(args: argparse.Namespace, device: torch.device) -> di
     spec = FinetuneSpec.model_validate({"operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}})
     prior = load_prior("petals32").to(device)
     operator = create("superres", factor=FACTOR, sigma=SIGMA_Y).to(device)
-    rec = Reconstructor(prior=prior, operator=operator, htransform=build_htransform(spec, prior, operator).to(device).eval().requires_grad_(False), steps=50)
+    htransform = build_htransform(spec, prior, operator).to(device).eval().requires_grad_(False)
     size = prior.image_shape[-1]
     y = operator.measure(torch.rand(args.sample_batch, 3, size, size, device=device) * 2 - 1)
-    return {"prior": "petals32", "time_steps": 50, **sampling_speed(rec, y, args.sample_repeats, device)}
+    return {"prior": "petals32", "time_steps": 50, **sampling_speed(SamplingSetup(prior, 50), operator, htransform, y, args.sample_repeats, device)}
 
 
 def finetune_and_sample(tmp: Path, steps: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -106,9 +110,9 @@ def finetune_and_sample(tmp: Path, steps: int, args: argparse.Namespace, device:
     seconds_per_iteration = timed(trainer.step, device, args.iterations)
     row = {"time_steps": steps, "vargrad_seconds_per_iteration": round(seconds_per_iteration, 4), "vargrad_peak_memory_mb": peak_mb(device)}
 
-    rec = Reconstructor(prior=trainer.prior, operator=trainer.operator, htransform=trainer.htransform.eval().requires_grad_(False), steps=steps)
+    htransform = trainer.htransform.eval().requires_grad_(False)
     y = trainer.operator.measure(torch.rand(args.sample_batch, 3, SIZE, SIZE, device=device) * 2 - 1)
-    row.update(sampling_speed(rec, y, args.sample_repeats, device))
+    row.update(sampling_speed(SamplingSetup(trainer.prior, steps), trainer.operator, htransform, y, args.sample_repeats, device))
     return row
 
 

@@ -18,7 +18,8 @@ import torch
 
 from deftcli.data import open_dataset
 from deftcli.images import image_grid, save_image
-from deftcli.methods import Reconstructor
+from deftcli.methods import PriorSampler, SamplingSetup
+from deftcli.samplers import GeneratorNoise
 from deftcli.priors import load_prior
 from deftcli.specs import DataSpec
 
@@ -37,9 +38,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("model_weights/petals32/samples_vs_data.png"))
     args = parser.parse_args()
     prior = load_prior(args.prior)
-    rec = Reconstructor(prior, steps=args.steps, denoise_final=True)
+    sampler = PriorSampler(SamplingSetup(prior, args.steps, denoise_final=True))
     start = time.perf_counter()
-    samples = torch.cat([rec.unconditional(16, torch.device("cpu"), torch.Generator().manual_seed(args.seed + i)) for i in range(0, args.n, 16)])[: args.n]
+    samples = torch.cat([sampler.unconditional(16, torch.device("cpu"), GeneratorNoise(torch.Generator().manual_seed(args.seed + i)))
+                         for i in range(0, args.n, 16)])[: args.n]
     seconds = time.perf_counter() - start
     c, size = prior.image_shape[0], prior.image_shape[-1]
     real = open_dataset(DataSpec(), "val", size, c).batch(range(args.n))

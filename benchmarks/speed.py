@@ -40,9 +40,10 @@ from deftcli.data import open_dataset
 from deftcli.devices import Runtime, cpu_features
 from deftcli.finetune import Finetuner, build_htransform
 from deftcli.images import save_image
-from deftcli.methods import Reconstructor
+from deftcli.methods import DeftSampler, DPSSampler, SamplingSetup
 from deftcli.operators import create
 from deftcli.priors import load_prior
+from deftcli.samplers import GeneratorNoise
 from deftcli.specs import DataSpec, FinetuneSpec
 from common import BATCH, FACTOR, ORIGINAL_HNET, SIGMA_Y, SIZE, synchronize, write_random_prior
 
@@ -77,18 +78,18 @@ def build(problem: Problem, device: torch.device, precision: str, compiled: bool
         for module in (prior.unet, htransform, trainer.prior.unet, trainer.htransform):
             module.to(memory_format=torch.channels_last)
     Runtime(device, precision, compiled).adapt(prior, htransform)
-    rec = Reconstructor(prior, operator, htransform, steps=spec.time_steps, dps_zeta=10.0)
+    setup = SamplingSetup(prior, spec.time_steps)
+    deft, dps = DeftSampler(setup, operator, htransform), DPSSampler(setup, operator, zeta=10.0)
     y = problem.y.to(device)
     x = torch.randn(y.shape[0], *prior.image_shape, device=device).contiguous(memory_format=memory_format)
     t = torch.full((y.shape[0],), 0.5, device=device)
-    generator = torch.Generator(device).manual_seed(0)
+    noise = GeneratorNoise(torch.Generator(device).manual_seed(0))
 
     def forward() -> object:
         with torch.no_grad():
             return prior.score(x, t)
 
-    calls = {"prior_forward": forward, "deft": lambda: rec.sample("deft", y, generator),
-             "dps": lambda: rec.sample("dps", y, generator), "vargrad": trainer.step}
+    calls = {"prior_forward": forward, "deft": lambda: deft.sample(y, noise), "dps": lambda: dps.sample(y, noise), "vargrad": trainer.step}
     return calls, trainer
 
 
