@@ -45,6 +45,7 @@ from .gmm import GaussianMixturePosterior, GaussianMixturePrior, exact_posterior
 from .htransform import load_htransform
 from .images import save_image
 from .methods import Reconstructor
+from .metrics import sliced_w2
 from .operators import Operator, create
 from .samplers import sample_reverse_sde
 from .sde import reverse_time_grid
@@ -53,7 +54,6 @@ from .specs import PRECISION_HELP, FinetuneSpec, HNetSpec, OperatorSpec, Precisi
 SWEEP_MEASUREMENTS = 2
 COVERAGE_MEASUREMENTS = 50
 SWEEP_SAMPLES = 500
-PROJECTIONS = 256
 
 
 class GMMCheckSpec(StrictModel):
@@ -77,15 +77,6 @@ class GMMCheckSpec(StrictModel):
     seed: Seed = 0
     device: str = "auto"
     run_dir: str | None = None
-
-
-def sliced_w2(a: Tensor, b: Tensor, generator: torch.Generator, projections: int = PROJECTIONS) -> float:
-    """√(mean over random unit directions θ of W2²(θᵀa, θᵀb)), for equal-size sample sets."""
-    a, b = a.double().flatten(1), b.double().flatten(1)
-    dirs = torch.randn(a.shape[1], projections, generator=generator, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = torch.sort(a @ dirs, dim=0).values, torch.sort(b @ dirs, dim=0).values
-    return float((pa - pb).pow(2).mean().sqrt())
 
 
 def posterior_metrics(samples: Tensor, posterior: GaussianMixturePosterior, reference: Tensor, generator: torch.Generator) -> dict[str, Any]:

@@ -15,17 +15,13 @@ from .errors import DeftError
 from .finetune import check_measurement_shape
 from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, output_folder, read_measurement, save_image
 from .methods import Reconstructor, operator_svd
+from .metrics import data_residual
 from .priors import load_prior
 from .runs import open_run
 from .specs import SPECTRAL_METHODS, SampleSpec
 from .tuning import deft_sampling, recorded_sampling
 
 UNCONDITIONAL_STEPS = 100
-
-
-def data_residual(operator, x: Tensor, y: Tensor) -> Tensor:
-    """‖A x − y‖ / √m per sample: about σ_y for a sample consistent with the measurement."""
-    return (operator.A(x) - y).flatten(1).norm(dim=1) / y[0].numel() ** 0.5
 
 
 def draw(rec: Reconstructor, method: str, y: Tensor, n: int, batch_size: int, generator: torch.Generator) -> Tensor:

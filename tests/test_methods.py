@@ -10,7 +10,7 @@ from deftcli.finetune import build_htransform
 from deftcli.htransform import ConditionalScore
 from deftcli.images import save_image
 from deftcli.methods import Reconstructor
-from deftcli.sample import data_residual
+from deftcli.metrics import data_residual
 from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
 
 GAUSSIAN_START = build_spec(FinetuneSpec, overrides={**TINY_HNET, "hnet.start": "gaussian", "hnet.space_to_depth": 1})
