@@ -40,13 +40,14 @@ from torch import Tensor
 from . import calibration
 from .devices import Runtime, resolve_device
 from .errors import DeftError
-from .finetune import finetune, resolve_run_dir
+from .finetune import finetune
 from .gmm import GaussianMixturePosterior, GaussianMixturePrior, exact_posterior, hard_mixture
 from .htransform import load_htransform
 from .images import save_image
 from .methods import Reconstructor
 from .metrics import sliced_w2
 from .operators import Operator, create
+from .runs import resolve_run_dir
 from .samplers import sample_reverse_sde
 from .sde import reverse_time_grid
 from .specs import PRECISION_HELP, FinetuneSpec, HNetSpec, OperatorSpec, Precision, Seed, StrictModel

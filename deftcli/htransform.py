@@ -41,7 +41,7 @@ from .checkpoint import load_weights, save_weights
 from .errors import DeftError
 from .mlp import MLPConfig, MLPNet
 from .operators import Operator
-from .priors import Prior
+from .prior_interface import Prior
 from .sde import VPSDE
 from .specs import HNetSpec
 from .unet import TimeScaling, TimeScalingConfig, UNet, UNetConfig
@@ -167,6 +167,39 @@ class HTransform(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"config": self.config.model_dump(mode="json"), "parameters": self.num_parameters()}
+
+
+def build_htransform(
+    hnet: HNetSpec, image_shape: tuple[int, int, int], max_period: float, sde: VPSDE, prior_parameters: int,
+    guidance: GaussianGuidance | None = None, likelihood_weight: float = 1.0,
+) -> HTransform:
+    """The h-network ``hnet`` for a prior's (C, H, W) images, SDE and time-embedding period, with the start c_0
+    ``guidance`` and the likelihood weight w; ``model_channels`` None: :func:`auto_channels` for a prior with
+    ``prior_parameters`` parameters."""
+    r, (_, height, width) = hnet.space_to_depth, image_shape
+    if hnet.architecture == "unet" and (height % r or width % r):
+        raise DeftError(f"hnet.space_to_depth {r} must divide the prior's image size {height}×{width}")
+    if hnet.architecture == "unet":
+        UNetConfig(channel_mult=hnet.channel_mult).check_image_size(
+            height // r, width // r, f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)")
+    if hnet.model_channels is None:
+        hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, image_shape, max_period, sde, prior_parameters)})
+    return HTransform(HTransformConfig.from_spec(hnet, tuple(image_shape), max_period, guidance, likelihood_weight), sde)
+
+
+def auto_channels(hnet: HNetSpec, image_shape: tuple[int, int, int], max_period: float, sde: VPSDE, prior_parameters: int) -> int:
+    """The largest multiple of 4 channels whose h-network has at most ``size_fraction`` of the prior's parameters
+    (the paper's h-networks are 4–9 % of their priors); 16 for a prior without parameters (analytic)."""
+    budget = hnet.size_fraction * prior_parameters
+    if budget == 0:
+        return 16
+    best = 4
+    for channels in range(4, 257, 4):
+        config = HTransformConfig.from_spec(hnet.model_copy(update={"model_channels": channels}), tuple(image_shape), max_period)
+        if HTransform(config, sde).num_parameters() > budget:
+            break
+        best = channels
+    return best
 
 
 def guidance_inputs(prior: Prior, operator: Operator, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from .checkpoint import write_json
+from .data import check_measurement_shape
 from .devices import Runtime, resolve_device
 from .errors import DeftError
-from .finetune import check_measurement_shape
 from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, output_folder, read_measurement, save_image
 from .methods import Reconstructor, operator_svd
 from .metrics import data_residual

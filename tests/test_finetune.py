@@ -15,6 +15,7 @@ from deftcli.images import read_measurement, save_image
 from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.specs import FinetuneSpec, build_spec
+from deftcli.tuning import with_tuned_defaults
 
 
 def gmm_spec(problem, run_dir, **extra) -> FinetuneSpec:
@@ -125,7 +126,7 @@ def test_a_failed_start_leaves_no_half_made_run_folder(gmm_problem, tmp_path, mo
 
 def test_an_amortised_batch_holds_m_measurements_each_repeated_for_its_k_trajectories(gmm_problem, tmp_path):
     from deftcli.distributed import Distributed
-    from deftcli.finetune import MeasurementSource
+    from deftcli.data import MeasurementSource
 
     spec = gmm_spec(gmm_problem, tmp_path / "run", measurement=None, measurements_per_batch=3, trajectories=2)
     batch = MeasurementSource(spec, gmm_problem["prior"], gmm_problem["operator"], torch.device("cpu")).draw(torch.Generator().manual_seed(0), Distributed())
@@ -294,7 +295,7 @@ def test_cli_resume_of_a_missing_run_is_a_user_error(run_cli, tmp_path):
 
 
 def test_default_h_network_is_sized_to_the_prior():
-    from deftcli.finetune import build_htransform
+    from deftcli.finetune import htransform_for
     from deftcli.priors import UNetPrior
     from deftcli.sde import VPSDE
     from deftcli.unet import UNet, UNetConfig
@@ -303,26 +304,28 @@ def test_default_h_network_is_sized_to_the_prior():
     prior_params = sum(p.numel() for p in prior.parameters())
     sizes = []
     for fraction in (0.1, 0.5):
-        spec = FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16})
-        htransform = build_htransform(spec, prior, create("superres", factor=4, sigma=0.05))
+        spec, _ = with_tuned_defaults(FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16}), None)
+        htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
         assert htransform.num_parameters() <= fraction * prior_params
         blocks = htransform.config.space_to_depth ** 2
         assert htransform.config.network.in_channels == 2 * prior.image_shape[0] * blocks
         sizes.append(htransform.config.network.model_channels)
     assert sizes[0] < sizes[1]
-    assert build_htransform(FinetuneSpec(hnet={"model_channels": 12}), prior, create("superres", factor=4, sigma=0.05)).config.network.model_channels == 12
+    given, _ = with_tuned_defaults(FinetuneSpec(hnet={"model_channels": 12}), None)
+    assert htransform_for(given, prior, create("superres", factor=4, sigma=0.05)).config.network.model_channels == 12
 
 
 def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size_in_the_checkpoint(tmp_path):
-    from deftcli.finetune import build_htransform
+    from deftcli.finetune import htransform_for
     from deftcli.htransform import HTransformConfig, save_htransform
     from deftcli.priors import UNetPrior
     from deftcli.sde import VPSDE
     from deftcli.unet import UNet, UNetConfig
 
     prior = UNetPrior(UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), norm_groups=8), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
-    spec = FinetuneSpec(hnet={"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16})
-    htransform = build_htransform(spec, prior, create("superres", factor=4, sigma=0.05))
+    spec, _ = with_tuned_defaults(
+        FinetuneSpec(hnet={"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16}), None)
+    htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
     assert (htransform.config.network.in_channels, htransform.config.network.out_channels) == (96, 48)
     with torch.no_grad():
         for p in htransform.parameters():
