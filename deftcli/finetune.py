@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,9 @@ from .training import (
     MetricsLog,
     TrainingProgress,
     cleared_on_failure,
-    load_optimizer_state,
     refuse_changes,
     refuse_resume_with_nothing_to_do,
-    scale_learning_rates,
-    warmup_cosine_factor,
+    warmup_cosine_schedule,
 )
 from .tuning import filled, run_record, spec_value, unset_fields, with_tuned_defaults
 
@@ -107,11 +107,12 @@ class Finetuner:
         if ctx.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.htransform, device_ids=device_ids)
-        self.lr = spec.learning_rate()
+        self.learning_rates = [spec.learning_rate(), spec.learning_rate() * spec.time_lr_factor]  # NN_φ, c_ψ
         self.optimizer = torch.optim.Adam(
-            [{"params": self.htransform.cond_model.parameters(), "lr": self.lr, "base_lr": self.lr},
-             {"params": self.htransform.time_model.parameters(), "lr": self.lr * spec.time_lr_factor, "base_lr": self.lr * spec.time_lr_factor}]
+            [{"params": self.htransform.cond_model.parameters(), "lr": self.learning_rates[0]},
+             {"params": self.htransform.time_model.parameters(), "lr": self.learning_rates[1]}]
         )
+        self.schedule = self._schedule(step=0)
         self.data_gen = torch.Generator().manual_seed(spec.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
         self.grid = reverse_time_grid(spec.time_steps)
@@ -124,6 +125,10 @@ class Finetuner:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         if resume:
             self._load_state()
+
+    def _schedule(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+        spec = self.spec
+        return warmup_cosine_schedule(self.optimizer, self.learning_rates, spec.warmup, spec.iterations, spec.lr_final_factor, step)
 
     def _trajectory_rows(self) -> slice:
         """This rank's trajectories within the global batch (whole measurement groups in amortised mode)."""
@@ -177,13 +182,14 @@ class Finetuner:
             raise DeftError(f"{path}: does not match this run's h-network ({problem})")
         try:
             self.htransform.load_state_dict(state["htransform"])
-            load_optimizer_state(self.optimizer, state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise DeftError(f"{path}: does not match this run's spec ({' '.join(str(exc).split())[:200]})") from None
         self.data_gen.set_state(state["data_rng"])
         self.noise_gen.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
         self.step_count, self.seconds = int(state["step"]), float(state["seconds"])
+        self.schedule = self._schedule(self.step_count)
         refuse_resume_with_nothing_to_do(self.spec.max_minutes, self.step_count, self.spec.iterations, self.seconds)
         self.skipped_total, self.bad_in_row = int(state["skipped_total"]), int(state["bad_in_row"])
         self.j_smooth, self.best_j = state["j_smooth"], float(state["best_j"])
@@ -203,9 +209,7 @@ class Finetuner:
         batch = self.source.draw(self.data_gen, self.ctx)
         noise = BatchSlice(self.noise_gen, self.global_batch, self.rows)
         x_init = gaussian((batch.y.shape[0], *self.prior.image_shape), noise, self.device)
-        factor = warmup_cosine_factor(self.step_count, spec.warmup, spec.iterations, spec.lr_final_factor)
-        scale_learning_rates(self.optimizer, factor)
-        lr = self.lr * factor
+        lr = self.schedule.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         if spec.method == "vargrad":
             record, x_final = self._vargrad_step(batch, x_init, noise)
@@ -218,6 +222,9 @@ class Finetuner:
         else:
             self.skipped_total += 1
             self.bad_in_row += 1
+        with warnings.catch_warnings():  # torch warns of a schedule that moves on while its optimizer has never stepped
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"))
+            self.schedule.step()
         record["lr"] = lr
         self.step_count += 1
         self.seconds += time.perf_counter() - t0

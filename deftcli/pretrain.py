@@ -37,12 +37,21 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec, read_saved_spec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, load_optimizer_state, refuse_changes, refuse_resume_with_nothing_to_do, scale_learning_rates, warmup_cosine_factor
+from .training import (
+    GracefulInterrupt,
+    MetricsLog,
+    TrainingProgress,
+    cleared_on_failure,
+    refuse_changes,
+    refuse_resume_with_nothing_to_do,
+    warmup_cosine_schedule,
+)
 from .unet import UNet
 
 T_EPS = 1e-5
 VAL_IMAGES = 256
 GAUSSIAN_FIT_IMAGES = 2048
+LR_FINAL_FACTOR = 0.1  # the cosine decays the learning rate to lr · this
 
 
 def dsm_loss(score_fn, sde: VPSDE, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
@@ -128,7 +137,8 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     sde = VPSDE(**spec.sde.model_dump())
     model = UNet(spec.unet, sde.sigma).to(device)
     ema = EMA(model, spec.ema_decay)
-    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": spec.lr, "base_lr": spec.lr}])
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    schedule = warmup_cosine_schedule(optimizer, [spec.lr], spec.warmup, spec.iterations, final_factor=LR_FINAL_FACTOR)
     train = open_dataset(spec.data, "train", spec.image_size, spec.channels)
     gaussian = GaussianScore.fit(train.batch(range(min(GAUSSIAN_FIT_IMAGES, len(train))))) if spec.parametrisation == "gaussian-residual" else None
     score_fn, ema_score_fn = unet_score(model, gaussian, sde), unet_score(ema.model, gaussian, sde)
@@ -142,12 +152,13 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         try:
             model.load_state_dict(state["model"])
             ema.model.load_state_dict(state["ema"])
-            load_optimizer_state(optimizer, state["optimizer"])
+            optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise DeftError(f"{state_path}: does not match this prior's network ({' '.join(str(exc).split())[:200]})") from None
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])
+        schedule = warmup_cosine_schedule(optimizer, [spec.lr], spec.warmup, spec.iterations, LR_FINAL_FACTOR, step)
         refuse_resume_with_nothing_to_do(spec.max_minutes, step, spec.iterations, elapsed)
         metrics.truncate_after(step)
     with cleared_on_failure(out, state_path) if not resume else contextlib.nullcontext():  # a failed start leaves no half-made prior
@@ -194,13 +205,12 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
                 t = torch.rand(spec.batch_size, device=device) * (1 - T_EPS) + T_EPS
                 z = torch.randn_like(x0)
                 loss = dsm_loss(score_fn, sde, x0, t, z)
-                factor = warmup_cosine_factor(step, spec.warmup, spec.iterations, final_factor=0.1)
-                scale_learning_rates(optimizer, factor)
-                lr = spec.lr * factor
+                lr = schedule.get_last_lr()[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
                 optimizer.step()
+                schedule.step()
                 ema.update(model, step)
                 step += 1
                 elapsed += time.perf_counter() - t0

@@ -179,7 +179,7 @@ def test_the_default_learning_rate_is_divided_by_the_likelihood_weight(gmm_probl
     assert FinetuneSpec(likelihood_weight=4.0, lr=1e-3).learning_rate() == 1e-3  # a given --lr is kept
     spec = gmm_spec(gmm_problem, tmp_path / "run", likelihood_weight=2.0).model_copy(update={"lr": None})
     cond_group, time_group = Finetuner(spec, tmp_path / "run", resume=False, quiet=True).optimizer.param_groups
-    assert (cond_group["base_lr"], time_group["base_lr"]) == (2.5e-4, 2.5e-4 * spec.time_lr_factor)
+    assert (cond_group["initial_lr"], time_group["initial_lr"]) == (2.5e-4, 2.5e-4 * spec.time_lr_factor)
 
 
 def test_a_resumed_leg_may_not_change_the_likelihood_weight(gmm_problem, tmp_path):

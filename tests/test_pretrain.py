@@ -58,20 +58,6 @@ def test_pretrain_resume_gives_the_same_loss_curve(tmp_path, monkeypatch):
     assert len(commands) == 2 and commands[-1] == "deft pretrain --resume"
 
 
-def test_a_run_saved_before_learning_rates_had_a_base_resumes_and_can_be_extended(tmp_path):
-    from deftcli.checkpoint import load_state, save_state
-
-    out = tmp_path / "old"
-    pretrain(tiny_spec(out), quiet=True)
-    state_path = out / "training_state.safetensors"
-    state = load_state(state_path)
-    for group in state["optimizer"]["param_groups"]:
-        del group["base_lr"]
-    save_state(state, state_path)
-    summary = pretrain(tiny_spec(out, iterations=6), resume=True, quiet=True)
-    assert summary["steps"] == 6 and len(losses(out)) == 6
-
-
 def test_resuming_with_a_time_budget_already_spent_is_a_user_error_that_keeps_the_run(tmp_path):
     out = tmp_path / "run"
     pretrain(tiny_spec(out), quiet=True)
