@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_user_error
 from deftcli.errors import DeftError
-from deftcli.pretrain import EMA, pretrain
+from deftcli.pretrain import exponential_moving_average, pretrain
 from deftcli.priors import load_prior
 from deftcli.specs import PretrainSpec, build_spec
 
@@ -97,11 +97,16 @@ def test_a_failed_start_leaves_no_half_made_prior_folder(tmp_path, monkeypatch):
 
 def test_ema_warm_up_follows_the_raw_weights_early():
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, decay=0.999)
+    ema = exponential_moving_average(model, decay=0.999)
+    assert torch.equal(ema.module.weight, model.weight)  # it starts at the initial weights
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model, step=0)  # d_0 = 1/10: the average moves 90 % of the way
-    assert torch.allclose(ema.model.weight, model.weight - 0.1, atol=1e-6)
+    ema.update_parameters(model)  # d_0 = 1/10: the average moves 90 % of the way
+    assert torch.allclose(ema.module.weight, model.weight - 0.1, atol=1e-6)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)  # d_1 = 2/11
+    assert torch.allclose(ema.module.weight, model.weight - 2 / 11 * 1.1, atol=1e-6)
 
 
 def test_pretrain_refuses_a_non_empty_output_folder(tmp_path):
