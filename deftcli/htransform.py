@@ -16,7 +16,7 @@ original code so its two state dicts load as they are.
 c_0 is a fixed start (:class:`GaussianGuidance`, no parameters): the exact guidance scale of the
 prior's Gaussian approximation, so that h starts as a guided sampler that already fits y at the
 noise level σ_y, and fine-tuning learns the correction from there. Without it (c_0 = 0, the
-original's choice and the reading of configs saved before it existed) h starts at ≈ 0, the prior.
+original's choice) h starts at ≈ 0, the prior.
 
 With ``space_to_depth`` r > 1 the UNet works on r×r pixel blocks stacked as channels:
 NN_φ(z) = shuffle_r(UNet(unshuffle_r(z))), a UNet with r²·2C inputs and r²·C outputs on an
@@ -85,9 +85,9 @@ class HTransformConfig(BaseModel):
 
     network: Annotated[UNetConfig | MLPConfig, Field(discriminator="kind")]
     time_scaling: TimeScalingConfig
-    space_to_depth: int = Field(1, ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)")
-    guidance: GaussianGuidance | None = Field(None, description="the fixed start c_0(t); None: c_0 = 0")
-    likelihood_weight: float = Field(1.0, gt=0, description="w: fine-tuned for p(x) p(y | x)^w; h uses w g (configs saved before it: 1)")
+    space_to_depth: int = Field(ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)")
+    guidance: GaussianGuidance | None = Field(description="the fixed start c_0(t); None: c_0 = 0")
+    likelihood_weight: float = Field(gt=0, description="w: fine-tuned for p(x) p(y | x)^w; h uses w g")
 
     @classmethod
     def from_spec(

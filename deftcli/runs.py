@@ -19,7 +19,7 @@ from torch import Tensor
 from . import __version__
 from .checkpoint import file_sha256, read_json, write_json
 from .errors import DeftError
-from .htransform import HTransform, HTransformConfig, load_htransform
+from .htransform import HTransform, load_htransform
 from .images import atomic_write, save_image
 from .operators import Operator, create
 from .priors import Prior, load_prior
@@ -182,10 +182,6 @@ def check_htransform_belongs_to_run(htransform: HTransform, info: dict[str, Any]
     found = _flatten(htransform.config.model_dump(mode="json"))
     recorded = info.get("htransform", {}).get("config") if isinstance(info.get("htransform"), dict) else None
     if isinstance(recorded, dict):
-        try:  # a run recorded before a config field existed reads as that field's default, as its checkpoint does
-            recorded = HTransformConfig.model_validate(recorded).model_dump(mode="json")
-        except ValidationError:
-            pass
         expected = _flatten(recorded)
         differ = [key for key in sorted(set(found) | set(expected)) if found.get(key) != expected.get(key)]
         if differ:

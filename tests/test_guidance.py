@@ -5,7 +5,7 @@ import torch
 
 from deftcli.finetune import htransform_for
 from deftcli.gmm import GaussianMixturePrior
-from deftcli.htransform import HTransformConfig, load_htransform, save_htransform
+from deftcli.htransform import load_htransform, save_htransform
 from deftcli.operators import Operator, create
 from deftcli.specs import FinetuneSpec
 from deftcli.tuning import with_tuned_defaults
@@ -85,9 +85,6 @@ def test_a_likelihood_weight_feeds_the_network_the_weighted_gradient_and_is_kept
     torch.testing.assert_close(weighted(x, t, g), plain(x, t, 2.5 * g))
     save_htransform(weighted, tmp_path / "h.safetensors", {})
     assert load_htransform(tmp_path / "h.safetensors", prior)[0].config.likelihood_weight == 2.5
-    legacy = weighted.config.model_dump(mode="json")
-    del legacy["likelihood_weight"]
-    assert HTransformConfig.model_validate(legacy).likelihood_weight == 1.0
 
 
 def test_untrained_h_network_is_the_start_plus_the_small_learned_scale() -> None:
@@ -123,12 +120,9 @@ def test_zero_start_the_default_and_noiseless_measurements_have_no_start() -> No
     assert htransform_for(SPEC, prior, create("superres", factor=2, sigma=0.0)).config.guidance is None
 
 
-def test_start_is_kept_in_the_checkpoint_and_older_configs_load_without_one(tmp_path) -> None:
+def test_start_is_kept_in_the_checkpoint(tmp_path) -> None:
     prior = gaussian_prior()
     htransform = htransform_for(SPEC, prior, create("superres", factor=2, sigma=0.1))
     save_htransform(htransform, tmp_path / "h.safetensors", {})
     loaded, _ = load_htransform(tmp_path / "h.safetensors", prior)
     assert loaded.config == htransform.config
-    legacy = htransform.config.model_dump(mode="json")
-    del legacy["guidance"], legacy["space_to_depth"]
-    assert HTransformConfig.model_validate(legacy).guidance is None
