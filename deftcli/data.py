@@ -150,7 +150,8 @@ class MeasurementSource:
             self.fixed = y[None].to(device)
         else:  # a prior that draws its own images exactly (an analytic one) trains on its samples
             own = prior.dataset("train")
-            self.dataset = own if own is not None else open_dataset(spec.data, "train", prior.image_shape[-1], prior.image_shape[0])
+            channels, _, size = prior.image_shape
+            self.dataset = own if own is not None else open_dataset(spec.data, "train", size, channels)
 
     @property
     def per_measurement(self) -> bool:
@@ -170,7 +171,8 @@ class MeasurementSource:
         if self.fixed is not None:
             rows = ctx.rows(k, "--trajectories")
             n = rows.stop - rows.start
-            return Batch(self.fixed.expand(n, *self.fixed.shape[1:]), torch.zeros(n, dtype=torch.long, device=self.device), self.fixed, None)
+            groups = torch.zeros(n, dtype=torch.long, device=self.device)
+            return Batch(self.fixed.expand(n, *self.fixed.shape[1:]), groups, self.fixed, None)
         assert self.dataset is not None
         m = self.spec.measurements_per_batch
         rows = ctx.rows(m, "--measurements-per-batch")
@@ -182,7 +184,9 @@ class MeasurementSource:
         return Batch(y.repeat_interleave(k, dim=0), groups, y, x_true)
 
 
-def check_measurement_shape(y: Tensor, expected: tuple[int, ...], image_shape: tuple[int, ...], where: Any, operator: Operator) -> None:
+def check_measurement_shape(
+    y: Tensor, expected: tuple[int, ...], image_shape: tuple[int, ...], where: Any, operator: Operator
+) -> None:
     """A measurement must have the shape the operator produces for the prior's images."""
     if tuple(y.shape) != tuple(expected):
         kind = "channels" if y.shape[0] != expected[0] else "size"

@@ -35,8 +35,17 @@ from .htransform import GaussianGuidance, HTransform, build_htransform, save_htr
 from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
 from .operators import Operator
 from .priors import Prior, load_prior, state_dict_mismatch
-from .runs import (command_line, read_run_record, record_resumed_leg, refuse_other_prior, resolve_run_dir, run_operator, started_now,
-                   versions, write_run_info)
+from .runs import (
+    command_line,
+    read_run_record,
+    record_resumed_leg,
+    refuse_other_prior,
+    resolve_run_dir,
+    run_operator,
+    started_now,
+    versions,
+    write_run_info,
+)
 from .samplers import BatchSlice, gaussian
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
@@ -53,6 +62,8 @@ from .training import (
 from .tuning import filled, run_record, spec_value, unset_fields, with_tuned_defaults
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
+SCHEDULE_BEFORE_OPTIMIZER = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+"""torch's warning when a schedule steps while its optimizer never has: after a skipped first step, as intended."""
 
 
 class TrainingDiverged(DeftError):
@@ -128,7 +139,9 @@ class Finetuner:
 
     def _schedule(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
         spec = self.spec
-        return warmup_cosine_schedule(self.optimizer, self.learning_rates, spec.warmup, spec.iterations, spec.lr_final_factor, step)
+        return warmup_cosine_schedule(
+            self.optimizer, self.learning_rates, spec.warmup, spec.iterations, spec.lr_final_factor, step
+        )
 
     def _trajectory_rows(self) -> slice:
         """This rank's trajectories within the global batch (whole measurement groups in amortised mode)."""
@@ -222,8 +235,8 @@ class Finetuner:
         else:
             self.skipped_total += 1
             self.bad_in_row += 1
-        with warnings.catch_warnings():  # torch warns of a schedule that moves on while its optimizer has never stepped
-            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", re.escape(SCHEDULE_BEFORE_OPTIMIZER))
             self.schedule.step()
         record["lr"] = lr
         self.step_count += 1

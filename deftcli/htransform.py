@@ -85,7 +85,9 @@ class HTransformConfig(BaseModel):
 
     network: Annotated[UNetConfig | MLPConfig, Field(discriminator="kind")]
     time_scaling: TimeScalingConfig
-    space_to_depth: int = Field(ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)")
+    space_to_depth: int = Field(
+        ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)"
+    )
     guidance: GaussianGuidance | None = Field(description="the fixed start c_0(t); None: c_0 = 0")
     likelihood_weight: float = Field(gt=0, description="w: fine-tuned for p(x) p(y | x)^w; h uses w g")
 
@@ -180,14 +182,18 @@ def build_htransform(
     if hnet.architecture == "unet" and (height % r or width % r):
         raise DeftError(f"hnet.space_to_depth {r} must divide the prior's image size {height}×{width}")
     if hnet.architecture == "unet":
-        UNetConfig(channel_mult=hnet.channel_mult).check_image_size(
-            height // r, width // r, f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)")
+        where = f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)"
+        UNetConfig(channel_mult=hnet.channel_mult).check_image_size(height // r, width // r, where)
     if hnet.model_channels is None:
-        hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, image_shape, max_period, sde, prior_parameters)})
-    return HTransform(HTransformConfig.from_spec(hnet, tuple(image_shape), max_period, guidance, likelihood_weight), sde)
+        channels = auto_channels(hnet, image_shape, max_period, sde, prior_parameters)
+        hnet = hnet.model_copy(update={"model_channels": channels})
+    config = HTransformConfig.from_spec(hnet, tuple(image_shape), max_period, guidance, likelihood_weight)
+    return HTransform(config, sde)
 
 
-def auto_channels(hnet: HNetSpec, image_shape: tuple[int, int, int], max_period: float, sde: VPSDE, prior_parameters: int) -> int:
+def auto_channels(
+    hnet: HNetSpec, image_shape: tuple[int, int, int], max_period: float, sde: VPSDE, prior_parameters: int
+) -> int:
     """The largest multiple of 4 channels whose h-network has at most ``size_fraction`` of the prior's parameters
     (the paper's h-networks are 4–9 % of their priors); 16 for a prior without parameters (analytic)."""
     budget = hnet.size_fraction * prior_parameters
@@ -195,8 +201,8 @@ def auto_channels(hnet: HNetSpec, image_shape: tuple[int, int, int], max_period:
         return 16
     best = 4
     for channels in range(4, 257, 4):
-        config = HTransformConfig.from_spec(hnet.model_copy(update={"model_channels": channels}), tuple(image_shape), max_period)
-        if HTransform(config, sde).num_parameters() > budget:
+        sized = hnet.model_copy(update={"model_channels": channels})
+        if HTransform(HTransformConfig.from_spec(sized, tuple(image_shape), max_period), sde).num_parameters() > budget:
             break
         best = channels
     return best

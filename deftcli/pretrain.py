@@ -11,7 +11,8 @@ original code's s_θ = UNet.
 
 The output folder is a prior that :func:`deftcli.priors.load_prior` reads: ``config.json``
 (architecture, SDE, image shape, data set, command, steps, time, validation loss) and
-``model.safetensors`` (the EMA weights, :func:`exponential_moving_average`). ``training_state.safetensors`` holds what ``--resume`` needs.
+``model.safetensors`` (the EMA weights, :func:`exponential_moving_average`). ``training_state.safetensors``
+holds what ``--resume`` needs.
 """
 
 from __future__ import annotations
@@ -37,15 +38,8 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec, read_saved_spec
-from .training import (
-    GracefulInterrupt,
-    MetricsLog,
-    TrainingProgress,
-    cleared_on_failure,
-    refuse_changes,
-    refuse_resume_with_nothing_to_do,
-    warmup_cosine_schedule,
-)
+from .training import (GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, refuse_changes,
+                       refuse_resume_with_nothing_to_do, warmup_cosine_schedule)
 from .unet import UNet
 
 T_EPS = 1e-5

@@ -62,14 +62,17 @@ def started_now() -> str:
     return datetime.now().isoformat(timespec="seconds")
 
 
-def write_run_info(run_dir: Path, spec: FinetuneSpec, operator: Operator, record: dict[str, Any], measurement: Tensor | None) -> None:
+def write_run_info(
+    run_dir: Path, spec: FinetuneSpec, operator: Operator, record: dict[str, Any], measurement: Tensor | None
+) -> None:
     """A new run's ``spec.json`` (naming the run's copies of the operator's files, :func:`keep_operator_files`) and
     ``run.json``, ``record`` (what a later reader needs to know exactly what ran); in per-measurement mode also
     ``measurement.safetensors``, with the source's path and SHA-256 in ``run.json``."""
     write_json(keep_operator_files(spec, operator, run_dir).model_dump(mode="json"), run_dir / "spec.json")
     if measurement is not None:
         save_image(measurement, run_dir / "measurement.safetensors")
-        record = {**record, "measurement": {"source": str(spec.measurement), "sha256": file_sha256(Path(spec.measurement))}}
+        sha256 = file_sha256(Path(spec.measurement))
+        record = {**record, "measurement": {"source": str(spec.measurement), "sha256": sha256}}
     write_json(record, run_dir / "run.json")
 
 
@@ -77,7 +80,8 @@ def record_resumed_leg(run_dir: Path, spec: FinetuneSpec, at_step: int, command:
     """``spec.json`` becomes the resumed leg's spec; ``run.json`` lists every resumed leg's command."""
     info = read_run_record(run_dir)
     write_json(spec.model_dump(mode="json"), run_dir / "spec.json")
-    info["resumed"] = [*info.get("resumed", []), {"command": command_line(command), "started": started_now(), "at_step": at_step}]
+    leg = {"command": command_line(command), "started": started_now(), "at_step": at_step}
+    info["resumed"] = [*info.get("resumed", []), leg]
     write_json(info, run_dir / "run.json")
 
 

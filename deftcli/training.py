@@ -32,11 +32,12 @@ def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float
 
 
 def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, learning_rates: Sequence[float], warmup: int, total: int, final_factor: float, step: int = 0
+    optimizer: torch.optim.Optimizer, learning_rates: Sequence[float], warmup: int, total: int, final_factor: float,
+    step: int = 0,
 ) -> LambdaLR:
-    """Parameter group i learns at ``learning_rates[i]`` × :func:`warmup_cosine_factor` from ``step`` on. The schedule is
-    a pure function of the step: a resumed run builds it at its step, after loading the optimizer's state, with the
-    resumed leg's rates and iterations."""
+    """Parameter group i learns at ``learning_rates[i]`` × :func:`warmup_cosine_factor` from ``step`` on. The
+    schedule is a pure function of the step: a resumed run builds it at its step, after loading the optimizer's
+    state, with the resumed leg's rates and iterations."""
     for group, lr in zip(optimizer.param_groups, learning_rates, strict=True):
         group["initial_lr"] = lr
     return LambdaLR(optimizer, lambda n: warmup_cosine_factor(n, warmup, total, final_factor), last_epoch=step - 1)

@@ -302,7 +302,8 @@ def test_default_h_network_is_sized_to_the_prior():
     prior_params = sum(p.numel() for p in prior.parameters())
     sizes = []
     for fraction in (0.1, 0.5):
-        spec, _ = with_tuned_defaults(FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16}), None)
+        hnet = {"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16}
+        spec, _ = with_tuned_defaults(FinetuneSpec(hnet=hnet), None)
         htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
         assert htransform.num_parameters() <= fraction * prior_params
         blocks = htransform.config.space_to_depth ** 2
@@ -321,8 +322,8 @@ def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size
     from deftcli.unet import UNet, UNetConfig
 
     prior = UNetPrior(UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), norm_groups=8), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
-    spec, _ = with_tuned_defaults(
-        FinetuneSpec(hnet={"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16}), None)
+    hnet = {"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16}
+    spec, _ = with_tuned_defaults(FinetuneSpec(hnet=hnet), None)
     htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
     assert (htransform.config.network.in_channels, htransform.config.network.out_channels) == (96, 48)
     with torch.no_grad():

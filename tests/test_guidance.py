@@ -12,8 +12,9 @@ from deftcli.tuning import with_tuned_defaults
 
 IMAGE_SHAPE = (2, 4, 4)
 VARIANCE = 0.3
-SPEC, _ = with_tuned_defaults(FinetuneSpec(hnet={"start": "gaussian", "model_channels": 8, "channel_mult": [1], "space_to_depth": 1,
-                                                "time_embedding_dim": 16, "time_hidden": 16}), None)
+HNET = {"start": "gaussian", "model_channels": 8, "channel_mult": [1], "space_to_depth": 1,
+        "time_embedding_dim": 16, "time_hidden": 16}
+SPEC, _ = with_tuned_defaults(FinetuneSpec(hnet=HNET), None)
 
 
 def gaussian_prior() -> GaussianMixturePrior:
