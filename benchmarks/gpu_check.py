@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from common import BATCH, FACTOR, ORIGINAL_HNET, ORIGINAL_PRIOR, SIGMA_Y, SIZE, synchronize, write_random_prior
 
-from deftcli.finetune import Finetuner, build_htransform
+from deftcli.finetune import Finetuner, htransform_for
 from deftcli.htransform import HTransform
 from deftcli.images import save_image
 from deftcli.methods import SamplingSetup, build_sampler
@@ -46,6 +46,7 @@ from deftcli.operators import Operator, create
 from deftcli.priors import load_prior
 from deftcli.samplers import GeneratorNoise
 from deftcli.specs import FinetuneSpec
+from deftcli.tuning import with_tuned_defaults
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
@@ -91,7 +92,7 @@ def shipped_prior_sampling(args: argparse.Namespace, device: torch.device) -> di
     spec = FinetuneSpec.model_validate({"operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}})
     prior = load_prior("petals32").to(device)
     operator = create("superres", factor=FACTOR, sigma=SIGMA_Y).to(device)
-    htransform = build_htransform(spec, prior, operator).to(device).eval().requires_grad_(False)
+    htransform = htransform_for(with_tuned_defaults(spec, prior.tuning)[0], prior, operator).to(device).eval().requires_grad_(False)
     size = prior.image_shape[-1]
     y = operator.measure(torch.rand(args.sample_batch, 3, size, size, device=device) * 2 - 1)
     return {"prior": "petals32", "time_steps": 50, **sampling_speed(SamplingSetup(prior, 50), operator, htransform, y, args.sample_repeats, device)}

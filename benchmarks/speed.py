@@ -38,13 +38,14 @@ import torch
 
 from deftcli.data import open_dataset
 from deftcli.devices import Runtime, cpu_features
-from deftcli.finetune import Finetuner, build_htransform
+from deftcli.finetune import Finetuner, htransform_for
 from deftcli.images import save_image
 from deftcli.methods import DeftSampler, DPSSampler, SamplingSetup
 from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.samplers import GeneratorNoise
 from deftcli.specs import DataSpec, FinetuneSpec
+from deftcli.tuning import with_tuned_defaults
 from common import BATCH, FACTOR, ORIGINAL_HNET, SIGMA_Y, SIZE, synchronize, write_random_prior
 
 CONFIGS = {"fp32, eager": ("fp32", False, False), "fp32, compiled": ("fp32", True, False),
@@ -71,7 +72,7 @@ def build(problem: Problem, device: torch.device, precision: str, compiled: bool
                                         "device": str(device), "run_dir": str(run_dir)})
     prior = load_prior(problem.prior).to(device)
     torch.manual_seed(0)
-    htransform = build_htransform(spec, prior, operator).to(device).eval().requires_grad_(False)
+    htransform = htransform_for(with_tuned_defaults(spec, prior.tuning)[0], prior, operator).to(device).eval().requires_grad_(False)
     trainer = Finetuner(spec, run_dir, resume=False, quiet=True)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     if channels_last:

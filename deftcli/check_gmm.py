@@ -40,12 +40,14 @@ from torch import Tensor
 from . import calibration
 from .devices import Runtime, resolve_device
 from .errors import DeftError
-from .finetune import finetune, resolve_run_dir
+from .finetune import finetune
 from .gmm import GaussianMixturePosterior, GaussianMixturePrior, exact_posterior, hard_mixture
 from .htransform import load_htransform
 from .images import save_image
 from .methods import DPSSampler, Sampler, SamplingSetup, build_sampler
+from .metrics import sliced_w2
 from .operators import Operator, create
+from .runs import resolve_run_dir
 from .samplers import GeneratorNoise, sample_reverse_sde
 from .sde import reverse_time_grid
 from .specs import PRECISION_HELP, FinetuneSpec, HNetSpec, OperatorSpec, Precision, Seed, StrictModel
@@ -53,7 +55,6 @@ from .specs import PRECISION_HELP, FinetuneSpec, HNetSpec, OperatorSpec, Precisi
 SWEEP_MEASUREMENTS = 2
 COVERAGE_MEASUREMENTS = 50
 SWEEP_SAMPLES = 500
-PROJECTIONS = 256
 
 
 class GMMCheckSpec(StrictModel):
@@ -77,15 +78,6 @@ class GMMCheckSpec(StrictModel):
     seed: Seed = 0
     device: str = "auto"
     run_dir: str | None = None
-
-
-def sliced_w2(a: Tensor, b: Tensor, generator: torch.Generator, projections: int = PROJECTIONS) -> float:
-    """√(mean over random unit directions θ of W2²(θᵀa, θᵀb)), for equal-size sample sets."""
-    a, b = a.double().flatten(1), b.double().flatten(1)
-    dirs = torch.randn(a.shape[1], projections, generator=generator, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = torch.sort(a @ dirs, dim=0).values, torch.sort(b @ dirs, dim=0).values
-    return float((pa - pb).pow(2).mean().sqrt())
 
 
 def posterior_metrics(samples: Tensor, posterior: GaussianMixturePosterior, reference: Tensor, generator: torch.Generator) -> dict[str, Any]:

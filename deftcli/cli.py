@@ -234,7 +234,8 @@ def finetune_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune an h-transform so the prior samples the posterior of an inverse problem."""
-    from .finetune import finetune, latest_run
+    from .finetune import finetune
+    from .runs import latest_run
     from .specs import FinetuneSpec, build_spec, read_saved_spec
 
     overrides = {

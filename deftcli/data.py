@@ -6,6 +6,8 @@
 - ``folder``: any folder of images, recursively (hidden files and folders skipped); centre crop and
   resize (images whose short side is below the prior's size are upscaled, with a warning on stderr);
   a deterministic split by a hash of each file's relative path (10 % val, 10 % test, the rest train).
+
+:class:`MeasurementSource` turns them into fine-tuning batches of measurements y = A x + σ_y η.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .distributed import is_main_process
+from .distributed import Distributed, is_main_process
 from .errors import DeftError
-from .images import IMAGE_SUFFIXES, read_image
-from .specs import DataSpec
+from .images import IMAGE_SUFFIXES, read_image, read_measurement
+from .operators import Operator
+from .prior_interface import Prior
+from .specs import DataSpec, FinetuneSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -119,3 +124,73 @@ def open_dataset(spec: DataSpec, split: str, image_size: int, channels: int = 3)
     from .flowers import Flowers102Dataset
 
     return Flowers102Dataset(spec.root, split, image_size, channels)
+
+
+@dataclass
+class Batch:
+    """One training batch: M measurements, each repeated for its K trajectories."""
+
+    y: Tensor  # (M·K, *measurement_shape)
+    groups: Tensor  # (M·K,) measurement index of each trajectory
+    y_unique: Tensor  # (M, ...)
+    x_true: Tensor | None  # (M, C, H, W) ground truth when known
+
+
+class MeasurementSource:
+    """Amortised: fresh train images and noise each step; per-measurement: the one given y."""
+
+    def __init__(self, spec: FinetuneSpec, prior: Prior, operator: Operator, device: torch.device) -> None:
+        self.spec, self.operator, self.device = spec, operator, device
+        self.expected = operator.measurement_shape(prior.image_shape)
+        self.fixed: Tensor | None = None
+        self.dataset: ImageDataset | None = None
+        if spec.measurement is not None:
+            y = read_measurement(spec.measurement)
+            check_measurement_shape(y, self.expected, prior.image_shape, spec.measurement, operator)
+            self.fixed = y[None].to(device)
+        else:  # a prior that draws its own images exactly (an analytic one) trains on its samples
+            own = prior.dataset("train")
+            channels, _, size = prior.image_shape
+            self.dataset = own if own is not None else open_dataset(spec.data, "train", size, channels)
+
+    @property
+    def per_measurement(self) -> bool:
+        return self.fixed is not None
+
+    def global_batch(self) -> int:
+        """Trajectories per step over all processes: M·K amortised, K per measurement."""
+        return self.spec.trajectories * (1 if self.fixed is not None else self.spec.measurements_per_batch)
+
+    def draw(self, data_gen: torch.Generator, ctx: Distributed) -> Batch:
+        """This rank's share of the global batch of M measurements × K trajectories.
+
+        Image indices and measurement noise are drawn for the whole global batch from ``data_gen``
+        (identical on every rank); each rank renders and keeps only its measurements.
+        """
+        k = self.spec.trajectories
+        if self.fixed is not None:
+            rows = ctx.rows(k, "--trajectories")
+            n = rows.stop - rows.start
+            groups = torch.zeros(n, dtype=torch.long, device=self.device)
+            return Batch(self.fixed.expand(n, *self.fixed.shape[1:]), groups, self.fixed, None)
+        assert self.dataset is not None
+        m = self.spec.measurements_per_batch
+        rows = ctx.rows(m, "--measurements-per-batch")
+        idx = torch.randint(len(self.dataset), (m,), generator=data_gen)
+        noise = torch.randn((m, *self.expected), generator=data_gen)
+        x_true = self.dataset.batch(idx[rows].tolist())
+        y = (self.operator.A(x_true) + self.operator.sigma * noise[rows]).to(self.device)
+        groups = torch.arange(m, device=self.device)[rows].repeat_interleave(k)
+        return Batch(y.repeat_interleave(k, dim=0), groups, y, x_true)
+
+
+def check_measurement_shape(
+    y: Tensor, expected: tuple[int, ...], image_shape: tuple[int, ...], where: Any, operator: Operator
+) -> None:
+    """A measurement must have the shape the operator produces for the prior's images."""
+    if tuple(y.shape) != tuple(expected):
+        kind = "channels" if y.shape[0] != expected[0] else "size"
+        raise DeftError(
+            f"{where}: measurement has shape {tuple(y.shape)} but {operator.describe()} of the prior's "
+            f"{tuple(image_shape)} images gives {tuple(expected)} (wrong {kind})"
+        )

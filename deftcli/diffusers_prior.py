@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from .checkpoint import file_sha256, read_json
 from .errors import DeftError
-from .priors import Prior
+from .prior_interface import Prior
 from .sde import VPSDE
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")

@@ -28,7 +28,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from . import calibration
 from .checkpoint import write_json
@@ -36,27 +35,17 @@ from .data import open_dataset
 from .devices import Runtime, resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
-from .images import colormap, image_grid, output_folder as make_output_folder, save_image, to_unit, upsample_to
+from .images import colormap, image_grid, output_folder as make_output_folder, save_image, upsample_to
 from .methods import Sampler, SamplingSetup, build_sampler, operator_svd
+from .metrics import data_residual, psnr, ssim
 from .operators import Operator
 from .runs import FinetunedRun, open_run
 from .samplers import PerSampleNoise
-from .sample import data_residual
 from .specs import EVAL_METHODS, SPECTRAL_METHODS, DataSpec, EvalSpec
 from .tuning import deft_sampling, recorded_sampling
 
 SWEEP_IMAGES = 8
 GRID_COLUMNS = 8
-
-
-def psnr(x: Tensor, ref: Tensor) -> Tensor:
-    """Per-image PSNR in dB of [-1, 1] images, computed on [0, 1]."""
-    return peak_signal_noise_ratio(to_unit(x), to_unit(ref), data_range=1.0, reduction="none", dim=(1, 2, 3))
-
-
-def ssim(x: Tensor, ref: Tensor) -> Tensor:
-    """Per-image SSIM of [-1, 1] images, computed on [0, 1] (Gaussian window 11, σ 1.5)."""
-    return structural_similarity_index_measure(to_unit(x), to_unit(ref), data_range=1.0, reduction="none")
 
 
 def sample_generators(seed: int, images: Sequence[int], k: int, device: torch.device) -> list[torch.Generator]:

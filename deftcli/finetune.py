@@ -17,49 +17,53 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
-import shlex
-import sys
+import re
 import time
-from dataclasses import dataclass
-from datetime import datetime
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import __version__
-from .checkpoint import file_sha256, load_state, rng_state, save_state, set_rng_state, write_json
-from .data import ImageDataset, open_dataset
+from .checkpoint import load_state, rng_state, save_state, set_rng_state
+from .data import Batch, MeasurementSource
 from .devices import Runtime, resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
-from .gmm import GaussianMixturePrior
-from .htransform import GaussianGuidance, HTransform, HTransformConfig, save_htransform
+from .htransform import GaussianGuidance, HTransform, build_htransform, save_htransform
 from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
 from .operators import Operator
 from .priors import Prior, load_prior, state_dict_mismatch
-from .tuning import filled, run_record, spec_value, unset_fields, with_tuned_defaults
-from .runs import keep_operator_files, latest_run, read_run_record, refuse_other_prior, run_operator
+from .runs import (
+    command_line,
+    read_run_record,
+    record_resumed_leg,
+    refuse_other_prior,
+    resolve_run_dir,
+    run_operator,
+    started_now,
+    versions,
+    write_run_info,
+)
 from .samplers import SharedBatchNoise
 from .sde import reverse_time_grid
 from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
-from .specs import FinetuneSpec, HNetSpec, read_saved_spec
+from .specs import FinetuneSpec, read_saved_spec
 from .training import (
     GracefulInterrupt,
     MetricsLog,
     TrainingProgress,
     cleared_on_failure,
-    load_optimizer_state,
     refuse_changes,
     refuse_resume_with_nothing_to_do,
-    scale_learning_rates,
-    warmup_cosine_factor,
+    warmup_cosine_schedule,
 )
-from .unet import UNetConfig
+from .tuning import filled, run_record, spec_value, unset_fields, with_tuned_defaults
 
 J_SMOOTHING = 0.9  # best checkpoint by an exponential moving average of J (one batch of J is noisy)
+SCHEDULE_BEFORE_OPTIMIZER = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+"""torch's warning when a schedule steps while its optimizer never has: after a skipped first step, as intended."""
 
 
 class TrainingDiverged(DeftError):
@@ -68,112 +72,18 @@ class TrainingDiverged(DeftError):
     exit_code = 1
 
 
-@dataclass
-class Batch:
-    """One training batch: M measurements, each repeated for its K trajectories."""
-
-    y: Tensor  # (M·K, *measurement_shape)
-    groups: Tensor  # (M·K,) measurement index of each trajectory
-    y_unique: Tensor  # (M, ...)
-    x_true: Tensor | None  # (M, C, H, W) ground truth when known
-
-
-class MeasurementSource:
-    """Amortised: fresh train images and noise each step; per-measurement: the one given y."""
-
-    def __init__(self, spec: FinetuneSpec, prior: Prior, operator: Operator, device: torch.device) -> None:
-        self.spec, self.operator, self.device = spec, operator, device
-        self.expected = operator.measurement_shape(prior.image_shape)
-        self.fixed: Tensor | None = None
-        self.dataset: ImageDataset | None = None
-        if spec.measurement is not None:
-            y = read_measurement(spec.measurement)
-            check_measurement_shape(y, self.expected, prior.image_shape, spec.measurement, operator)
-            self.fixed = y[None].to(device)
-        elif isinstance(prior, GaussianMixturePrior):  # an analytic prior's "train split" is its own samples
-            self.dataset = prior.dataset("train")
-        else:
-            self.dataset = open_dataset(spec.data, "train", prior.image_shape[-1], prior.image_shape[0])
-
-    @property
-    def per_measurement(self) -> bool:
-        return self.fixed is not None
-
-    def global_batch(self) -> int:
-        """Trajectories per step over all processes: M·K amortised, K per measurement."""
-        return self.spec.trajectories * (1 if self.fixed is not None else self.spec.measurements_per_batch)
-
-    def draw(self, data_gen: torch.Generator, ctx: Distributed) -> Batch:
-        """This rank's share of the global batch of M measurements × K trajectories.
-
-        Image indices and measurement noise are drawn for the whole global batch from ``data_gen``
-        (identical on every rank); each rank renders and keeps only its measurements.
-        """
-        k = self.spec.trajectories
-        if self.fixed is not None:
-            rows = ctx.rows(k, "--trajectories")
-            n = rows.stop - rows.start
-            return Batch(self.fixed.expand(n, *self.fixed.shape[1:]), torch.zeros(n, dtype=torch.long, device=self.device), self.fixed, None)
-        assert self.dataset is not None
-        m = self.spec.measurements_per_batch
-        rows = ctx.rows(m, "--measurements-per-batch")
-        idx = torch.randint(len(self.dataset), (m,), generator=data_gen)
-        noise = torch.randn((m, *self.expected), generator=data_gen)
-        x_true = self.dataset.batch(idx[rows].tolist())
-        y = (self.operator.A(x_true) + self.operator.sigma * noise[rows]).to(self.device)
-        groups = torch.arange(m, device=self.device)[rows].repeat_interleave(k)
-        return Batch(y.repeat_interleave(k, dim=0), groups, y, x_true)
-
-
-def check_measurement_shape(y: Tensor, expected: tuple[int, ...], image_shape: tuple[int, ...], where: Any, operator: Operator) -> None:
-    """A measurement must have the shape the operator produces for the prior's images."""
-    if tuple(y.shape) != tuple(expected):
-        kind = "channels" if y.shape[0] != expected[0] else "size"
-        raise DeftError(
-            f"{where}: measurement has shape {tuple(y.shape)} but {operator.describe()} of the prior's "
-            f"{tuple(image_shape)} images gives {tuple(expected)} (wrong {kind})"
-        )
-
-
-def default_run_dir(operator_name: str) -> Path:
-    return Path("runs") / f"{operator_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def build_htransform(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HTransform:
-    """The h-network for this prior and operator: its time embedding's period, a size relative to the
-    prior's, and its start c_0 (``hnet.start``; the zero start where σ_y = 0)."""
+def htransform_for(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HTransform:
+    """The h-network that ``spec`` (resolved: :func:`~deftcli.tuning.with_tuned_defaults`) fine-tunes for this prior
+    and operator: the time embedding's period of the prior's UNet, a size relative to the prior's, and its start
+    c_0 (``hnet.start``; the zero start where σ_y = 0) for the likelihood with σ_y/√w."""
     prior_unet = getattr(prior, "unet", None)
     max_period = prior_unet.config.max_period if prior_unet is not None else 0.005
-    spec, _ = with_tuned_defaults(spec, prior.tuning)  # a spec straight from the caller may leave them unset
-    hnet = spec.hnet
-    r, (_, height, width) = hnet.space_to_depth, prior.image_shape
-    if hnet.architecture == "unet" and (height % r or width % r):
-        raise DeftError(f"hnet.space_to_depth {r} must divide the prior's image size {height}×{width}")
-    if hnet.architecture == "unet":
-        UNetConfig(channel_mult=hnet.channel_mult).check_image_size(
-            height // r, width // r, f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)")
-    if hnet.model_channels is None:
-        hnet = hnet.model_copy(update={"model_channels": auto_channels(hnet, prior)})
     guidance, weight = None, spec.weight()
-    if hnet.start == "gaussian" and operator.sigma > 0:
+    if spec.hnet.start == "gaussian" and operator.sigma > 0:
         guidance = GaussianGuidance(sigma_y=operator.sigma / math.sqrt(weight), gram_norm=operator.gram_norm(prior.image_shape),
                                     data_variance=prior.pixel_variance())
-    return HTransform(HTransformConfig.from_spec(hnet, tuple(prior.image_shape), max_period, guidance, weight), prior.sde)
-
-
-def auto_channels(hnet: HNetSpec, prior: Prior) -> int:
-    """The largest multiple of 4 channels whose h-network has at most ``size_fraction`` of the prior's parameters
-    (the paper's h-networks are 4–9 % of their priors); 16 for a prior without parameters (analytic)."""
-    budget = hnet.size_fraction * sum(p.numel() for p in prior.parameters())
-    if budget == 0:
-        return 16
-    best = 4
-    for channels in range(4, 257, 4):
-        config = HTransformConfig.from_spec(hnet.model_copy(update={"model_channels": channels}), tuple(prior.image_shape), 0.005)
-        if sum(p.numel() for p in HTransform(config, prior.sde).parameters()) > budget:
-            break
-        best = channels
-    return best
+    prior_parameters = sum(p.numel() for p in prior.parameters())
+    return build_htransform(spec.hnet, prior.image_shape, max_period, prior.sde, prior_parameters, guidance, weight)
 
 
 def default_loss_threshold(measurement_shape: tuple[int, ...], likelihood_weight: float = 1.0) -> float:
@@ -182,10 +92,6 @@ def default_loss_threshold(measurement_shape: tuple[int, ...], likelihood_weight
     measures more (inpainting or deblurring of larger images) or a sharper likelihood would otherwise have
     every early trajectory dropped."""
     return 5e4 * max(1.0, math.prod(measurement_shape) / 3072) * likelihood_weight
-
-
-def versions() -> dict[str, str]:
-    return {"deft": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 class Finetuner:
@@ -205,18 +111,19 @@ class Finetuner:
             raise DeftError("fine-tuning needs measurement noise --sigma > 0 (the data term is ‖A x − y‖²/(2 σ_y²))")
         self.source = MeasurementSource(spec, self.prior, self.operator, self.device)
         torch.manual_seed(spec.seed)
-        self.htransform = build_htransform(spec, self.prior, self.operator).to(self.device)
+        self.htransform = htransform_for(spec, self.prior, self.operator).to(self.device)
         self.runtime.adapt(self.prior, self.htransform)
         # the module that carries gradients: DDP averages them over ranks after the last backward of a step
         self.model: torch.nn.Module = self.htransform
         if ctx.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.htransform, device_ids=device_ids)
-        self.lr = spec.learning_rate()
+        self.learning_rates = [spec.learning_rate(), spec.learning_rate() * spec.time_lr_factor]  # NN_φ, c_ψ
         self.optimizer = torch.optim.Adam(
-            [{"params": self.htransform.cond_model.parameters(), "lr": self.lr, "base_lr": self.lr},
-             {"params": self.htransform.time_model.parameters(), "lr": self.lr * spec.time_lr_factor, "base_lr": self.lr * spec.time_lr_factor}]
+            [{"params": self.htransform.cond_model.parameters(), "lr": self.learning_rates[0]},
+             {"params": self.htransform.time_model.parameters(), "lr": self.learning_rates[1]}]
         )
+        self.schedule = self._schedule(step=0)
         self.data_gen = torch.Generator().manual_seed(spec.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(spec.seed + 1)
         self.grid = reverse_time_grid(spec.time_steps)
@@ -230,6 +137,12 @@ class Finetuner:
         if resume:
             self._load_state()
 
+    def _schedule(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+        spec = self.spec
+        return warmup_cosine_schedule(
+            self.optimizer, self.learning_rates, spec.warmup, spec.iterations, spec.lr_final_factor, step
+        )
+
     def _trajectory_rows(self) -> slice:
         """This rank's trajectories within the global batch (whole measurement groups in amortised mode)."""
         if self.source.per_measurement:
@@ -237,6 +150,26 @@ class Finetuner:
         m = self.ctx.rows(self.spec.measurements_per_batch, "--measurements-per-batch")
         k = self.spec.trajectories
         return slice(m.start * k, m.stop * k)
+
+    def run_info(self, command: list[str] | None) -> dict[str, Any]:
+        """What ``run.json`` records of a new run: the prior, the operator, the h-network, the setup, the command."""
+        spec = self.spec
+        return {
+            "prior": self.prior.identity(),
+            "operator": {"name": spec.operator.name, "params": self.operator.params.model_dump(mode="json"), "describe": self.operator.describe()},
+            "htransform": self.htransform.describe(),
+            "mode": "per-measurement" if self.source.per_measurement else "amortised",
+            "versions": versions(),
+            "seed": spec.seed,
+            "device": str(self.device),
+            "runtime": self.runtime.describe(),
+            "processes": self.ctx.world_size,
+            "global_batch": self.global_batch,
+            "random_streams": "data/gradient steps: seed, noise: seed + 1; drawn for the global batch, each process keeps its rows",
+            "command": command_line(command),
+            "started": started_now(),
+            "tuned_defaults": run_record(self.prior.tuning, spec.operator.name, self.tuned_fields),
+        }
 
     # ------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
@@ -262,13 +195,14 @@ class Finetuner:
             raise DeftError(f"{path}: does not match this run's h-network ({problem})")
         try:
             self.htransform.load_state_dict(state["htransform"])
-            load_optimizer_state(self.optimizer, state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise DeftError(f"{path}: does not match this run's spec ({' '.join(str(exc).split())[:200]})") from None
         self.data_gen.set_state(state["data_rng"])
         self.noise_gen.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
         self.step_count, self.seconds = int(state["step"]), float(state["seconds"])
+        self.schedule = self._schedule(self.step_count)
         refuse_resume_with_nothing_to_do(self.spec.max_minutes, self.step_count, self.spec.iterations, self.seconds)
         self.skipped_total, self.bad_in_row = int(state["skipped_total"]), int(state["bad_in_row"])
         self.j_smooth, self.best_j = state["j_smooth"], float(state["best_j"])
@@ -288,9 +222,7 @@ class Finetuner:
         batch = self.source.draw(self.data_gen, self.ctx)
         noise = SharedBatchNoise(self.noise_gen, self.global_batch, self.rows)
         x_init = noise((batch.y.shape[0], *self.prior.image_shape), self.device)
-        factor = warmup_cosine_factor(self.step_count, spec.warmup, spec.iterations, spec.lr_final_factor)
-        scale_learning_rates(self.optimizer, factor)
-        lr = self.lr * factor
+        lr = self.schedule.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
         if spec.method == "vargrad":
             record, x_final = self._vargrad_step(batch, x_init, noise)
@@ -303,6 +235,9 @@ class Finetuner:
         else:
             self.skipped_total += 1
             self.bad_in_row += 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", re.escape(SCHEDULE_BEFORE_OPTIMIZER))
+            self.schedule.step()
         record["lr"] = lr
         self.step_count += 1
         self.seconds += time.perf_counter() - t0
@@ -426,23 +361,6 @@ class Finetuner:
         }
 
 
-def resolve_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
-    """The run folder: an existing run to resume, or a new path that holds nothing yet (not created here)."""
-    if resume:
-        run_dir = Path(spec.run_dir) if spec.run_dir else latest_run()
-        if not (run_dir / "state_last.safetensors").exists():
-            raise DeftError(f"{run_dir}: nothing to resume (no state_last.safetensors)")
-        for stale in run_dir.glob(".*.tmp"):  # a write that a killed process left unfinished
-            stale.unlink()
-        return run_dir
-    run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.operator.name)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise DeftError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or another --run-dir)")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DeftError(f"{run_dir}: exists and is not a folder (choose another --run-dir)")
-    return run_dir
-
-
 def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune an h-transform as described by ``spec``; returns a summary of the run.
 
@@ -463,10 +381,11 @@ def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, comm
             with cleared if fresh else contextlib.nullcontext():
                 if ctx.is_main:
                     if resume:
-                        record_resumed_leg(trainer, run_dir, command)
+                        record_resumed_leg(run_dir, trainer.spec, trainer.step_count, command)
                     else:
                         output_folder(run_dir)
-                        write_run_info(trainer, run_dir, command)
+                        measurement = None if trainer.source.fixed is None else trainer.source.fixed[0]
+                        write_run_info(run_dir, trainer.spec, trainer.operator, trainer.run_info(command), measurement)
                 ctx.barrier()
                 return trainer.run(interrupt)
     finally:
@@ -496,38 +415,3 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> FinetuneSpec:
     if resumed.measurement is not None and kept.exists() and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept)):
         raise DeftError(f"--resume cannot change the run's measurement ({resumed.measurement} differs from the {kept} it was fine-tuned for)")
     return resumed
-
-
-def record_resumed_leg(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
-    """``spec.json`` becomes the resumed leg's spec; ``run.json`` lists every resumed leg's command."""
-    info = read_run_record(run_dir)
-    write_json(trainer.spec.model_dump(mode="json"), run_dir / "spec.json")
-    info["resumed"] = [*info.get("resumed", []), {"command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
-                                                   "started": datetime.now().isoformat(timespec="seconds"), "at_step": trainer.step_count}]
-    write_json(info, run_dir / "run.json")
-
-
-def write_run_info(trainer: Finetuner, run_dir: Path, command: list[str] | None) -> None:
-    """``spec.json`` and ``run.json``: what a later reader needs to know exactly what ran."""
-    spec = trainer.spec
-    write_json(keep_operator_files(spec, trainer.operator, run_dir).model_dump(mode="json"), run_dir / "spec.json")
-    run_info = {
-        "prior": trainer.prior.identity(),
-        "operator": {"name": spec.operator.name, "params": trainer.operator.params.model_dump(mode="json"), "describe": trainer.operator.describe()},
-        "htransform": trainer.htransform.describe(),
-        "mode": "per-measurement" if trainer.source.per_measurement else "amortised",
-        "versions": versions(),
-        "seed": spec.seed,
-        "device": str(trainer.device),
-        "runtime": trainer.runtime.describe(),
-        "processes": trainer.ctx.world_size,
-        "global_batch": trainer.global_batch,
-        "random_streams": "data/gradient steps: seed, noise: seed + 1; drawn for the global batch, each process keeps its rows",
-        "command": " ".join(shlex.quote(a) for a in (command or sys.argv)),
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "tuned_defaults": run_record(trainer.prior.tuning, spec.operator.name, trainer.tuned_fields),
-    }
-    if trainer.source.fixed is not None:
-        save_image(trainer.source.fixed[0], run_dir / "measurement.safetensors")
-        run_info["measurement"] = {"source": str(spec.measurement), "sha256": file_sha256(Path(spec.measurement))}
-    write_json(run_info, run_dir / "run.json")

@@ -28,7 +28,7 @@ from torch import Tensor
 from .checkpoint import load_weights, read_json, save_weights, write_json
 from .errors import DeftError
 from .operators import Operator
-from .priors import Prior
+from .prior_interface import Prior
 from .samplers import ScoreFn
 from .sde import VPSDE, _expand
 

@@ -16,7 +16,7 @@ original code so its two state dicts load as they are.
 c_0 is a fixed start (:class:`GaussianGuidance`, no parameters): the exact guidance scale of the
 prior's Gaussian approximation, so that h starts as a guided sampler that already fits y at the
 noise level σ_y, and fine-tuning learns the correction from there. Without it (c_0 = 0, the
-original's choice and the reading of configs saved before it existed) h starts at ≈ 0, the prior.
+original's choice) h starts at ≈ 0, the prior.
 
 With ``space_to_depth`` r > 1 the UNet works on r×r pixel blocks stacked as channels:
 NN_φ(z) = shuffle_r(UNet(unshuffle_r(z))), a UNet with r²·2C inputs and r²·C outputs on an
@@ -41,7 +41,7 @@ from .checkpoint import load_weights, save_weights
 from .errors import DeftError
 from .mlp import MLPConfig, MLPNet
 from .operators import Operator
-from .priors import Prior
+from .prior_interface import Prior
 from .sde import VPSDE
 from .specs import HNetSpec
 from .unet import TimeScaling, TimeScalingConfig, UNet, UNetConfig
@@ -85,9 +85,11 @@ class HTransformConfig(BaseModel):
 
     network: Annotated[UNetConfig | MLPConfig, Field(discriminator="kind")]
     time_scaling: TimeScalingConfig
-    space_to_depth: int = Field(1, ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)")
-    guidance: GaussianGuidance | None = Field(None, description="the fixed start c_0(t); None: c_0 = 0")
-    likelihood_weight: float = Field(1.0, gt=0, description="w: fine-tuned for p(x) p(y | x)^w; h uses w g (configs saved before it: 1)")
+    space_to_depth: int = Field(
+        ge=1, description="NN_φ works on r×r pixel blocks stacked as channels (r² · 2C in, r² · C out)"
+    )
+    guidance: GaussianGuidance | None = Field(description="the fixed start c_0(t); None: c_0 = 0")
+    likelihood_weight: float = Field(gt=0, description="w: fine-tuned for p(x) p(y | x)^w; h uses w g")
 
     @classmethod
     def from_spec(
@@ -167,6 +169,43 @@ class HTransform(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"config": self.config.model_dump(mode="json"), "parameters": self.num_parameters()}
+
+
+def build_htransform(
+    hnet: HNetSpec, image_shape: tuple[int, int, int], max_period: float, sde: VPSDE, prior_parameters: int,
+    guidance: GaussianGuidance | None = None, likelihood_weight: float = 1.0,
+) -> HTransform:
+    """The h-network ``hnet`` for a prior's (C, H, W) images, SDE and time-embedding period, with the start c_0
+    ``guidance`` and the likelihood weight w; ``model_channels`` None: :func:`auto_channels` for a prior with
+    ``prior_parameters`` parameters."""
+    r, (_, height, width) = hnet.space_to_depth, image_shape
+    if hnet.architecture == "unet" and (height % r or width % r):
+        raise DeftError(f"hnet.space_to_depth {r} must divide the prior's image size {height}×{width}")
+    if hnet.architecture == "unet":
+        where = f"--hnet-mult: the h-network's input (the prior's {height}×{width} images on {r}×{r} blocks)"
+        UNetConfig(channel_mult=hnet.channel_mult).check_image_size(height // r, width // r, where)
+    if hnet.model_channels is None:
+        channels = auto_channels(hnet, image_shape, max_period, sde, prior_parameters)
+        hnet = hnet.model_copy(update={"model_channels": channels})
+    config = HTransformConfig.from_spec(hnet, tuple(image_shape), max_period, guidance, likelihood_weight)
+    return HTransform(config, sde)
+
+
+def auto_channels(
+    hnet: HNetSpec, image_shape: tuple[int, int, int], max_period: float, sde: VPSDE, prior_parameters: int
+) -> int:
+    """The largest multiple of 4 channels whose h-network has at most ``size_fraction`` of the prior's parameters
+    (the paper's h-networks are 4–9 % of their priors); 16 for a prior without parameters (analytic)."""
+    budget = hnet.size_fraction * prior_parameters
+    if budget == 0:
+        return 16
+    best = 4
+    for channels in range(4, 257, 4):
+        sized = hnet.model_copy(update={"model_channels": channels})
+        if HTransform(HTransformConfig.from_spec(sized, tuple(image_shape), max_period), sde).num_parameters() > budget:
+            break
+        best = channels
+    return best
 
 
 def guidance_inputs(prior: Prior, operator: Operator, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,13 +11,13 @@ original code's s_θ = UNet.
 
 The output folder is a prior that :func:`deftcli.priors.load_prior` reads: ``config.json``
 (architecture, SDE, image shape, data set, command, steps, time, validation loss) and
-``model.safetensors`` (the EMA weights). ``training_state.safetensors`` holds what ``--resume`` needs.
+``model.safetensors`` (the EMA weights, :func:`exponential_moving_average`). ``training_state.safetensors``
+holds what ``--resume`` needs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import shlex
 import sys
 import time
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
 from .checkpoint import load_state, read_json, rng_state, save_state, save_weights, set_rng_state, write_json
@@ -37,12 +38,14 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import GeneratorNoise, sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec, read_saved_spec
-from .training import GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, load_optimizer_state, refuse_changes, refuse_resume_with_nothing_to_do, scale_learning_rates, warmup_cosine_factor
+from .training import (GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, refuse_changes,
+                       refuse_resume_with_nothing_to_do, warmup_cosine_schedule)
 from .unet import UNet
 
 T_EPS = 1e-5
 VAL_IMAGES = 256
 GAUSSIAN_FIT_IMAGES = 2048
+LR_FINAL_FACTOR = 0.1  # the cosine decays the learning rate to lr · this
 
 
 def dsm_loss(score_fn, sde: VPSDE, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
@@ -52,22 +55,24 @@ def dsm_loss(score_fn, sde: VPSDE, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
     return ((score * sigma + z) ** 2).flatten(1).sum(1).mean()
 
 
-class EMA:
-    """Exponential moving average of weights with the usual warm-up d_n = min(d, (1 + n)/(10 + n)).
+def exponential_moving_average(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """An average of ``model``'s weights that starts at its initial weights; its update n = 0, 1, … (one per
+    training step, :meth:`~torch.optim.swa_utils.AveragedModel.update_parameters`) moves it by 1 − d_n towards
+    the weights, with the usual warm-up d_n = min(d, (1 + n)/(10 + n)).
 
     Without the warm-up an EMA of 0.999 after a few thousand steps still remembers the random
     initialisation (DESIGN.md §3 measured a 5× worse loss).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+    def update(averages: list[Tensor], weights: list[Tensor], n_averaged: Tensor) -> None:
+        n = int(n_averaged) - 1  # the initial weights are the first average
+        d = min(decay, (1 + n) / (10 + n))
+        for average, weight in zip(averages, weights):
+            average.lerp_(weight, 1 - d)
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1 - d)
+    ema = AveragedModel(model, multi_avg_fn=update)
+    ema.update_parameters(model)  # the first call copies the weights: the average starts at them
+    return ema.eval().requires_grad_(False)
 
 
 class ValidationSet:
@@ -127,11 +132,12 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     torch.manual_seed(spec.seed)
     sde = VPSDE(**spec.sde.model_dump())
     model = UNet(spec.unet, sde.sigma).to(device)
-    ema = EMA(model, spec.ema_decay)
-    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": spec.lr, "base_lr": spec.lr}])
+    ema = exponential_moving_average(model, spec.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    schedule = warmup_cosine_schedule(optimizer, [spec.lr], spec.warmup, spec.iterations, final_factor=LR_FINAL_FACTOR)
     train = open_dataset(spec.data, "train", spec.image_size, spec.channels)
     gaussian = GaussianScore.fit(train.batch(range(min(GAUSSIAN_FIT_IMAGES, len(train))))) if spec.parametrisation == "gaussian-residual" else None
-    score_fn, ema_score_fn = unet_score(model, gaussian, sde), unet_score(ema.model, gaussian, sde)
+    score_fn, ema_score_fn = unet_score(model, gaussian, sde), unet_score(ema.module, gaussian, sde)
     val_data = open_dataset(spec.data, "val", spec.image_size, spec.channels)
     val = ValidationSet(val_data.batch(range(min(VAL_IMAGES, len(val_data)))), spec.seed)
     data_gen = torch.Generator().manual_seed(spec.seed)
@@ -141,13 +147,14 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         state = load_state(state_path)
         try:
             model.load_state_dict(state["model"])
-            ema.model.load_state_dict(state["ema"])
-            load_optimizer_state(optimizer, state["optimizer"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise DeftError(f"{state_path}: does not match this prior's network ({' '.join(str(exc).split())[:200]})") from None
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])
+        schedule = warmup_cosine_schedule(optimizer, [spec.lr], spec.warmup, spec.iterations, LR_FINAL_FACTOR, step)
         refuse_resume_with_nothing_to_do(spec.max_minutes, step, spec.iterations, elapsed)
         metrics.truncate_after(step)
     with cleared_on_failure(out, state_path) if not resume else contextlib.nullcontext():  # a failed start leaves no half-made prior
@@ -160,12 +167,12 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
 
         def save(val_loss: float | None) -> None:
             extra = {"commands": commands, "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": val_loss, "ema_decay": spec.ema_decay}
-            save_weights(ema.model.state_dict(), out / "model.safetensors")
+            save_weights(ema.module.state_dict(), out / "model.safetensors")
             write_json(prior_config(spec, name, gaussian, extra), out / "config.json")
             save_state(
                 {
                     "model": model.state_dict(),
-                    "ema": ema.model.state_dict(),
+                    "ema": ema.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "data_rng": data_gen.get_state(),
                     "rng": rng_state(),
@@ -176,13 +183,13 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
             )
 
         def sample_grid() -> None:
-            prior = UNetPrior(ema.model, sde, (spec.channels, spec.image_size, spec.image_size), name, {}, gaussian)
+            prior = UNetPrior(ema.module, sde, (spec.channels, spec.image_size, spec.image_size), name, {}, gaussian)
             g = torch.Generator(device=device).manual_seed(1234)
             noise = GeneratorNoise(g)
             x = noise((16, spec.channels, spec.image_size, spec.image_size), device)
             x = sample_reverse_sde(prior.score, sde, x, reverse_time_grid(spec.sample_steps), noise, denoise_final=True)
             save_image(image_grid([x[:8], x[8:]]), out / "samples" / f"step_{step:07d}.png")
-            ema.model.requires_grad_(False)
+            ema.module.requires_grad_(False)
 
         last_val: float | None = None
         deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60 - elapsed
@@ -195,14 +202,13 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
                 t = torch.rand(spec.batch_size, device=device) * (1 - T_EPS) + T_EPS
                 z = torch.randn_like(x0)
                 loss = dsm_loss(score_fn, sde, x0, t, z)
-                factor = warmup_cosine_factor(step, spec.warmup, spec.iterations, final_factor=0.1)
-                scale_learning_rates(optimizer, factor)
-                lr = spec.lr * factor
+                lr = schedule.get_last_lr()[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
                 optimizer.step()
-                ema.update(model, step)
+                schedule.step()
+                ema.update_parameters(model)
                 step += 1
                 elapsed += time.perf_counter() - t0
                 record: dict[str, Any] = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "seconds": round(elapsed, 3)}

@@ -1,4 +1,4 @@
-"""Diffusion priors: a score s_θ(x, t) ≈ ∇ log p_t(x), its SDE, its image shape and its identity.
+"""Diffusion priors (:class:`~deftcli.prior_interface.Prior`): the UNet prior and the loader of every format.
 
 :func:`load_prior` detects the format of a folder:
 
@@ -25,11 +25,13 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from .checkpoint import file_sha256, load_weights, read_json
+from .diffusers_prior import load_diffusers_prior
 from .errors import DeftError
-from .samplers import ScoreFn
+from .gmm import GaussianMixturePrior
+from .prior_interface import Prior
 from .sde import VPSDE
 from .specs import yaml_error_text
-from .tuning import PriorTuning, read_tuning
+from .tuning import read_tuning
 from .unet import UNet, UNetConfig
 
 DEFAULT_PRIOR = "petals32"
@@ -40,32 +42,6 @@ def model_weights_dir() -> Path:
     """Folder of shipped priors: ``$DEFT_MODEL_WEIGHTS`` or ``model_weights/`` beside the package."""
     env = os.environ.get("DEFT_MODEL_WEIGHTS")
     return Path(env) if env else Path(__file__).resolve().parent.parent / "model_weights"
-
-
-class Prior(nn.Module):
-    """Interface of a prior: ``score(x, t)``, ``sde``, ``image_shape`` (C, H, W), ``name``, ``identity()``."""
-
-    sde: VPSDE
-    image_shape: tuple[int, int, int]
-    name: str
-    tuning: PriorTuning | None = None
-    """The prior's ``tuning.json`` (:mod:`deftcli.tuning`): settings selected for it on training images."""
-
-    def score(self, x: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def identity(self) -> dict[str, Any]:
-        """What a run records to name the exact prior it was fine-tuned on."""
-        raise NotImplementedError
-
-    def pixel_variance(self) -> float:
-        """v, the per-pixel variance of the prior's data about its per-channel mean; 1 where the prior
-        does not record it (an upper bound for images in [-1, 1])."""
-        return 1.0
-
-    def run_networks_with(self, adapt: Callable[[ScoreFn], ScoreFn]) -> None:
-        """Evaluate the score as ``adapt(score)`` from now on (mixed precision, compilation: :class:`~deftcli.devices.Runtime`)."""
-        self.score = adapt(self.score)  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -181,8 +157,6 @@ def load_own_prior(folder: Path) -> Prior:
         raise DeftError(f"{folder / 'config.json'}: expected a JSON object")
     fmt = config.get("format")
     if fmt == "gaussian-mixture":
-        from .gmm import GaussianMixturePrior
-
         return GaussianMixturePrior.load(folder)
     if fmt != "deft-unet-prior":
         raise DeftError(f"{folder / 'config.json'}: unknown prior format {fmt!r} (expected 'deft-unet-prior' or 'gaussian-mixture')")
@@ -275,8 +249,6 @@ def prior_folder(path_or_name: str | os.PathLike | None) -> Path:
 def load_prior_weights(folder: Path) -> Prior:
     """The prior in ``folder``, by the format its files show."""
     if (folder / "model_index.json").exists() or (folder / "scheduler").is_dir():
-        from .diffusers_prior import load_diffusers_prior
-
         return load_diffusers_prior(folder)
     if (folder / "config.json").exists():
         return load_own_prior(folder)

@@ -1,24 +1,88 @@
-"""Finding and opening fine-tuned runs (for ``deft sample`` and ``deft eval``)."""
+"""Run folders of ``deft finetune``: where a new one goes and what it records (``spec.json``, ``run.json``), and
+finding and opening one (for ``--resume``, ``deft sample`` and ``deft eval``)."""
 
 from __future__ import annotations
 
+import platform
+import shlex
 import shutil
+import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
+from torch import Tensor
 
-from .checkpoint import read_json
+from . import __version__
+from .checkpoint import file_sha256, read_json, write_json
 from .errors import DeftError
-from .htransform import HTransform, HTransformConfig, load_htransform
-from .images import atomic_write
+from .htransform import HTransform, load_htransform
+from .images import atomic_write, save_image
 from .operators import Operator, create
 from .priors import Prior, load_prior
 from .specs import FinetuneSpec, read_saved_spec, validation_message
 
 RUNS_ROOT = Path("runs")
+
+
+def default_run_dir(operator_name: str) -> Path:
+    return RUNS_ROOT / f"{operator_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
+    """The run folder: an existing run to resume, or a new path that holds nothing yet (not created here)."""
+    if resume:
+        run_dir = Path(spec.run_dir) if spec.run_dir else latest_run()
+        if not (run_dir / "state_last.safetensors").exists():
+            raise DeftError(f"{run_dir}: nothing to resume (no state_last.safetensors)")
+        for stale in run_dir.glob(".*.tmp"):  # a write that a killed process left unfinished
+            stale.unlink()
+        return run_dir
+    run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.operator.name)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise DeftError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or another --run-dir)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DeftError(f"{run_dir}: exists and is not a folder (choose another --run-dir)")
+    return run_dir
+
+
+def versions() -> dict[str, str]:
+    return {"deft": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def command_line(command: list[str] | None) -> str:
+    """The command that ran (``sys.argv`` unless given), quoted as a shell would need it."""
+    return " ".join(shlex.quote(a) for a in (command or sys.argv))
+
+
+def started_now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def write_run_info(
+    run_dir: Path, spec: FinetuneSpec, operator: Operator, record: dict[str, Any], measurement: Tensor | None
+) -> None:
+    """A new run's ``spec.json`` (naming the run's copies of the operator's files, :func:`keep_operator_files`) and
+    ``run.json``, ``record`` (what a later reader needs to know exactly what ran); in per-measurement mode also
+    ``measurement.safetensors``, with the source's path and SHA-256 in ``run.json``."""
+    write_json(keep_operator_files(spec, operator, run_dir).model_dump(mode="json"), run_dir / "spec.json")
+    if measurement is not None:
+        save_image(measurement, run_dir / "measurement.safetensors")
+        sha256 = file_sha256(Path(spec.measurement))
+        record = {**record, "measurement": {"source": str(spec.measurement), "sha256": sha256}}
+    write_json(record, run_dir / "run.json")
+
+
+def record_resumed_leg(run_dir: Path, spec: FinetuneSpec, at_step: int, command: list[str] | None) -> None:
+    """``spec.json`` becomes the resumed leg's spec; ``run.json`` lists every resumed leg's command."""
+    info = read_run_record(run_dir)
+    write_json(spec.model_dump(mode="json"), run_dir / "spec.json")
+    leg = {"command": command_line(command), "started": started_now(), "at_step": at_step}
+    info["resumed"] = [*info.get("resumed", []), leg]
+    write_json(info, run_dir / "run.json")
 
 
 def latest_run(root: Path = RUNS_ROOT) -> Path:
@@ -122,10 +186,6 @@ def check_htransform_belongs_to_run(htransform: HTransform, info: dict[str, Any]
     found = _flatten(htransform.config.model_dump(mode="json"))
     recorded = info.get("htransform", {}).get("config") if isinstance(info.get("htransform"), dict) else None
     if isinstance(recorded, dict):
-        try:  # a run recorded before a config field existed reads as that field's default, as its checkpoint does
-            recorded = HTransformConfig.model_validate(recorded).model_dump(mode="json")
-        except ValidationError:
-            pass
         expected = _flatten(recorded)
         differ = [key for key in sorted(set(found) | set(expected)) if found.get(key) != expected.get(key)]
         if differ:

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from .checkpoint import write_json
+from .data import check_measurement_shape
 from .devices import Runtime, resolve_device
 from .errors import DeftError
-from .finetune import check_measurement_shape
 from .images import TENSOR_SUFFIX, colormap, image_grid, list_images, output_folder, read_measurement, save_image
 from .methods import PriorSampler, Sampler, SamplingSetup, build_sampler
+from .metrics import data_residual
 from .priors import load_prior
 from .runs import open_run
 from .samplers import GeneratorNoise, NoiseSampler
@@ -22,11 +23,6 @@ from .specs import SampleSpec
 from .tuning import deft_sampling, recorded_sampling
 
 UNCONDITIONAL_STEPS = 100
-
-
-def data_residual(operator, x: Tensor, y: Tensor) -> Tensor:
-    """‖A x − y‖ / √m per sample: about σ_y for a sample consistent with the measurement."""
-    return (operator.A(x) - y).flatten(1).norm(dim=1) / y[0].numel() ** 0.5
 
 
 def draw(sampler: Sampler, y: Tensor, n: int, batch_size: int, noise: NoiseSampler) -> Tensor:

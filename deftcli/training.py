@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from torch.optim.lr_scheduler import LambdaLR
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .checkpoint import write_checkpoint_file
@@ -30,13 +31,16 @@ def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float
     return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Restore an optimizer's state from a checkpoint; each group keeps the ``base_lr`` it was built with
-    from the spec (states saved before ``base_lr`` existed do not have it)."""
-    base_lrs = [group["base_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, base_lr in zip(optimizer.param_groups, base_lrs):
-        group["base_lr"] = base_lr
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, learning_rates: Sequence[float], warmup: int, total: int, final_factor: float,
+    step: int = 0,
+) -> LambdaLR:
+    """Parameter group i learns at ``learning_rates[i]`` × :func:`warmup_cosine_factor` from ``step`` on. The
+    schedule is a pure function of the step: a resumed run builds it at its step, after loading the optimizer's
+    state, with the resumed leg's rates and iterations."""
+    for group, lr in zip(optimizer.param_groups, learning_rates, strict=True):
+        group["initial_lr"] = lr
+    return LambdaLR(optimizer, lambda n: warmup_cosine_factor(n, warmup, total, final_factor), last_epoch=step - 1)
 
 
 def refuse_resume_with_nothing_to_do(max_minutes: float | None, step: int, iterations: int, seconds: float) -> None:
@@ -72,13 +76,6 @@ def cleared_on_failure(folder: Path, first_checkpoint: Path, keep: tuple[type[Ba
             if not existed:
                 folder.rmdir()
         raise
-
-
-def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """Set every parameter group's learning rate to its ``base_lr`` × ``factor`` (the schedule is a pure
-    function of the step, so a resumed run continues it exactly)."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
 
 
 class GracefulInterrupt:

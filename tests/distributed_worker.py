@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from deftcli.distributed import setup, teardown
-from deftcli.finetune import Finetuner, resolve_run_dir
+from deftcli.finetune import Finetuner
 from deftcli.images import output_folder
+from deftcli.runs import resolve_run_dir
 from deftcli.specs import FinetuneSpec
 
 torch.set_num_threads(1)

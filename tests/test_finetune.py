@@ -15,6 +15,7 @@ from deftcli.images import read_measurement, save_image
 from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.specs import FinetuneSpec, build_spec
+from deftcli.tuning import with_tuned_defaults
 
 
 def gmm_spec(problem, run_dir, **extra) -> FinetuneSpec:
@@ -125,7 +126,7 @@ def test_a_failed_start_leaves_no_half_made_run_folder(gmm_problem, tmp_path, mo
 
 def test_an_amortised_batch_holds_m_measurements_each_repeated_for_its_k_trajectories(gmm_problem, tmp_path):
     from deftcli.distributed import Distributed
-    from deftcli.finetune import MeasurementSource
+    from deftcli.data import MeasurementSource
 
     spec = gmm_spec(gmm_problem, tmp_path / "run", measurement=None, measurements_per_batch=3, trajectories=2)
     batch = MeasurementSource(spec, gmm_problem["prior"], gmm_problem["operator"], torch.device("cpu")).draw(torch.Generator().manual_seed(0), Distributed())
@@ -178,7 +179,7 @@ def test_the_default_learning_rate_is_divided_by_the_likelihood_weight(gmm_probl
     assert FinetuneSpec(likelihood_weight=4.0, lr=1e-3).learning_rate() == 1e-3  # a given --lr is kept
     spec = gmm_spec(gmm_problem, tmp_path / "run", likelihood_weight=2.0).model_copy(update={"lr": None})
     cond_group, time_group = Finetuner(spec, tmp_path / "run", resume=False, quiet=True).optimizer.param_groups
-    assert (cond_group["base_lr"], time_group["base_lr"]) == (2.5e-4, 2.5e-4 * spec.time_lr_factor)
+    assert (cond_group["initial_lr"], time_group["initial_lr"]) == (2.5e-4, 2.5e-4 * spec.time_lr_factor)
 
 
 def test_a_resumed_leg_may_not_change_the_likelihood_weight(gmm_problem, tmp_path):
@@ -189,15 +190,13 @@ def test_a_resumed_leg_may_not_change_the_likelihood_weight(gmm_problem, tmp_pat
         finetune(gmm_spec(gmm_problem, run_dir, iterations=3, likelihood_weight=1.0), resume=True, quiet=True)
 
 
-def test_a_run_recorded_before_the_likelihood_weight_existed_opens_as_w_1_and_a_mismatch_is_refused(gmm_problem, tmp_path):
+def test_a_checkpoint_whose_h_network_differs_from_the_run_record_is_refused(gmm_problem, tmp_path):
     from deftcli.runs import open_run
 
     run_dir = tmp_path / "run"
     finetune(gmm_spec(gmm_problem, run_dir, iterations=1), quiet=True)
-    info = json.loads((run_dir / "run.json").read_text())
-    del info["htransform"]["config"]["likelihood_weight"]
-    (run_dir / "run.json").write_text(json.dumps(info))
     assert open_run(run_dir, torch.device("cpu")).htransform.config.likelihood_weight == 1.0
+    info = json.loads((run_dir / "run.json").read_text())
     info["htransform"]["config"]["likelihood_weight"] = 2.0
     (run_dir / "run.json").write_text(json.dumps(info))
     with pytest.raises(DeftError, match="likelihood_weight 1.0 vs 2.0"):
@@ -294,7 +293,7 @@ def test_cli_resume_of_a_missing_run_is_a_user_error(run_cli, tmp_path):
 
 
 def test_default_h_network_is_sized_to_the_prior():
-    from deftcli.finetune import build_htransform
+    from deftcli.finetune import htransform_for
     from deftcli.priors import UNetPrior
     from deftcli.sde import VPSDE
     from deftcli.unet import UNet, UNetConfig
@@ -303,26 +302,29 @@ def test_default_h_network_is_sized_to_the_prior():
     prior_params = sum(p.numel() for p in prior.parameters())
     sizes = []
     for fraction in (0.1, 0.5):
-        spec = FinetuneSpec(hnet={"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16})
-        htransform = build_htransform(spec, prior, create("superres", factor=4, sigma=0.05))
+        hnet = {"size_fraction": fraction, "time_embedding_dim": 16, "time_hidden": 16}
+        spec, _ = with_tuned_defaults(FinetuneSpec(hnet=hnet), None)
+        htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
         assert htransform.num_parameters() <= fraction * prior_params
         blocks = htransform.config.space_to_depth ** 2
         assert htransform.config.network.in_channels == 2 * prior.image_shape[0] * blocks
         sizes.append(htransform.config.network.model_channels)
     assert sizes[0] < sizes[1]
-    assert build_htransform(FinetuneSpec(hnet={"model_channels": 12}), prior, create("superres", factor=4, sigma=0.05)).config.network.model_channels == 12
+    given, _ = with_tuned_defaults(FinetuneSpec(hnet={"model_channels": 12}), None)
+    assert htransform_for(given, prior, create("superres", factor=4, sigma=0.05)).config.network.model_channels == 12
 
 
 def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size_in_the_checkpoint(tmp_path):
-    from deftcli.finetune import build_htransform
-    from deftcli.htransform import HTransformConfig, save_htransform
+    from deftcli.finetune import htransform_for
+    from deftcli.htransform import save_htransform
     from deftcli.priors import UNetPrior
     from deftcli.sde import VPSDE
     from deftcli.unet import UNet, UNetConfig
 
     prior = UNetPrior(UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), norm_groups=8), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
-    spec = FinetuneSpec(hnet={"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16})
-    htransform = build_htransform(spec, prior, create("superres", factor=4, sigma=0.05))
+    hnet = {"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16}
+    spec, _ = with_tuned_defaults(FinetuneSpec(hnet=hnet), None)
+    htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
     assert (htransform.config.network.in_channels, htransform.config.network.out_channels) == (96, 48)
     with torch.no_grad():
         for p in htransform.parameters():
@@ -334,10 +336,6 @@ def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size
     loaded, _ = load_htransform(tmp_path / "h.safetensors", prior)
     assert loaded.config.space_to_depth == 4
     assert torch.allclose(loaded(x, t, g), out)
-    # configs saved before the option existed are full-resolution networks
-    legacy = htransform.config.model_dump(mode="json")
-    del legacy["space_to_depth"]
-    assert HTransformConfig.model_validate(legacy).space_to_depth == 1
 
 
 def test_the_time_scaling_network_learns_at_its_own_rate(gmm_problem, tmp_path):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from deftcli.check_gmm import GMMCheckSpec, check_gmm, sliced_w2
+from deftcli.check_gmm import GMMCheckSpec, check_gmm
 from deftcli.gmm import exact_posterior, hard_mixture
+from deftcli.metrics import sliced_w2
 from deftcli.operators import create
 from deftcli.samplers import GeneratorNoise, sample_reverse_sde
 from deftcli.sde import reverse_time_grid

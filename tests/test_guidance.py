@@ -3,16 +3,18 @@
 import pytest
 import torch
 
-from deftcli.finetune import build_htransform
+from deftcli.finetune import htransform_for
 from deftcli.gmm import GaussianMixturePrior
-from deftcli.htransform import HTransformConfig, load_htransform, save_htransform
+from deftcli.htransform import load_htransform, save_htransform
 from deftcli.operators import Operator, create
 from deftcli.specs import FinetuneSpec
 from deftcli.tuning import with_tuned_defaults
 
 IMAGE_SHAPE = (2, 4, 4)
 VARIANCE = 0.3
-SPEC = FinetuneSpec(hnet={"start": "gaussian", "model_channels": 8, "channel_mult": [1], "space_to_depth": 1, "time_embedding_dim": 16, "time_hidden": 16})
+HNET = {"start": "gaussian", "model_channels": 8, "channel_mult": [1], "space_to_depth": 1,
+        "time_embedding_dim": 16, "time_hidden": 16}
+SPEC, _ = with_tuned_defaults(FinetuneSpec(hnet=HNET), None)
 
 
 def gaussian_prior() -> GaussianMixturePrior:
@@ -41,7 +43,7 @@ def exact_log_likelihood(
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_start_is_the_exact_score_of_the_likelihood_for_a_gaussian_prior(operator: Operator, t: float) -> None:
     prior = gaussian_prior()
-    guidance = build_htransform(SPEC, prior, operator).config.guidance
+    guidance = htransform_for(SPEC, prior, operator).config.guidance
     assert guidance is not None and guidance.data_variance == pytest.approx(VARIANCE)
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn((1, *IMAGE_SHAPE), generator=generator, dtype=torch.float64).requires_grad_(True)
@@ -56,7 +58,7 @@ def test_start_is_the_exact_score_of_the_likelihood_for_a_gaussian_prior(operato
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_with_a_likelihood_weight_the_start_is_the_exact_score_of_the_tempered_likelihood(t: float) -> None:
     prior, operator, weight = gaussian_prior(), create("superres", factor=2, sigma=0.1), 3.0
-    htransform = build_htransform(SPEC.model_copy(update={"likelihood_weight": weight}), prior, operator)
+    htransform = htransform_for(SPEC.model_copy(update={"likelihood_weight": weight}), prior, operator)
     with torch.no_grad():
         for parameter in htransform.parameters():
             parameter.zero_()  # NN_φ = 0 and c_ψ = 0: h is its start alone
@@ -75,8 +77,8 @@ def test_with_a_likelihood_weight_the_start_is_the_exact_score_of_the_tempered_l
 def test_a_likelihood_weight_feeds_the_network_the_weighted_gradient_and_is_kept_in_the_checkpoint(tmp_path) -> None:
     prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.1)
     torch.manual_seed(0)
-    weighted = build_htransform(SPEC.model_copy(update={"likelihood_weight": 2.5}), prior, operator)
-    plain = build_htransform(SPEC, prior, operator)
+    weighted = htransform_for(SPEC.model_copy(update={"likelihood_weight": 2.5}), prior, operator)
+    plain = htransform_for(SPEC, prior, operator)
     plain.load_state_dict(weighted.state_dict())
     x, g, t = torch.randn(3, *IMAGE_SHAPE), torch.randn(3, *IMAGE_SHAPE), torch.tensor([0.05, 0.5, 0.95])
     assert plain.config.guidance is not None and weighted.config.guidance is not None
@@ -84,14 +86,11 @@ def test_a_likelihood_weight_feeds_the_network_the_weighted_gradient_and_is_kept
     torch.testing.assert_close(weighted(x, t, g), plain(x, t, 2.5 * g))
     save_htransform(weighted, tmp_path / "h.safetensors", {})
     assert load_htransform(tmp_path / "h.safetensors", prior)[0].config.likelihood_weight == 2.5
-    legacy = weighted.config.model_dump(mode="json")
-    del legacy["likelihood_weight"]
-    assert HTransformConfig.model_validate(legacy).likelihood_weight == 1.0
 
 
 def test_untrained_h_network_is_the_start_plus_the_small_learned_scale() -> None:
     prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.1)
-    htransform = build_htransform(SPEC, prior, operator)
+    htransform = htransform_for(SPEC, prior, operator)
     x, g, t = torch.randn(3, *IMAGE_SHAPE), torch.randn(3, *IMAGE_SHAPE), torch.tensor([0.05, 0.5, 0.95])
     scale = htransform.config.guidance.scale(t, prior.sde) + htransform.time_model(t)
     torch.testing.assert_close(htransform(x, t, g), -scale * g)
@@ -101,7 +100,7 @@ def test_untrained_h_network_is_the_start_plus_the_small_learned_scale() -> None
 def test_h_is_its_network_term_minus_the_scaled_weighted_gradient() -> None:
     prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.1)
     torch.manual_seed(0)
-    htransform = build_htransform(SPEC.model_copy(update={"likelihood_weight": 2.0}), prior, operator)
+    htransform = htransform_for(SPEC.model_copy(update={"likelihood_weight": 2.0}), prior, operator)
     with torch.no_grad():
         for p in htransform.cond_model.parameters():  # a network that is far from its near-zero start
             p.add_(0.1 * torch.randn_like(p))
@@ -117,17 +116,14 @@ def test_h_is_its_network_term_minus_the_scaled_weighted_gradient() -> None:
 def test_zero_start_the_default_and_noiseless_measurements_have_no_start() -> None:
     prior = gaussian_prior()
     zero = SPEC.model_copy(update={"hnet": SPEC.hnet.model_copy(update={"start": "zero"})})
-    assert build_htransform(zero, prior, create("superres", factor=2, sigma=0.1)).config.guidance is None
+    assert htransform_for(zero, prior, create("superres", factor=2, sigma=0.1)).config.guidance is None
     assert with_tuned_defaults(FinetuneSpec(), None)[0].hnet.start == "zero"  # unset, on a prior without tuned defaults
-    assert build_htransform(SPEC, prior, create("superres", factor=2, sigma=0.0)).config.guidance is None
+    assert htransform_for(SPEC, prior, create("superres", factor=2, sigma=0.0)).config.guidance is None
 
 
-def test_start_is_kept_in_the_checkpoint_and_older_configs_load_without_one(tmp_path) -> None:
+def test_start_is_kept_in_the_checkpoint(tmp_path) -> None:
     prior = gaussian_prior()
-    htransform = build_htransform(SPEC, prior, create("superres", factor=2, sigma=0.1))
+    htransform = htransform_for(SPEC, prior, create("superres", factor=2, sigma=0.1))
     save_htransform(htransform, tmp_path / "h.safetensors", {})
     loaded, _ = load_htransform(tmp_path / "h.safetensors", prior)
     assert loaded.config == htransform.config
-    legacy = htransform.config.model_dump(mode="json")
-    del legacy["guidance"], legacy["space_to_depth"]
-    assert HTransformConfig.model_validate(legacy).guidance is None

@@ -6,19 +6,21 @@ import math
 import torch
 
 from conftest import TINY_HNET
-from deftcli.finetune import build_htransform
+from deftcli.finetune import htransform_for
 from deftcli.htransform import ConditionalScore
 from deftcli.images import save_image
 from deftcli.methods import DeftSampler, PriorSampler, SamplingSetup
+from deftcli.metrics import data_residual
 from deftcli.samplers import GeneratorNoise
-from deftcli.sample import data_residual
 from deftcli.specs import EvalSpec, FinetuneSpec, build_spec
+from deftcli.tuning import with_tuned_defaults
 
-GAUSSIAN_START = build_spec(FinetuneSpec, overrides={**TINY_HNET, "hnet.start": "gaussian", "hnet.space_to_depth": 1})
+GAUSSIAN_START, _ = with_tuned_defaults(
+    build_spec(FinetuneSpec, overrides={**TINY_HNET, "hnet.start": "gaussian", "hnet.space_to_depth": 1}), None)
 
 
 def deft_sampler(problem, guidance_scale: float) -> DeftSampler:
-    htransform = build_htransform(GAUSSIAN_START, problem["prior"], problem["operator"]).eval().requires_grad_(False)
+    htransform = htransform_for(GAUSSIAN_START, problem["prior"], problem["operator"]).eval().requires_grad_(False)
     return DeftSampler(SamplingSetup(problem["prior"], steps=20), problem["operator"], htransform, guidance_scale=guidance_scale)
 
 
