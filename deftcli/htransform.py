@@ -22,7 +22,7 @@ With ``space_to_depth`` r > 1 the UNet works on r×r pixel blocks stacked as cha
 NN_φ(z) = shuffle_r(UNet(unshuffle_r(z))), a UNet with r²·2C inputs and r²·C outputs on an
 (H/r)×(W/r) grid. It sees every pixel, covers r× the receptive field, and its cost on a CPU,
 which follows the activations of its full-resolution layers, falls by about r²
-(``benchmarks/README.md``). r = 1 is the original's network.
+(``benchmarks/research/results/hnet_cost.json``). r = 1 is the original's network.
 """
 
 from __future__ import annotations

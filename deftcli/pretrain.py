@@ -61,7 +61,7 @@ def exponential_moving_average(model: torch.nn.Module, decay: float) -> Averaged
     the weights, with the usual warm-up d_n = min(d, (1 + n)/(10 + n)).
 
     Without the warm-up an EMA of 0.999 after a few thousand steps still remembers the random
-    initialisation (DESIGN.md §3 measured a 5× worse loss).
+    initialisation (DESIGN.md §3).
     """
 
     def update(averages: list[Tensor], weights: list[Tensor], n_averaged: Tensor) -> None:

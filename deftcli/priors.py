@@ -83,8 +83,8 @@ class UNetPrior(Prior):
     """A frozen :class:`UNet` whose output is the score (plus :class:`GaussianScore` when residual).
 
     On the CPU its convolution weights are kept channels-last (NHWC), so the convolutions run in that
-    layout and return channels-last activations: with oneDNN the prior's forward pass is 13–15 %
-    faster and its backward pass w.r.t. the input no slower (``benchmarks/prior_layout.py``). On other
+    layout and return channels-last activations: with oneDNN the prior's forward and backward passes are
+    faster that way (``benchmarks/research/results/prior_layout.json``). On other
     devices they stay contiguous: that is not measured there, and CUDA's GroupNorm has long returned
     contiguous outputs, which would convert the layout around every normalisation.
     """

@@ -20,9 +20,9 @@ from .errors import DeftError
 from .samplers import SamplerKind
 from .unet import UNetConfig
 
-DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/README.md)
+DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/results/sample_quality.json, sweeps.dps)
 DEFAULT_DIFFPIR_LAMBDA = 0.25  # DiffPIR's λ and ζ: the best pair of `deft eval`'s sweep on petals train,
-DEFAULT_DIFFPIR_ZETA = 1.0  # 4× super-resolution, σ_y 0.05, N = 50, the shipped prior
+DEFAULT_DIFFPIR_ZETA = 1.0  # 4× super-resolution, σ_y 0.05, N = 50, the shipped prior (sample_quality.json, sweeps.diffpir)
 DEFAULT_DDRM_ETA = 0.85  # DDRM's η and η_b as in Kawar et al. 2022
 DEFAULT_DDRM_ETA_B = 1.0
 
