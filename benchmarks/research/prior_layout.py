@@ -33,7 +33,7 @@ from deftcli import unet as unet_module
 from deftcli.data import open_dataset
 from deftcli.evaluate import interleaved_seconds_per_image
 from deftcli.finetune import build_htransform
-from deftcli.methods import Reconstructor
+from deftcli.methods import DeftSampler, DPSSampler, PriorSampler, Sampler, SamplingSetup
 from deftcli.operators import create
 from deftcli.priors import Prior, load_prior
 from deftcli.specs import DataSpec, FinetuneSpec
@@ -102,11 +102,13 @@ def main() -> None:
     network = interleaved_ms({f"{kind}, {layout}": make(priors[layout]) for layout in LAYOUTS
                               for kind, make in (("forward", forward), ("forward+input-backward", forward_backward))}, args.rounds)
 
-    samplers = {}
+    samplers: dict[str, Sampler] = {}
     for layout in LAYOUTS:
         prior = priors[layout]
-        rec = Reconstructor(prior, operator, build_htransform(FinetuneSpec(), prior, operator).eval(), args.steps, dps_zeta=10.0)
-        samplers |= {f"{method}, {layout}": (rec, method) for method in ("prior", "dps", "deft")}
+        setup = SamplingSetup(prior, args.steps)
+        htransform = build_htransform(FinetuneSpec(), prior, operator).eval()
+        samplers |= {f"prior, {layout}": PriorSampler(setup), f"dps, {layout}": DPSSampler(setup, operator, zeta=10.0),
+                     f"deft, {layout}": DeftSampler(setup, operator, htransform)}
     y = operator.measure(open_dataset(DataSpec(), "val", x.shape[-1], x.shape[1]).batch(range(args.batch)), generator=torch.Generator().manual_seed(0))
     speed = interleaved_seconds_per_image(samplers, y, args.rounds)
 

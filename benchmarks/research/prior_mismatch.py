@@ -30,7 +30,7 @@ from common import add_deft_against_dps_arguments, deft_against_dps, deft_agains
 from deftcli.evaluate import psnr
 from deftcli.operators import Operator
 from deftcli.priors import Prior
-from deftcli.samplers import sample_reverse_sde
+from deftcli.samplers import GeneratorNoise, sample_reverse_sde
 from deftcli.sde import reverse_time_grid
 
 PROJECTION_POINTS = 200
@@ -43,7 +43,8 @@ def project_onto_prior(prior: Prior, x: torch.Tensor, t_star: float, generator: 
     s_start = 1.0 - t_star
     grid = [s_start, *(s for s in reverse_time_grid(PROJECTION_POINTS) if s > s_start)]
     x_t = prior.sde.perturb(x, torch.full((x.shape[0],), t_star), torch.randn(x.shape, generator=generator))
-    return sample_reverse_sde(prior.score, prior.sde, x_t, grid, generator, denoise_final=True).clamp(-1, 1)
+    x0 = sample_reverse_sde(prior.score, prior.sde, x_t, grid, GeneratorNoise(generator), denoise_final=True)
+    return x0.clamp(-1, 1)
 
 
 def null_space_energy(operator: Operator, x: torch.Tensor) -> float:
@@ -68,7 +69,7 @@ def main() -> None:
                "truth_channel_std": [round(float(v), 4) for v in x.std(dim=(0, 2, 3))],
                "truth_null_space_energy": null_space_energy(run.operator, x),
                "dagger_psnr": round(float(psnr(run.operator.A_dagger(y), x).mean()), 4),
-               **deft_against_dps_row(methods, x, y, images, args, seed=0)}
+               **deft_against_dps_row(methods, run.operator, x, y, images, args, seed=0)}
         rows.append(row)
         print(f"t* {t_star:4.2f} (truth vs petals {row['truth_psnr_against_petals'] or float('inf'):6.2f} dB): {describe_gap(row)}", flush=True)
 

@@ -49,8 +49,8 @@ def main() -> None:
     y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
 
     by_k = {}
-    for name, method_rec in methods.items():
-        _, samples, seconds = per_image_metrics(method_rec, name, x, y, images, args.k, args.batch_size, seed=0)
+    for name, sampler in methods.items():
+        _, samples, seconds = per_image_metrics(sampler, run.operator, x, y, images, args.k, args.batch_size, seed=0)
         by_k[name] = posterior_means_by_k(samples, x, seconds / (len(images) * args.k))
         print(f"{name}: {seconds:.1f} s for {args.k} samples of {len(images)} images", flush=True)
 

@@ -36,7 +36,7 @@ def main() -> None:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(seed))
-        row = {"seed": seed, **deft_against_dps_row(methods, x, y, images, args, seed)}
+        row = {"seed": seed, **deft_against_dps_row(methods, run.operator, x, y, images, args, seed)}
         rows.append(row)
         print(f"seed {seed}: {describe_gap(row)}", flush=True)
 
