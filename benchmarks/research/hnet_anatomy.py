@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="1,3", help="deft's guidance scales γ")
     parser.add_argument("--dps-zeta", type=float, default=10.0)
     parser.add_argument("--jacobian-free-zetas", default="3,10,30")
-    parser.add_argument("--jacobian-gammas", default="1,1.5,2", help="γ of the learnt schedule along the prior's Jacobian")
+    parser.add_argument("--jacobian-gammas", default="1,1.5,2",
+                        help="γ of the learnt schedule along the prior's Jacobian")
     parser.add_argument("--jacobian-part-gamma", type=float, default=2.0,
                         help="γ at which the Jacobian direction's range and null-space parts are evaluated apart")
     parser.add_argument("--prior-truth", type=int, default=32,
@@ -197,13 +198,15 @@ def main() -> None:
         print(f"on {args.prior_truth} {PRIOR_TRUTH}:", flush=True)
         truth = prior_truth_images(run.prior, args.prior_truth)
         truth_y = run.operator.measure(truth, generator=torch.Generator().manual_seed(0))
-        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}", "posterior_mean": evaluate_samplers(truth, truth_y, list(range(args.prior_truth)))}
+        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}",
+                       "posterior_mean": evaluate_samplers(truth, truth_y, list(range(args.prior_truth)))}
 
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
-                  "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "gaussian_start": run.htransform.config.guidance is not None, "trace_images": args.trace_images, "threads": args.threads,
-                  "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(),
+                  "time_steps": run.spec.time_steps, "k": args.k, "run": str(args.run),
+                  "likelihood_weight": run.htransform.config.likelihood_weight,
+                  "gaussian_start": run.htransform.config.guidance is not None, "trace_images": args.trace_images,
+                  "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
         "trace_gamma_1": steps,
         "posterior_mean": results,
         "prior_truth": prior_truth,

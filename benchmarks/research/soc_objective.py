@@ -105,14 +105,18 @@ def controlled_chain(sampler: GuidedChainSampler, operator: Operator, y: Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, action="append", required=True, help="a finished 4× super-resolution run, repeatable")
+    parser.add_argument("--run", type=Path, action="append", required=True,
+                        help="a finished 4× super-resolution run, repeatable")
     parser.add_argument("--gammas", default="1,3", help="deft's guidance scales γ, for every run")
-    parser.add_argument("--jacobian-gammas", default="1", help="γ of the learnt schedule along the prior's Jacobian, for every run")
+    parser.add_argument("--jacobian-gammas", default="1",
+                        help="γ of the learnt schedule along the prior's Jacobian, for every run")
     parser.add_argument("--dps-zetas", default="3,10")
-    parser.add_argument("--prior-truth", type=int, default=32, help="also on this many ground truths drawn from the prior (0: none)")
+    parser.add_argument("--prior-truth", type=int, default=32,
+                        help="also on this many ground truths drawn from the prior (0: none)")
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/soc_objective.json"))
 
-    runs = {f"w{run.htransform.config.likelihood_weight:g}": run for run in (open_run(path, torch.device("cpu")) for path in args.run)}
+    opened = (open_run(path, torch.device("cpu")) for path in args.run)
+    runs = {f"w{run.htransform.config.likelihood_weight:g}": run for run in opened}
     if not all(isinstance(run.htransform, HTransform) for run in runs.values()):
         raise SystemExit("every --run must be a fine-tuned run with an h-network")
     base = next(iter(runs.values()))
@@ -146,12 +150,14 @@ def main() -> None:
             first = j1 if first is None else first
             row = {"data_term": round(float(data.mean()), 2), "kl_to_prior_chain": round(float(kl.mean()), 2),
                    **{f"J_{w:g}": round(float((w * data + kl).mean()), 2) for w in weights},
-                   "J_1_minus_first_sampler": {"mean": round(float((j1 - first).mean()), 2), "standard_error": round(float((j1 - first).std() / n**0.5), 2)},
+                   "J_1_minus_first_sampler": {"mean": round(float((j1 - first).mean()), 2),
+                                               "standard_error": round(float((j1 - first).std() / n**0.5), 2)},
                    "psnr_mean": round(float(psnr(x0.reshape(n, k, *x0.shape[1:]).mean(1), x).mean()), 4)}
             rows[name] = row
             gap = row["J_1_minus_first_sampler"]
-            print(f"{name:40s} E[D] {row['data_term']:9.2f}  KL term {row['kl_to_prior_chain']:10.2f}  J_1 {row['J_1']:10.2f} "
-                  f"({gap['mean']:+10.2f} ± {gap['standard_error']:.2f})  PSNR of the mean {row['psnr_mean']:.3f}", flush=True)
+            print(f"{name:40s} E[D] {row['data_term']:9.2f}  KL term {row['kl_to_prior_chain']:10.2f}  "
+                  f"J_1 {row['J_1']:10.2f} ({gap['mean']:+10.2f} ± {gap['standard_error']:.2f})  "
+                  f"PSNR of the mean {row['psnr_mean']:.3f}", flush=True)
         return rows
 
     images, x = val_images(base, args.n)
@@ -161,12 +167,15 @@ def main() -> None:
     if args.prior_truth:
         truth = prior_truth_images(base.prior, args.prior_truth)
         print(f"{args.prior_truth} {PRIOR_TRUTH}:", flush=True)
-        results["prior_truth"] = evaluate(truth, base.operator.measure(truth, generator=torch.Generator().manual_seed(0)))
+        truth_y = base.operator.measure(truth, generator=torch.Generator().manual_seed(0))
+        results["prior_truth"] = evaluate(truth, truth_y)
 
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "prior_truth": f"{args.prior_truth} {PRIOR_TRUTH}" if args.prior_truth else None,
-                  "operator": base.operator.describe(), "time_steps": base.spec.time_steps, "k": args.k, "runs": {label: str(path) for label, path in zip(runs, args.run)},
-                  "measurement_seed": 0, "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {"data": f"petals val, first {len(images)}",
+                  "prior_truth": f"{args.prior_truth} {PRIOR_TRUTH}" if args.prior_truth else None,
+                  "operator": base.operator.describe(), "time_steps": base.spec.time_steps, "k": args.k,
+                  "runs": {label: str(path) for label, path in zip(runs, args.run)}, "measurement_seed": 0,
+                  "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
         **results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
