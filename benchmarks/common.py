@@ -1,6 +1,5 @@
 """What more than one benchmark script uses: the val-image benchmarks' options, images and summaries,
-deft against DPS on one run, the guided Euler–Maruyama chain of the research samplers, and the
-original 64×64 configuration of the device benchmarks.
+deft against DPS on one run, and the original 64×64 configuration of the device benchmarks.
 
 A script in ``benchmarks/`` imports it as ``common``; one in ``benchmarks/research/`` puts
 ``benchmarks/`` on ``sys.path`` first.
@@ -9,13 +8,9 @@ A script in ``benchmarks/`` imports it as ``common``; one in ``benchmarks/resear
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
-from torch import Tensor
 
 from deftcli.checkpoint import save_weights, write_json
 from deftcli.data import open_dataset
@@ -24,7 +19,7 @@ from deftcli.methods import DeftSampler, DPSSampler, PriorSampler, Sampler, Samp
 from deftcli.operators import Operator
 from deftcli.priors import Prior
 from deftcli.runs import FinetunedRun, open_run
-from deftcli.samplers import NoiseSource, denoise, gaussian, reverse_sde_step, standard_noise, time_batch
+from deftcli.samplers import GeneratorNoise
 from deftcli.sde import VPSDE
 from deftcli.unet import UNet, UNetConfig
 
@@ -102,88 +97,6 @@ def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, 
     difference = psnr - reference
     return {"mean_db": round(float(difference.mean()), 4), "standard_error_db": round(float(difference.std() / difference.numel() ** 0.5), 4),
             "images_above": int((difference > 0).sum()), "images": difference.numel()}
-
-
-def sample_norm(v: Tensor) -> Tensor:
-    """‖v_b‖ per batch row, (B, 1, 1, 1), kept away from 0 so that it can divide."""
-    return v.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
-
-
-Guidance = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-"""(x_t, t, y) → (the prior score, a control added to it, a correction added after the step), all detached."""
-
-
-def guided_chain(prior: Prior, grid: list[float], y: Tensor, generator: NoiseSource, guidance: Guidance) -> tuple[Tensor, Tensor]:
-    r"""The prior's Euler–Maruyama chain from noise with a guidance: x_{k+1} = EM step with s + control, + correction.
-
-    Returns x_N (at t = ε) and, per row, Σ_k ‖d_k‖² / (2 β_k Δs_k) with d_k = β_k Δs_k control + correction,
-    the mean shift of step k against the prior's chain: the KL divergence of the guided chain's path
-    from the prior's (each step is Gaussian with the prior's covariance β_k Δs_k I).
-    """
-    sde = prior.sde
-    x = gaussian((y.shape[0], *prior.image_shape), generator, y.device)
-    kl = torch.zeros(y.shape[0], device=y.device)
-    for k in range(len(grid) - 1):
-        t, ds = time_batch(grid[k], x), grid[k + 1] - grid[k]
-        score, control, correction = guidance(x, t, y)
-        with torch.no_grad():
-            beta_ds = sde.beta(t)[:, None, None, None] * ds
-            x = reverse_sde_step(sde, x, t, ds, score + control, standard_noise(x, generator)) + correction
-            kl += ((beta_ds * control + correction).pow(2) / (2 * beta_ds)).flatten(1).sum(1)
-    return x, kl
-
-
-class GuidedChainSampler(Reconstructor):
-    """A benchmark-only sampler: :func:`guided_chain` with :meth:`guidance`, Tweedie-denoised under the prior at the end."""
-
-    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
-
-    def sample(self, method: str, y: Tensor, generator: NoiseSource) -> Tensor:
-        x, _ = guided_chain(self.prior, self.grid, y, generator, self.guidance)
-        return denoise(self.prior.score, self.prior.sde, x, self.grid[-1])
-
-
-@dataclass
-class LearntScheduleAlongJacobian(GuidedChainSampler):
-    """deft's learnt schedule along the prior's Jacobian: h = −(c_0 + c_ψ(t)) w ‖g‖ d / ‖d‖.
-
-    Jᵀg = ∇_{x_t}⟨x̂0(x_t), g⟩ by autograd through the prior (DPS's cost per step): the direction of the
-    likelihood gradient through x̂0(x_t), which the exact h-transform of a non-Gaussian prior carries
-    and g lacks, at the magnitude deft's h has. What NN_φ could add by learning that direction.
-    With P = A†A the projection onto range(Aᵀ), ``part`` picks d:
-
-    - ``full``: d = Jᵀg;
-    - ``range``: d = P Jᵀg, the Jacobian's effect on what y measures;
-    - ``null-space``: d = ‖P Jᵀg‖ g/‖g‖ + (I − P) Jᵀg, g's own direction in the range and the
-      Jacobian's part that y does not measure.
-    """
-
-    part: Literal["full", "range", "null-space"] = "full"
-
-    def direction(self, g: Tensor, jacobian_g: Tensor) -> Tensor:
-        if self.part == "full":
-            return jacobian_g
-        assert self.operator is not None
-        in_range = self.operator.A_dagger(self.operator.A(jacobian_g))
-        if self.part == "range":
-            return in_range
-        return g / sample_norm(g) * sample_norm(in_range) + (jacobian_g - in_range)
-
-    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The prior score s_θ(x_t, t) and the control γ h added to it (no correction)."""
-        sde, htransform = self.prior.sde, self.htransform
-        assert htransform is not None and self.operator is not None
-        x_in = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            score = self.prior.score(x_in, t)
-            x0 = sde.tweedie_x0(x_in, score, t)
-            g = self.operator.likelihood_grad(x0.detach(), y)
-            (jacobian_g,) = torch.autograd.grad(x0, x_in, g)
-        with torch.no_grad():
-            d = self.direction(g, jacobian_g)
-            h = -htransform.scale(t) * htransform.weighted(d) * (sample_norm(g) / sample_norm(d))
-            return score.detach(), self.guidance_scale * h, torch.zeros_like(x)
 
 
 # The original Flowers102 experiment's sizes: its prior UNet, its h-network, 64×64 images, batch 14

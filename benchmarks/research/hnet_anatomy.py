@@ -30,22 +30,26 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from dataclasses import dataclass, replace
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
-from common import (PRIOR_TRUTH, GuidedChainSampler, LearntScheduleAlongJacobian, parse_with_evaluation_arguments, prior_truth_images,
-                    sample_norm, summarise, val_images)
+from common import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
+from guided_chain import GuidedChainSampler, LearntScheduleAlongJacobian, sample_norm
 from torch import Tensor, nn
+from torch.nn.functional import cosine_similarity
 
 from deftcli.evaluate import per_image_metrics, sample_generators
 from deftcli.htransform import GaussianGuidance, HTransform, guidance_inputs
-from deftcli.methods import Reconstructor
+from deftcli.methods import Cost, DeftSampler, DPSSampler, Sampler, SamplingSetup
+from deftcli.operators import Operator
+from deftcli.priors import Prior
 from deftcli.runs import open_run
-from deftcli.samplers import gaussian, reverse_sde_step, standard_noise, time_batch
+from deftcli.samplers import PerSampleNoise, ReverseStep, ScoreFn, sample_reverse_sde
 
 
 class GradientTermOnly(nn.Module):
@@ -59,43 +63,70 @@ class GradientTermOnly(nn.Module):
         return -self.htransform.scale(t) * self.htransform.weighted(g)
 
 
-@dataclass
+@dataclass(frozen=True)
 class JacobianFreeDPS(GuidedChainSampler):
     """DPS with the prior's Jacobian dropped: after each prior step, x ← x − ζ Aᵀ(A x̂0 − y)/‖A x̂0 − y‖."""
 
-    def guidance(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        assert self.operator is not None
+    zeta: float
+
+    method: ClassVar[str] = "jacobian-free-dps"
+    SETTINGS: ClassVar[dict[str, str]] = {"dps_zeta": "zeta"}
+
+    def steer(self, score_fn: ScoreFn, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The prior score, no control, and the correction −ζ Aᵀ(A x̂0 − y)/‖A x̂0 − y‖."""
         with torch.no_grad():
-            score = self.prior.score(x, t)
-            residual = self.operator.A(self.prior.sde.tweedie_x0(x, score, t)) - y
+            score = score_fn(x, t)
+            residual = self.operator.A(self.setup.sde.tweedie_x0(x, score, t)) - y
             step = self.operator.A_adjoint(residual) / sample_norm(residual)
-            return score, torch.zeros_like(x), -self.dps_zeta * step
+            return score, torch.zeros_like(x), -self.zeta * step
+
+    def cost(self) -> Cost:
+        return Cost(prior=self.setup.evaluations())
 
 
-def trace(rec: Reconstructor, y: Tensor, reference: GaussianGuidance, every: int) -> list[dict[str, float]]:
-    """Per-step anatomy of h along deft's own trajectories (γ = 1) for measurements y."""
-    htransform, prior, sde, grid = rec.htransform, rec.prior, rec.prior.sde, rec.grid
-    generators = sample_generators(0, range(y.shape[0]), 1, y.device)
-    x = gaussian((y.shape[0], *prior.image_shape), generators, y.device)
-    rows = []
-    with torch.no_grad():
-        for k in range(len(grid) - 1):
-            t = time_batch(grid[k], x)
-            score, g = guidance_inputs(prior, rec.operator, x, t, y)
+class AnatomyScore:
+    """deft's score at γ = 1, s_θ + h with h = NN_φ([w g, x_t], t) − (c_0 + c_ψ(t)) w g, that keeps
+    (w g, NN_φ, h) of its latest evaluation in :attr:`last` for the trace's per-step callback."""
+
+    def __init__(self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor) -> None:
+        self.prior, self.htransform, self.operator, self.y = prior, htransform, operator, y
+        self.last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        htransform = self.htransform
+        score, g = guidance_inputs(self.prior, self.operator, x, t, self.y)
+        with torch.no_grad():
             wg = htransform.weighted(g)
             network = htransform.network(x, t, wg)
             h = network - htransform.scale(t) * wg
-            if k % every == 0 or k == len(grid) - 2:
-                rows.append({
-                    "t": round(1 - grid[k], 4),
-                    "h_norm": round(float(h.flatten(1).norm(dim=1).mean()), 3),
-                    "network_norm": round(float(network.flatten(1).norm(dim=1).mean()), 3),
-                    "cos_h_minus_wg": round(float(nn.functional.cosine_similarity(h.flatten(1), -wg.flatten(1), dim=1).mean()), 4),
-                    "wg_norm": round(float(wg.flatten(1).norm(dim=1).mean()), 3),
-                    "learnt_scale": round(float(htransform.scale(t[:1]).flatten()[0]), 5),
-                    "gaussian_scale": round(float(reference.scale(t[:1], sde).flatten()[0]), 5),
-                })
-            x = reverse_sde_step(sde, x, t, grid[k + 1] - grid[k], score + h, standard_noise(x, generators))
+            self.last = (wg, network, h)
+            return score + h
+
+
+def trace(sampler: DeftSampler, y: Tensor, reference: GaussianGuidance, every: int) -> list[dict[str, float]]:
+    """Per-step anatomy of h along deft's own trajectories (γ = 1) for measurements y."""
+    setup, htransform = sampler.setup, sampler.htransform
+    grid, score = setup.grid, AnatomyScore(setup.prior, htransform, sampler.operator, y)
+    rows = []
+
+    def record(step: ReverseStep) -> None:
+        if step.k % every and step.k != len(grid) - 2:
+            return
+        assert score.last is not None
+        wg, network, h = score.last
+        t = step.t
+        rows.append({
+            "t": round(1 - grid[step.k], 4),
+            "h_norm": round(float(h.flatten(1).norm(dim=1).mean()), 3),
+            "network_norm": round(float(network.flatten(1).norm(dim=1).mean()), 3),
+            "cos_h_minus_wg": round(float(cosine_similarity(h.flatten(1), -wg.flatten(1), dim=1).mean()), 4),
+            "wg_norm": round(float(wg.flatten(1).norm(dim=1).mean()), 3),
+            "learnt_scale": round(float(htransform.scale(t[:1]).flatten()[0]), 5),
+            "gaussian_scale": round(float(reference.scale(t[:1], setup.sde).flatten()[0]), 5),
+        })
+
+    noise = PerSampleNoise(sample_generators(0, range(y.shape[0]), 1, y.device))
+    sample_reverse_sde(score, setup.sde, setup.start(y.shape[0], y.device, noise), grid, noise, callback=record)
     return rows
 
 
@@ -105,7 +136,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="1,3", help="deft's guidance scales γ")
     parser.add_argument("--dps-zeta", type=float, default=10.0)
     parser.add_argument("--jacobian-free-zetas", default="3,10,30")
-    parser.add_argument("--jacobian-gammas", default="1,1.5,2", help="γ of the learnt schedule along the prior's Jacobian")
+    parser.add_argument("--jacobian-gammas", default="1,1.5,2",
+                        help="γ of the learnt schedule along the prior's Jacobian")
     parser.add_argument("--jacobian-part-gamma", type=float, default=2.0,
                         help="γ at which the Jacobian direction's range and null-space parts are evaluated apart")
     parser.add_argument("--prior-truth", type=int, default=32,
@@ -118,20 +150,22 @@ def main() -> None:
     if not isinstance(run.htransform, HTransform):
         raise SystemExit(f"{args.run}: not a fine-tuned run with an h-network")
     images, x = val_images(run, args.n)
-    rec = Reconstructor(run.prior, run.operator, run.htransform, run.spec.time_steps, denoise_final=True)
+    setup = SamplingSetup(run.prior, run.spec.time_steps, denoise_final=True)
+    deft = DeftSampler(setup, run.operator, run.htransform)
     reference = GaussianGuidance(sigma_y=run.operator.sigma, gram_norm=run.operator.gram_norm(run.prior.image_shape),
                                  data_variance=run.prior.pixel_variance())
 
     y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
-    steps = trace(rec, y[: args.trace_images], reference, args.trace_every)
+    steps = trace(deft, y[: args.trace_images], reference, args.trace_every)
     for row in steps:
         print(" ".join(f"{key} {value}" for key, value in row.items()), flush=True)
 
     def evaluate_samplers(x: Tensor, y: Tensor, images: list[int]) -> dict[str, dict[str, float]]:
         """Every sampler of this script on ground truths x and their measurements y, PSNR etc. of the posterior mean."""
 
-        def evaluate(name: str, method_rec: Reconstructor, method: str) -> dict[str, float]:
-            per_image, _, seconds = per_image_metrics(method_rec, method, x, y, images, args.k, args.batch_size, seed=0)
+        def evaluate(name: str, sampler: Sampler | GuidedChainSampler) -> dict[str, float]:
+            per_image, _, seconds = per_image_metrics(sampler, run.operator, x, y, images, args.k, args.batch_size,
+                                                      seed=0)
             summary = summarise(per_image, seconds, len(images), args.k)
             print(f"{name}: PSNR of the posterior mean {summary['psnr_mean']:.3f}, SSIM {summary['ssim_mean']:.3f}, "
                   f"residual {summary['data_residual']:.3f}", flush=True)
@@ -139,36 +173,40 @@ def main() -> None:
 
         results: dict[str, dict[str, float]] = {}
         for gamma in (float(v) for v in args.gammas.split(",")):
-            results[f"deft_gamma_{gamma:g}"] = evaluate(f"deft γ {gamma:g}", replace(rec, guidance_scale=gamma), "deft")
-            without = replace(rec, htransform=GradientTermOnly(run.htransform), guidance_scale=gamma)  # type: ignore[arg-type]
-            results[f"deft_without_network_gamma_{gamma:g}"] = evaluate(f"deft without NN_φ, γ {gamma:g}", without, "deft")
+            results[f"deft_gamma_{gamma:g}"] = evaluate(f"deft γ {gamma:g}", deft.with_settings(guidance_scale=gamma))
+            gradient_term = GradientTermOnly(run.htransform)
+            without = replace(deft, htransform=gradient_term, guidance_scale=gamma)  # type: ignore[arg-type]
+            results[f"deft_without_network_gamma_{gamma:g}"] = evaluate(f"deft without NN_φ, γ {gamma:g}", without)
+        along = LearntScheduleAlongJacobian(setup, run.operator, run.htransform)
         for gamma in (float(v) for v in args.jacobian_gammas.split(",")):
-            along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=gamma)
-            results[f"learnt_schedule_along_jacobian_gamma_{gamma:g}"] = evaluate(f"learnt schedule along Jᵀg, γ {gamma:g}", along, "along-jacobian")
+            results[f"learnt_schedule_along_jacobian_gamma_{gamma:g}"] = evaluate(
+                f"learnt schedule along Jᵀg, γ {gamma:g}", along.with_settings(guidance_scale=gamma))
         for part in ("range", "null-space"):
-            along = LearntScheduleAlongJacobian(run.prior, run.operator, run.htransform, run.spec.time_steps, guidance_scale=args.jacobian_part_gamma,
-                                                part=part)
             results[f"learnt_schedule_along_jacobian_{part}_gamma_{args.jacobian_part_gamma:g}"] = evaluate(
-                f"learnt schedule along the {part} part of Jᵀg, γ {args.jacobian_part_gamma:g}", along, f"along-jacobian-{part}")
-        results[f"dps_zeta_{args.dps_zeta:g}"] = evaluate(f"DPS ζ {args.dps_zeta:g}", replace(rec, dps_zeta=args.dps_zeta), "dps")
+                f"learnt schedule along the {part} part of Jᵀg, γ {args.jacobian_part_gamma:g}",
+                along.with_settings(guidance_scale=args.jacobian_part_gamma, part=part))
+        dps = DPSSampler(setup, run.operator, zeta=args.dps_zeta)
+        results[f"dps_zeta_{args.dps_zeta:g}"] = evaluate(f"DPS ζ {args.dps_zeta:g}", dps)
         for zeta in (float(v) for v in args.jacobian_free_zetas.split(",")):
-            jacobian_free = JacobianFreeDPS(run.prior, run.operator, None, run.spec.time_steps, dps_zeta=zeta)
-            results[f"jacobian_free_dps_zeta_{zeta:g}"] = evaluate(f"Jacobian-free DPS ζ {zeta:g}", jacobian_free, "jacobian-free-dps")
+            jacobian_free = JacobianFreeDPS(setup, run.operator, zeta)
+            results[f"jacobian_free_dps_zeta_{zeta:g}"] = evaluate(f"Jacobian-free DPS ζ {zeta:g}", jacobian_free)
         return results
 
     results = evaluate_samplers(x, y, images)
     prior_truth = None
     if args.prior_truth:
         print(f"on {args.prior_truth} {PRIOR_TRUTH}:", flush=True)
-        truth = prior_truth_images(rec, args.prior_truth)
+        truth = prior_truth_images(run.prior, args.prior_truth)
         truth_y = run.operator.measure(truth, generator=torch.Generator().manual_seed(0))
-        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}", "posterior_mean": evaluate_samplers(truth, truth_y, list(range(args.prior_truth)))}
+        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}",
+                       "posterior_mean": evaluate_samplers(truth, truth_y, list(range(args.prior_truth)))}
 
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
-                  "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "gaussian_start": run.htransform.config.guidance is not None, "trace_images": args.trace_images, "threads": args.threads,
-                  "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(),
+                  "time_steps": run.spec.time_steps, "k": args.k, "run": str(args.run),
+                  "likelihood_weight": run.htransform.config.likelihood_weight,
+                  "gaussian_start": run.htransform.config.guidance is not None, "trace_images": args.trace_images,
+                  "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
         "trace_gamma_1": steps,
         "posterior_mean": results,
         "prior_truth": prior_truth,

@@ -27,7 +27,7 @@ import torch
 from deftcli.data import open_dataset
 from deftcli.evaluate import interleaved_seconds_per_image
 from deftcli.finetune import build_htransform
-from deftcli.methods import Reconstructor
+from deftcli.methods import DeftSampler, DPSSampler, PriorSampler, Sampler, SamplingSetup
 from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.specs import DataSpec, FinetuneSpec
@@ -73,27 +73,32 @@ def main() -> None:
     prior_ms = milliseconds(lambda: prior.score(x, t), args.repeats)
     prior_params = sum(p.numel() for p in prior.parameters())
     print(f"prior {prior.name}: {prior_ms:.1f} ms per batch of {args.batch}, {prior_params} parameters")
-    rows, samplers = [], {}
+    rows, deft_samplers = [], {}
+    setup = SamplingSetup(prior, args.steps)
     operator = create("superres", factor=4, sigma=0.05)
     chosen = [CANDIDATES[int(i)] for i in args.candidates.split(",")] if args.candidates else CANDIDATES
     for hnet in chosen:
         htransform = build_htransform(FinetuneSpec(hnet=hnet), prior, operator).eval()
         ms = milliseconds(lambda: htransform(x, t, x), args.repeats)
-        name = f"{hnet['model_channels']} ch {tuple(hnet['channel_mult'])}, {hnet['space_to_depth']}×{hnet['space_to_depth']} blocks"
+        r = hnet["space_to_depth"]
+        name = f"{hnet['model_channels']} ch {tuple(hnet['channel_mult'])}, {r}×{r} blocks"
+        parameters = htransform.num_parameters()
         rows.append({"name": name, **hnet, "ms": round(ms, 2), "fraction_of_prior_time": round(ms / prior_ms, 3),
-                     "parameters": htransform.num_parameters(), "fraction_of_prior_parameters": round(htransform.num_parameters() / prior_params, 3)})
-        samplers[f"deft, {name}"] = (Reconstructor(prior, operator, htransform, args.steps), "deft")
-        print(f"{name}: {ms:.1f} ms = {ms / prior_ms:.0%} of the prior's time, {rows[-1]['fraction_of_prior_parameters']:.1%} of its parameters", flush=True)
-    baseline = Reconstructor(prior, operator, None, args.steps, dps_zeta=10.0)
-    samplers = {"prior": (baseline, "prior"), "dps": (baseline, "dps"), **samplers}
-    y = operator.measure(open_dataset(DataSpec(), "val", prior.image_shape[-1], prior.image_shape[0]).batch(range(args.batch)),
-                         generator=torch.Generator().manual_seed(0))
+                     "parameters": parameters, "fraction_of_prior_parameters": round(parameters / prior_params, 3)})
+        deft_samplers[f"deft, {name}"] = DeftSampler(setup, operator, htransform)
+        print(f"{name}: {ms:.1f} ms = {ms / prior_ms:.0%} of the prior's time, "
+              f"{rows[-1]['fraction_of_prior_parameters']:.1%} of its parameters", flush=True)
+    samplers: dict[str, Sampler] = {"prior": PriorSampler(setup), "dps": DPSSampler(setup, operator, zeta=10.0),
+                                    **deft_samplers}
+    val = open_dataset(DataSpec(), "val", prior.image_shape[-1], prior.image_shape[0])
+    y = operator.measure(val.batch(range(args.batch)), generator=torch.Generator().manual_seed(0))
     speed = interleaved_seconds_per_image(samplers, y, args.rounds)
     dps = speed["dps"]["median"]
     for name, row in speed.items():
         row["dps_over_this"] = round(dps / row["median"], 2)
         row["over_prior"] = round(row["median"] / speed["prior"]["median"], 3)
-        print(f"{name:40s} {row['median']:.4f} s/sample  DPS/this {row['dps_over_this']:.2f}  this/prior {row['over_prior']:.3f}")
+        print(f"{name:40s} {row['median']:.4f} s/sample  DPS/this {row['dps_over_this']:.2f}  "
+              f"this/prior {row['over_prior']:.3f}")
     result = {"setup": {"prior": prior.name, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
                         "torch": torch.__version__, "platform": platform.platform()},
               "prior_ms": round(prior_ms, 2), "prior_parameters": prior_params, "hnets": rows,

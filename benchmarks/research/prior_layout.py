@@ -13,7 +13,8 @@ times on the same inputs, interleaved over ``--rounds`` rounds after a warm-up r
 
 Both layouts compute the same numbers (the largest difference of the scores is printed). Writes JSON::
 
-    python benchmarks/research/prior_layout.py [--threads 2] [--batch 32] [--rounds 9] [--out benchmarks/research/results/prior_layout.json]
+    python benchmarks/research/prior_layout.py [--threads 2] [--batch 32] [--rounds 9] \\
+        [--out benchmarks/research/results/prior_layout.json]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from deftcli import unet as unet_module
 from deftcli.data import open_dataset
 from deftcli.evaluate import interleaved_seconds_per_image
 from deftcli.finetune import build_htransform
-from deftcli.methods import Reconstructor
+from deftcli.methods import DeftSampler, DPSSampler, PriorSampler, Sampler, SamplingSetup
 from deftcli.operators import create
 from deftcli.priors import Prior, load_prior
 from deftcli.specs import DataSpec, FinetuneSpec
@@ -51,14 +52,16 @@ class OutOfPlaceGroupNormAct(unet_module.GroupNormAct):
 
 def as_before(prior: Prior) -> Prior:
     """The prior with contiguous weights and out-of-place SiLU (the layout before channels-last)."""
-    prior.unet.to(memory_format=torch.contiguous_format)  # the UNet's own layout: UNetPrior.to would make it channels-last again
+    # the UNet's own layout: UNetPrior.to would make it channels-last again
+    prior.unet.to(memory_format=torch.contiguous_format)
     for module in prior.modules():
         if type(module) is unet_module.GroupNormAct:
             module.__class__ = OutOfPlaceGroupNormAct
     return prior
 
 
-def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int, repeats: int = 3) -> dict[str, dict[str, object]]:
+def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int, repeats: int = 3
+                   ) -> dict[str, dict[str, object]]:
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(rounds + 1):
         for name, call in calls.items():
@@ -67,7 +70,8 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int, repeats:
                 call()
             if round_index:
                 times[name].append((time.perf_counter() - began) / repeats * 1e3)
-    return {name: {"median": round(statistics.median(t), 2), "all": [round(v, 2) for v in t]} for name, t in times.items()}
+    return {name: {"median": round(statistics.median(t), 2), "all": [round(v, 2) for v in t]}
+            for name, t in times.items()}
 
 
 def main() -> None:
@@ -99,15 +103,19 @@ def main() -> None:
 
     with torch.inference_mode():
         difference = float((priors["channels_last"].score(x, t) - priors["contiguous"].score(x, t)).abs().max())
-    network = interleaved_ms({f"{kind}, {layout}": make(priors[layout]) for layout in LAYOUTS
-                              for kind, make in (("forward", forward), ("forward+input-backward", forward_backward))}, args.rounds)
+    passes = (("forward", forward), ("forward+input-backward", forward_backward))
+    network = interleaved_ms({f"{kind}, {layout}": make(priors[layout]) for layout in LAYOUTS for kind, make in passes},
+                             args.rounds)
 
-    samplers = {}
+    samplers: dict[str, Sampler] = {}
     for layout in LAYOUTS:
         prior = priors[layout]
-        rec = Reconstructor(prior, operator, build_htransform(FinetuneSpec(), prior, operator).eval(), args.steps, dps_zeta=10.0)
-        samplers |= {f"{method}, {layout}": (rec, method) for method in ("prior", "dps", "deft")}
-    y = operator.measure(open_dataset(DataSpec(), "val", x.shape[-1], x.shape[1]).batch(range(args.batch)), generator=torch.Generator().manual_seed(0))
+        setup = SamplingSetup(prior, args.steps)
+        htransform = build_htransform(FinetuneSpec(), prior, operator).eval()
+        samplers |= {f"prior, {layout}": PriorSampler(setup), f"dps, {layout}": DPSSampler(setup, operator, zeta=10.0),
+                     f"deft, {layout}": DeftSampler(setup, operator, htransform)}
+    val = open_dataset(DataSpec(), "val", x.shape[-1], x.shape[1])
+    y = operator.measure(val.batch(range(args.batch)), generator=torch.Generator().manual_seed(0))
     speed = interleaved_seconds_per_image(samplers, y, args.rounds)
 
     def median(name: str) -> float:
@@ -115,17 +123,21 @@ def main() -> None:
 
     summary = {layout: {"dps_over_deft": round(median(f"dps, {layout}") / median(f"deft, {layout}"), 3),
                         "deft_over_prior": round(median(f"deft, {layout}") / median(f"prior, {layout}"), 3),
-                        "dps_over_prior": round(median(f"dps, {layout}") / median(f"prior, {layout}"), 3)} for layout in LAYOUTS}
-    summary["speed-up of channels_last"] = {method: round(median(f"{method}, contiguous") / median(f"{method}, channels_last"), 3)
+                        "dps_over_prior": round(median(f"dps, {layout}") / median(f"prior, {layout}"), 3)}
+               for layout in LAYOUTS}
+    summary["speed-up of channels_last"] = {method: round(median(f"{method}, contiguous")
+                                                          / median(f"{method}, channels_last"), 3)
                                             for method in ("prior", "dps", "deft")}
     for name, row in network.items():
         print(f"{name:40s} {row['median']:8.2f} ms per batch of {args.batch}")
     for name, row in speed.items():
         print(f"{name:40s} {row['median']:.4f} s/sample")
     print(json.dumps(summary, indent=2))
-    result = {"setup": {"prior": priors["contiguous"].name, "batch": args.batch, "steps": args.steps, "threads": args.threads, "rounds": args.rounds,
+    result = {"setup": {"prior": priors["contiguous"].name, "batch": args.batch, "steps": args.steps,
+                        "threads": args.threads, "rounds": args.rounds,
                         "torch": torch.__version__, "platform": platform.platform()},
-              "max_abs_score_difference": difference, "network_ms": network, "sampling_seconds_per_sample": speed, "summary": summary}
+              "max_abs_score_difference": difference, "network_ms": network, "sampling_seconds_per_sample": speed,
+              "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

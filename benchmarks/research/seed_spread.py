@@ -7,7 +7,8 @@ posterior-mean PSNR and SSIM of each method and the paired per-image difference 
 standard error, images above). Seed 0 reproduces ``sample_quality.py``'s measurements and samples.
 Writes JSON and prints one line per seed::
 
-    python benchmarks/research/seed_spread.py --run benchmarks/results/runs/sample_quality-…-w3 --guidance-scale 3 --dps-zeta 10 --seeds 0,1,2,3
+    python benchmarks/research/seed_spread.py --run benchmarks/results/runs/sample_quality-…-w3 \\
+        --guidance-scale 3 --dps-zeta 10 --seeds 0,1,2,3
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
-from common import add_deft_against_dps_arguments, deft_against_dps, deft_against_dps_row, describe_gap, parse_with_evaluation_arguments
+from common import (
+    add_deft_against_dps_arguments,
+    deft_against_dps,
+    deft_against_dps_row,
+    describe_gap,
+    parse_with_evaluation_arguments,
+)
 
 
 def main() -> None:
@@ -36,18 +43,21 @@ def main() -> None:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(seed))
-        row = {"seed": seed, **deft_against_dps_row(methods, x, y, images, args, seed)}
+        row = {"seed": seed, **deft_against_dps_row(methods, run.operator, x, y, images, args, seed)}
         rows.append(row)
         print(f"seed {seed}: {describe_gap(row)}", flush=True)
 
     gaps = [row["deft_minus_dps"]["mean_db"] for row in rows]
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
+        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(),
+                  "time_steps": run.spec.time_steps, "k": args.k,
                   "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "guidance_scale": args.guidance_scale, "dps_zeta": args.dps_zeta, "threads": args.threads, "torch": torch.__version__,
+                  "guidance_scale": args.guidance_scale, "dps_zeta": args.dps_zeta, "threads": args.threads,
+                  "torch": torch.__version__,
                   "platform": platform.platform()},
         "seeds": rows,
-        "deft_minus_dps_over_seeds": {"mean_db": round(statistics.mean(gaps), 4), "min_db": min(gaps), "max_db": max(gaps),
+        "deft_minus_dps_over_seeds": {"mean_db": round(statistics.mean(gaps), 4), "min_db": min(gaps),
+                                      "max_db": max(gaps),
                                       "seeds_with_deft_above": sum(g > 0 for g in gaps), "seeds": len(gaps)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
