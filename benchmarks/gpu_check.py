@@ -48,6 +48,7 @@ from deftcli.samplers import GeneratorNoise
 from deftcli.specs import FinetuneSpec
 from deftcli.tuning import with_tuned_defaults
 
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -19,8 +19,8 @@ import torch
 from deftcli.data import open_dataset
 from deftcli.images import image_grid, save_image
 from deftcli.methods import PriorSampler, SamplingSetup
-from deftcli.samplers import GeneratorNoise
 from deftcli.priors import load_prior
+from deftcli.samplers import GeneratorNoise
 from deftcli.specs import DataSpec
 
 

@@ -27,10 +27,22 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from common import PRIOR_TRUTH, paired_difference, parse_with_evaluation_arguments, prior_truth_images, summarise, val_images
+from common import (
+    PRIOR_TRUTH,
+    paired_difference,
+    parse_with_evaluation_arguments,
+    prior_truth_images,
+    summarise,
+    val_images,
+)
 
-from deftcli.evaluate import (SWEEP_IMAGES, interleaved_seconds_per_image, knob_candidates, per_image_metrics,
-                              sweep_on_train)
+from deftcli.evaluate import (
+    SWEEP_IMAGES,
+    interleaved_seconds_per_image,
+    knob_candidates,
+    per_image_metrics,
+    sweep_on_train,
+)
 from deftcli.finetune import finetune
 from deftcli.methods import SamplingSetup, build_sampler
 from deftcli.runs import FinetunedRun, open_run

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import BATCH, FACTOR, ORIGINAL_HNET, SIGMA_Y, SIZE, synchronize, write_random_prior
 
 from deftcli.data import open_dataset
 from deftcli.devices import Runtime, cpu_features
@@ -46,7 +47,6 @@ from deftcli.priors import load_prior
 from deftcli.samplers import GeneratorNoise
 from deftcli.specs import DataSpec, FinetuneSpec
 from deftcli.tuning import with_tuned_defaults
-from common import BATCH, FACTOR, ORIGINAL_HNET, SIGMA_Y, SIZE, synchronize, write_random_prior
 
 CONFIGS = {"fp32, eager": ("fp32", False, False), "fp32, compiled": ("fp32", True, False),
            "bf16, eager": ("bf16", False, False), "bf16, compiled": ("bf16", True, False)}

@@ -35,7 +35,8 @@ from .data import open_dataset
 from .devices import Runtime, resolve_device
 from .distributed import Distributed, setup, teardown
 from .errors import DeftError
-from .images import colormap, image_grid, output_folder as make_output_folder, save_image, upsample_to
+from .images import colormap, image_grid, save_image, upsample_to
+from .images import output_folder as make_output_folder
 from .methods import Sampler, SamplingSetup, build_sampler, operator_svd
 from .metrics import data_residual, psnr, ssim
 from .operators import Operator

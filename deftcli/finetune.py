@@ -48,7 +48,15 @@ from .runs import (
 )
 from .samplers import SharedBatchNoise
 from .sde import reverse_time_grid
-from .soc import Rollout, accumulate_vargrad_gradient, backprop_soc_gradient, data_term, gradient_steps, rollout, vargrad_weights
+from .soc import (
+    Rollout,
+    accumulate_vargrad_gradient,
+    backprop_soc_gradient,
+    data_term,
+    gradient_steps,
+    rollout,
+    vargrad_weights,
+)
 from .specs import FinetuneSpec, read_saved_spec
 from .training import (
     GracefulInterrupt,

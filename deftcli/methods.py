@@ -35,8 +35,14 @@ from .operators import Operator, SingularValueDecomposition
 from .priors import Prior
 from .samplers import NoiseSampler, SamplerKind, ScoreFn, clip_denoised, sample_renoise, sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
-from .specs import (DEFAULT_DDRM_ETA, DEFAULT_DDRM_ETA_B, DEFAULT_DIFFPIR_LAMBDA, DEFAULT_DIFFPIR_ZETA,
-                    DEFAULT_DPS_ZETA, SamplerName)
+from .specs import (
+    DEFAULT_DDRM_ETA,
+    DEFAULT_DDRM_ETA_B,
+    DEFAULT_DIFFPIR_LAMBDA,
+    DEFAULT_DIFFPIR_ZETA,
+    DEFAULT_DPS_ZETA,
+    SamplerName,
+)
 
 
 @dataclass

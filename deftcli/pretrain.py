@@ -38,8 +38,15 @@ from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import GeneratorNoise, sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec, read_saved_spec
-from .training import (GracefulInterrupt, MetricsLog, TrainingProgress, cleared_on_failure, refuse_changes,
-                       refuse_resume_with_nothing_to_do, warmup_cosine_schedule)
+from .training import (
+    GracefulInterrupt,
+    MetricsLog,
+    TrainingProgress,
+    cleared_on_failure,
+    refuse_changes,
+    refuse_resume_with_nothing_to_do,
+    warmup_cosine_schedule,
+)
 from .unet import UNet
 
 T_EPS = 1e-5

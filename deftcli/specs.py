@@ -8,11 +8,11 @@ ranges are checked; any problem is a one-line :class:`DeftError` that names the 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 
+import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 

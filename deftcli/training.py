@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from torch.optim.lr_scheduler import LambdaLR
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoint import write_checkpoint_file
 from .errors import DeftError

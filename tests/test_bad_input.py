@@ -42,10 +42,10 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_HNET, assert_user_error, write_tiny_unet_prior
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import TINY_HNET, assert_user_error, write_tiny_unet_prior
 from deftcli.images import read_measurement, read_tensor
 
 # ------------------------------------------------------------------ shared assets (built once)

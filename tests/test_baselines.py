@@ -23,19 +23,18 @@ import math
 
 import pytest
 import torch
-
 from conftest import assert_user_error
+from test_bad_input import assets, snapshot  # noqa: F401  (a fixture and a helper shared with the bad-input matrix)
+
 from deftcli.ddrm import sample_ddrm
 from deftcli.diffpir import diffpir_step, proximal_step, sample_diffpir
 from deftcli.gmm import GaussianMixturePrior, exact_posterior
 from deftcli.methods import SamplingSetup, build_sampler
-from deftcli.samplers import GeneratorNoise, PerSampleNoise
 from deftcli.operators import Operator, OperatorParams, create
-from deftcli.samplers import clip_denoised
+from deftcli.samplers import GeneratorNoise, PerSampleNoise, clip_denoised
 from deftcli.sde import VPSDE
 from deftcli.specs import DEFAULT_DIFFPIR_LAMBDA, DEFAULT_DIFFPIR_ZETA
 from operators.superres import SuperResolution
-from test_bad_input import assets, snapshot  # noqa: F401  (a fixture and a helper shared with the bad-input matrix)
 
 OPERATORS = {
     "superres": {"factor": 2, "sigma": 0.1},

@@ -7,11 +7,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_HNET
 from PIL import Image
 
-from conftest import TINY_HNET
-from deftcli.calibration import (CURVE_LEVELS, LEVELS, gaussian_within_one_std, minimum_samples, per_image_calibration,
-                                 quantile, summarise, unavailable_note)
+from deftcli.calibration import (
+    CURVE_LEVELS,
+    LEVELS,
+    gaussian_within_one_std,
+    minimum_samples,
+    per_image_calibration,
+    quantile,
+    summarise,
+    unavailable_note,
+)
 
 PIXELS = 8 * 32 * 32  # n images × H × W, one channel
 

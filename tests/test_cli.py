@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error
 from PIL import Image
 
-from conftest import assert_user_error
 from deftcli.images import read_image, read_measurement
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_tiny_unet_prior
+from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_HNET
+
 from deftcli.checkpoint import PAUSE_HOOK, load_state
 from deftcli.errors import DeftError
 from deftcli.finetune import finetune
@@ -195,9 +195,10 @@ def test_same_seed_gives_bit_identical_samples_and_the_same_eval_metrics(run_cli
     code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--factor", "2", "--iterations", "2", "--time-steps", "4",
                            "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1", "--run-dir", str(run_dir), "--quiet")
     assert code == 0, err
+    import torch
+
     from deftcli.images import save_image
     from deftcli.petals import render_petals
-    import torch
 
     save_image(torch.nn.functional.avg_pool2d(render_petals("val", [0], 16), 2)[0], tmp_path / "y.safetensors")
     outs = []

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import TINY_HNET, assert_user_error
+
 from deftcli.errors import DeftError
 from deftcli.finetune import Finetuner, TrainingDiverged, finetune
 from deftcli.htransform import load_htransform
@@ -125,8 +125,8 @@ def test_a_failed_start_leaves_no_half_made_run_folder(gmm_problem, tmp_path, mo
 
 
 def test_an_amortised_batch_holds_m_measurements_each_repeated_for_its_k_trajectories(gmm_problem, tmp_path):
-    from deftcli.distributed import Distributed
     from deftcli.data import MeasurementSource
+    from deftcli.distributed import Distributed
 
     spec = gmm_spec(gmm_problem, tmp_path / "run", measurement=None, measurements_per_batch=3, trajectories=2)
     batch = MeasurementSource(spec, gmm_problem["prior"], gmm_problem["operator"], torch.device("cpu")).draw(torch.Generator().manual_seed(0), Distributed())

@@ -4,8 +4,8 @@ import json
 import math
 
 import torch
-
 from conftest import TINY_HNET
+
 from deftcli.finetune import htransform_for
 from deftcli.htransform import ConditionalScore
 from deftcli.images import save_image

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import assert_user_error
+
 from deftcli import devices
 from deftcli.devices import CPUFeatures, Runtime, resolve_precision
 from deftcli.errors import DeftError

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import assert_user_error
+
 from deftcli.errors import DeftError
 from deftcli.pretrain import exponential_moving_average, pretrain
 from deftcli.priors import load_prior

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_user_error, upstream, write_tiny_unet_prior
 from safetensors.torch import load_file
 
-from conftest import assert_user_error, upstream, write_tiny_unet_prior
 from deftcli.errors import DeftError
 from deftcli.gmm import GaussianMixturePrior
 from deftcli.priors import UNetPrior, load_prior

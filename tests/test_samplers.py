@@ -2,7 +2,14 @@
 
 import torch
 
-from deftcli.samplers import GeneratorNoise, PerSampleNoise, ReplayedNoise, SharedBatchNoise, sample_renoise, sample_reverse_sde
+from deftcli.samplers import (
+    GeneratorNoise,
+    PerSampleNoise,
+    ReplayedNoise,
+    SharedBatchNoise,
+    sample_renoise,
+    sample_reverse_sde,
+)
 from deftcli.sde import VPSDE, reverse_time_grid
 
 SDE = VPSDE()

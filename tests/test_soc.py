@@ -14,11 +14,11 @@ from deftcli.soc import (
     accumulate_vargrad_gradient,
     backprop_soc_gradient,
     data_term,
-    vargrad_weights,
     gradient_steps,
     rollout,
     step_terms,
     vargrad_loss,
+    vargrad_weights,
 )
 from deftcli.specs import HNetSpec
 

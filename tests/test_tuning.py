@@ -3,8 +3,8 @@
 import json
 
 import torch
-
 from conftest import assert_user_error, write_tiny_unet_prior
+
 from deftcli.images import save_image
 from deftcli.operators import create
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import upstream
 from safetensors.torch import load_file
 
-from conftest import upstream
 from deftcli.sde import VPSDE
 from deftcli.unet import TimeScaling, TimeScalingConfig, UNet, UNetConfig
 

@@ -26,11 +26,12 @@ import torch
 
 from deftcli.data import open_dataset
 from deftcli.evaluate import interleaved_seconds_per_image
-from deftcli.finetune import build_htransform
+from deftcli.finetune import htransform_for
 from deftcli.methods import DeftSampler, DPSSampler, PriorSampler, Sampler, SamplingSetup
 from deftcli.operators import create
 from deftcli.priors import load_prior
 from deftcli.specs import DataSpec, FinetuneSpec
+from deftcli.tuning import with_tuned_defaults
 
 CANDIDATES = [
     {"model_channels": 8, "channel_mult": [1, 2], "space_to_depth": 1},
@@ -78,7 +79,7 @@ def main() -> None:
     operator = create("superres", factor=4, sigma=0.05)
     chosen = [CANDIDATES[int(i)] for i in args.candidates.split(",")] if args.candidates else CANDIDATES
     for hnet in chosen:
-        htransform = build_htransform(FinetuneSpec(hnet=hnet), prior, operator).eval()
+        htransform = htransform_for(with_tuned_defaults(FinetuneSpec(hnet=hnet), prior.tuning)[0], prior, operator).eval()
         ms = milliseconds(lambda: htransform(x, t, x), args.repeats)
         r = hnet["space_to_depth"]
         name = f"{hnet['model_channels']} ch {tuple(hnet['channel_mult'])}, {r}×{r} blocks"

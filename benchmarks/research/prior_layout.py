@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from deftcli import unet as unet_module
 from deftcli.data import open_dataset
 from deftcli.evaluate import interleaved_seconds_per_image
-from deftcli.finetune import build_htransform
+from deftcli.finetune import htransform_for
 from deftcli.methods import DeftSampler, DPSSampler, PriorSampler, Sampler, SamplingSetup
 from deftcli.operators import create
 from deftcli.priors import Prior, load_prior
 from deftcli.specs import DataSpec, FinetuneSpec
+from deftcli.tuning import with_tuned_defaults
 
 LAYOUTS = ("channels_last", "contiguous")
 
@@ -111,7 +112,7 @@ def main() -> None:
     for layout in LAYOUTS:
         prior = priors[layout]
         setup = SamplingSetup(prior, args.steps)
-        htransform = build_htransform(FinetuneSpec(), prior, operator).eval()
+        htransform = htransform_for(with_tuned_defaults(FinetuneSpec(), prior.tuning)[0], prior, operator).eval()
         samplers |= {f"prior, {layout}": PriorSampler(setup), f"dps, {layout}": DPSSampler(setup, operator, zeta=10.0),
                      f"deft, {layout}": DeftSampler(setup, operator, htransform)}
     val = open_dataset(DataSpec(), "val", x.shape[-1], x.shape[1])

@@ -34,7 +34,7 @@ from common import (
     parse_with_evaluation_arguments,
 )
 
-from deftcli.evaluate import psnr
+from deftcli.metrics import psnr
 from deftcli.operators import Operator
 from deftcli.priors import Prior
 from deftcli.samplers import GeneratorNoise, sample_reverse_sde

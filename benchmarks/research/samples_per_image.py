@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, where common.py is
 from common import add_deft_against_dps_arguments, deft_against_dps, paired_difference, parse_with_evaluation_arguments
 
-from deftcli.evaluate import per_image_metrics, psnr, ssim
+from deftcli.evaluate import per_image_metrics
+from deftcli.metrics import psnr, ssim
 
 
 def posterior_means_by_k(samples: torch.Tensor, x_true: torch.Tensor, seconds_per_sample: float

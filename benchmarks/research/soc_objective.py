@@ -41,9 +41,10 @@ from common import PRIOR_TRUTH, parse_with_evaluation_arguments, prior_truth_ima
 from guided_chain import GuidedChainSampler, LearntScheduleAlongJacobian
 from torch import Tensor
 
-from deftcli.evaluate import psnr, sample_generators
+from deftcli.evaluate import sample_generators
 from deftcli.htransform import ConditionalScore, HTransform
 from deftcli.methods import Cost, DPSGuidance, SamplingSetup
+from deftcli.metrics import psnr
 from deftcli.operators import Operator
 from deftcli.priors import Prior
 from deftcli.runs import open_run
