@@ -21,6 +21,7 @@ test: lint
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: $(STAMP)
 	$(PY) -m deftcli.demo --out $(DEMO)

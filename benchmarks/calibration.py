@@ -49,20 +49,36 @@ def main() -> None:
     setup = SamplingSetup(run.prior, run.spec.time_steps, denoise_final=True)
     deft, dps = DeftSampler(setup, run.operator, run.htransform), DPSSampler(setup, run.operator)
     sweep_spec = EvalSpec(batch_size=args.batch_size)
-    chosen, sweep = sweep_on_train(dps, run.operator, run.prior.image_shape, knob_candidates(sweep_spec, "dps")[0], run.spec.data,
-                                   sweep_spec, torch.device("cpu"))
+    chosen, sweep = sweep_on_train(
+        dps,
+        run.operator,
+        run.prior.image_shape,
+        knob_candidates(sweep_spec, "dps")[0],
+        run.spec.data,
+        sweep_spec,
+        torch.device("cpu"),
+    )
     zeta = chosen["dps_zeta"]
     tuned = deft.with_settings(**recorded_sampling(run.info).model_dump())
     methods = {"deft": deft, "deft_tuned": tuned, "dps": dps.with_settings(dps_zeta=zeta)}
 
     images, petals = val_images(run, args.n)
-    truths = {"prior_truth": (f"{len(images)} {PRIOR_TRUTH}", prior_truth_images(run.prior, len(images))),
-              "petals_val": (f"petals val, first {len(images)}", petals)}
+    truths = {
+        "prior_truth": (f"{len(images)} {PRIOR_TRUTH}", prior_truth_images(run.prior, len(images))),
+        "petals_val": (f"petals val, first {len(images)}", petals),
+    }
     result: dict[str, object] = {
-        "setup": {"operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
-                  "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "guidance_scale": deft.guidance_scale,
-                  "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {
+            "operator": run.operator.describe(),
+            "time_steps": run.spec.time_steps,
+            "k": args.k,
+            "run": str(args.run),
+            "likelihood_weight": run.htransform.config.likelihood_weight,
+            "guidance_scale": deft.guidance_scale,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         "dps_sweep": {"images": f"first {SWEEP_IMAGES} of train", "table": sweep, "selected": zeta},
     }
     curves = {}
@@ -70,15 +86,22 @@ def main() -> None:
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
         rows = {}
         for name, sampler in methods.items():
-            per_image, samples, seconds = per_image_metrics(sampler, run.operator, x, y, images, args.k, args.batch_size, seed=0)
+            per_image, samples, seconds = per_image_metrics(
+                sampler, run.operator, x, y, images, args.k, args.batch_size, seed=0
+            )
             cal = calibration.summarise(calibration.per_image_calibration(samples, x), args.k)
-            rows[name] = {**sampler.settings(), **summarise(per_image, seconds, len(images), args.k),
-                          "calibration": cal}
+            rows[name] = {
+                **sampler.settings(),
+                **summarise(per_image, seconds, len(images), args.k),
+                "calibration": cal,
+            }
             curves[f"{name}, {truth_name.replace('_', ' ')}"] = cal["coverage"]
             covered = "  ".join(f"{p}: {c if c is None else f'{c:.3f}'}" for p, c in cal["coverage"].items())
             one_std = f"within 1 std {cal['within_one_std']:.3f} (Gaussian {cal['within_one_std_gaussian']:.3f})"
-            print(f"{truth_name:11s} {name:10s} PSNR mean {rows[name]['psnr_mean']:6.2f} coverage {covered} {one_std}",
-                  flush=True)
+            print(
+                f"{truth_name:11s} {name:10s} PSNR mean {rows[name]['psnr_mean']:6.2f} coverage {covered} {one_std}",
+                flush=True,
+            )
         result[truth_name] = {"images": description, "methods": rows}
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

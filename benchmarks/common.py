@@ -25,7 +25,11 @@ from deftcli.unet import UNet, UNetConfig
 
 
 def summarise(per_image: dict[str, torch.Tensor], seconds: float, n: int, k: int) -> dict[str, float]:
-    return {**{key: round(float(v.mean()), 4) for key, v in per_image.items()}, "seconds_per_image": round(seconds / n, 3), "k": k}
+    return {
+        **{key: round(float(v.mean()), 4) for key, v in per_image.items()},
+        "seconds_per_image": round(seconds / n, 3),
+        "k": k,
+    }
 
 
 PRIOR_TRUTH = "samples of the prior (200 steps, seed 123), clamped to [-1, 1]"
@@ -34,11 +38,14 @@ PRIOR_TRUTH = "samples of the prior (200 steps, seed 123), clamped to [-1, 1]"
 def prior_truth_images(prior: Prior, n: int) -> torch.Tensor:
     """n ground-truth images drawn from the prior itself (:data:`PRIOR_TRUTH`): there its posterior is the true one."""
     sampler = PriorSampler(SamplingSetup(prior, 200, denoise_final=True))
-    return sampler.unconditional(n, torch.device("cpu"), GeneratorNoise(torch.Generator().manual_seed(123))).clamp(-1, 1)
+    return sampler.unconditional(n, torch.device("cpu"), GeneratorNoise(torch.Generator().manual_seed(123))).clamp(
+        -1, 1
+    )
 
 
-def parse_with_evaluation_arguments(parser: argparse.ArgumentParser, out: Path, n: int = 64, k: int = 4
-                                    ) -> argparse.Namespace:
+def parse_with_evaluation_arguments(
+    parser: argparse.ArgumentParser, out: Path, n: int = 64, k: int = 4
+) -> argparse.Namespace:
     """Add the options every val-image benchmark shares (the benchmark's images, k, batch, threads, JSON
     path) with the defaults that make their measurements and samples the same, parse, and set the threads."""
     parser.add_argument("--n", type=int, default=n, help="the first n val images")
@@ -64,25 +71,48 @@ def deft_against_dps(args: argparse.Namespace) -> tuple[FinetunedRun, list[int],
     run = open_run(args.run, torch.device("cpu"))
     images, x = val_images(run, args.n)
     setup = SamplingSetup(run.prior, run.spec.time_steps, denoise_final=True)
-    return run, images, x, {"deft": DeftSampler(setup, run.operator, run.htransform, guidance_scale=args.guidance_scale),
-                            "dps": DPSSampler(setup, run.operator, zeta=args.dps_zeta)}
+    return (
+        run,
+        images,
+        x,
+        {
+            "deft": DeftSampler(setup, run.operator, run.htransform, guidance_scale=args.guidance_scale),
+            "dps": DPSSampler(setup, run.operator, zeta=args.dps_zeta),
+        },
+    )
 
 
-def deft_against_dps_row(methods: dict[str, Sampler], operator: Operator, x: torch.Tensor, y: torch.Tensor, images: list[int],
-                         args: argparse.Namespace, seed: int) -> dict[str, object]:
+def deft_against_dps_row(
+    methods: dict[str, Sampler],
+    operator: Operator,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    images: list[int],
+    args: argparse.Namespace,
+    seed: int,
+) -> dict[str, object]:
     """deft's and DPS's k samples per image for measurements y of truths x (sampler seed ``seed``): each
     method's summary and the paired per-image difference of their posterior-mean PSNR, deft − DPS."""
-    per_method = {name: per_image_metrics(sampler, operator, x, y, images, args.k, args.batch_size, seed=seed)
-                  for name, sampler in methods.items()}
-    return {**{name: summarise(per_image, seconds, len(images), args.k) for name, (per_image, _, seconds) in per_method.items()},
-            "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"])}
+    per_method = {
+        name: per_image_metrics(sampler, operator, x, y, images, args.k, args.batch_size, seed=seed)
+        for name, sampler in methods.items()
+    }
+    return {
+        **{
+            name: summarise(per_image, seconds, len(images), args.k)
+            for name, (per_image, _, seconds) in per_method.items()
+        },
+        "deft_minus_dps": paired_difference(per_method["deft"][0]["psnr_mean"], per_method["dps"][0]["psnr_mean"]),
+    }
 
 
 def describe_gap(row: dict[str, object]) -> str:
     """One line for a :func:`deft_against_dps_row`."""
     gap = row["deft_minus_dps"]
-    return (f"PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
-            f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}")
+    return (
+        f"PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
+        f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}"
+    )
 
 
 def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
@@ -95,13 +125,23 @@ def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
 def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Per-image posterior-mean PSNR minus the reference's on the same images: mean, its standard error, and the images above."""
     difference = psnr - reference
-    return {"mean_db": round(float(difference.mean()), 4), "standard_error_db": round(float(difference.std() / difference.numel() ** 0.5), 4),
-            "images_above": int((difference > 0).sum()), "images": difference.numel()}
+    return {
+        "mean_db": round(float(difference.mean()), 4),
+        "standard_error_db": round(float(difference.std() / difference.numel() ** 0.5), 4),
+        "images_above": int((difference > 0).sum()),
+        "images": difference.numel(),
+    }
 
 
 # The original Flowers102 experiment's sizes: its prior UNet, its h-network, 64×64 images, batch 14
 # (one measurement × 14 trajectories), 4× super-resolution at σ_y = 0.05.
-ORIGINAL_PRIOR = {"model_channels": 64, "channel_mult": [1, 2, 4], "num_res_blocks": 1, "attention_resolutions": [], "max_period": 0.005}
+ORIGINAL_PRIOR = {
+    "model_channels": 64,
+    "channel_mult": [1, 2, 4],
+    "num_res_blocks": 1,
+    "attention_resolutions": [],
+    "max_period": 0.005,
+}
 ORIGINAL_HNET = {"model_channels": 32, "channel_mult": [1, 2], "space_to_depth": 1}
 SIZE, BATCH, FACTOR, SIGMA_Y = 64, 14, 4, 0.05
 
@@ -114,8 +154,16 @@ def write_random_prior(folder: Path) -> None:
     for p in unet.parameters():
         torch.nn.init.normal_(p, std=0.02)
     save_weights(unet.state_dict(), folder / "model.safetensors")
-    write_json({"format": "deft-unet-prior", "name": "random-original-size", "image_shape": [3, SIZE, SIZE],
-                "sde": {"beta_min": 0.1, "beta_max": 20.0}, "unet": config.model_dump(mode="json")}, folder / "config.json")
+    write_json(
+        {
+            "format": "deft-unet-prior",
+            "name": "random-original-size",
+            "image_shape": [3, SIZE, SIZE],
+            "sde": {"beta_min": 0.1, "beta_max": 20.0},
+            "unet": config.model_dump(mode="json"),
+        },
+        folder / "config.json",
+    )
 
 
 def synchronize(device: torch.device) -> None:

@@ -33,7 +33,9 @@ def verdict(result: dict) -> dict[str, bool]:
         "mean_error_le_0.05": deft["mean_rel_error"] <= 0.05,
         "weight_tv_le_0.1": deft["weight_tv"] <= 0.1,
         "sliced_w2_within_2x_floor": deft["sliced_w2_over_floor"] <= 2.0,
-        "better_than_dps_on_all_three": deft["mean_rel_error"] < dps["mean_rel_error"] and deft["weight_tv"] < dps["weight_tv"] and deft["sliced_w2"] < dps["sliced_w2"],
+        "better_than_dps_on_all_three": deft["mean_rel_error"] < dps["mean_rel_error"]
+        and deft["weight_tv"] < dps["weight_tv"]
+        and deft["sliced_w2"] < dps["sliced_w2"],
     }
 
 
@@ -42,7 +44,14 @@ def run_case(case: tuple[str, str, int], iterations: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     result = check_gmm(GMMCheckSpec(operator=OPERATORS[op], mode=mode, seed=seed, iterations=iterations, device="cpu"))
-    return {"mode": mode, "operator": op, "seed": seed, "seconds": round(time.perf_counter() - start, 1), "verdict": verdict(result), "result": result}
+    return {
+        "mode": mode,
+        "operator": op,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 1),
+        "verdict": verdict(result),
+        "result": result,
+    }
 
 
 def main() -> None:
@@ -52,7 +61,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["per-measurement", "amortised"])
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parallel", type=int, default=1, help="cases run at once, each in its own process with --threads threads")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="cases run at once, each in its own process with --threads threads"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/exact_check.json"))
     args = parser.parse_args()
     cases = [(mode, op, seed) for mode in args.modes for op in args.operators for seed in args.seeds]
@@ -62,11 +73,16 @@ def main() -> None:
         for row in pool.map(run_case, cases, [args.iterations] * len(cases), [args.threads] * len(cases)):
             rows.append(row)
             d, p, e = (row["result"][k] for k in ("deft", "dps", "exact_score"))
-            print(f"{row['mode']:15s} {row['operator']:11s} seed {row['seed']}: deft err {d['mean_rel_error']:.4f} tv {d['weight_tv']:.4f} sw2/floor {d['sliced_w2_over_floor']:.2f} | "
-                  f"dps(ζ={p['zeta']:g}) err {p['mean_rel_error']:.4f} tv {p['weight_tv']:.4f} sw2/floor {p['sliced_w2_over_floor']:.2f} | "
-                  f"exact score sw2/floor {e['sliced_w2_over_floor']:.2f} | {row['seconds']} s", flush=True)
+            print(
+                f"{row['mode']:15s} {row['operator']:11s} seed {row['seed']}: deft err {d['mean_rel_error']:.4f} tv {d['weight_tv']:.4f} sw2/floor {d['sliced_w2_over_floor']:.2f} | "
+                f"dps(ζ={p['zeta']:g}) err {p['mean_rel_error']:.4f} tv {p['weight_tv']:.4f} sw2/floor {p['sliced_w2_over_floor']:.2f} | "
+                f"exact score sw2/floor {e['sliced_w2_over_floor']:.2f} | {row['seconds']} s",
+                flush=True,
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"iterations": args.iterations, "threads": args.threads, "rows": rows}, indent=2) + "\n")
+            args.out.write_text(
+                json.dumps({"iterations": args.iterations, "threads": args.threads, "rows": rows}, indent=2) + "\n"
+            )
 
 
 if __name__ == "__main__":

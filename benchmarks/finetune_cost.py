@@ -30,7 +30,12 @@ from pathlib import Path
 
 import torch
 
-CONFIG = {"image_size": 32, "batch": 8, "prior": {"model_channels": 32, "channel_mult": [1, 2, 2]}, "hnet": {"model_channels": 32, "channel_mult": [1, 2], "space_to_depth": 1}}
+CONFIG = {
+    "image_size": 32,
+    "batch": 8,
+    "prior": {"model_channels": 32, "channel_mult": [1, 2, 2]},
+    "hnet": {"model_channels": 32, "channel_mult": [1, 2], "space_to_depth": 1},
+}
 
 
 def rss_mb() -> float:
@@ -96,15 +101,32 @@ def child(method: str, steps: int, iterations: int, threads: int) -> dict:
         for p in unet.parameters():
             torch.nn.init.normal_(p, std=0.02)
         save_weights(unet.state_dict(), tmp / "prior" / "model.safetensors")
-        write_json({"format": "deft-unet-prior", "name": "random", "image_shape": [3, size, size], "sde": {"beta_min": 0.1, "beta_max": 20.0},
-                    "unet": config.model_dump(mode="json")}, tmp / "prior" / "config.json")
+        write_json(
+            {
+                "format": "deft-unet-prior",
+                "name": "random",
+                "image_shape": [3, size, size],
+                "sde": {"beta_min": 0.1, "beta_max": 20.0},
+                "unet": config.model_dump(mode="json"),
+            },
+            tmp / "prior" / "config.json",
+        )
         save_image(torch.zeros(3, size // 4, size // 4), tmp / "y.safetensors")
-        spec = FinetuneSpec.model_validate({
-            "prior": {"path": str(tmp / "prior")}, "operator": {"name": "superres", "params": {"factor": 4}},
-            "measurement": str(tmp / "y.safetensors"), "method": "backprop" if method == "backprop" else "vargrad",
-            "time_steps": steps, "trajectories": batch, "iterations": 1000, "loss_threshold": 1e12,
-            "hnet": CONFIG["hnet"], "device": "cpu", "run_dir": str(tmp / "run"),
-        })
+        spec = FinetuneSpec.model_validate(
+            {
+                "prior": {"path": str(tmp / "prior")},
+                "operator": {"name": "superres", "params": {"factor": 4}},
+                "measurement": str(tmp / "y.safetensors"),
+                "method": "backprop" if method == "backprop" else "vargrad",
+                "time_steps": steps,
+                "trajectories": batch,
+                "iterations": 1000,
+                "loss_threshold": 1e12,
+                "hnet": CONFIG["hnet"],
+                "device": "cpu",
+                "run_dir": str(tmp / "run"),
+            }
+        )
         (tmp / "run").mkdir()
         trainer = Finetuner(spec, tmp / "run", resume=False, quiet=True)
         run_step = (lambda: single_pass_step(trainer)) if method == "vargrad_single_pass" else trainer.step
@@ -114,8 +136,15 @@ def child(method: str, steps: int, iterations: int, threads: int) -> dict:
         for _ in range(iterations):
             run_step()
         seconds = (time.perf_counter() - began) / iterations
-    return {"method": method, "time_steps": steps, "seconds_per_iteration": round(seconds, 3), "peak_rss_mb": round(rss_mb(), 1),
-            "rss_before_first_iteration_mb": round(rss_before, 1), "iterations_timed": iterations, "threads": threads}
+    return {
+        "method": method,
+        "time_steps": steps,
+        "seconds_per_iteration": round(seconds, 3),
+        "peak_rss_mb": round(rss_mb(), 1),
+        "rss_before_first_iteration_mb": round(rss_before, 1),
+        "iterations_timed": iterations,
+        "threads": threads,
+    }
 
 
 def main() -> None:
@@ -133,18 +162,39 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for steps in args.steps:
-            out = subprocess.run([sys.executable, __file__, "--child", method, str(steps), "--iterations", str(args.iterations), "--threads", str(args.threads)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    method,
+                    str(steps),
+                    "--iterations",
+                    str(args.iterations),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{method:22s} N={steps:4d}  {row['seconds_per_iteration']:8.2f} s/it  peak RSS {row['peak_rss_mb']:8.1f} MB", flush=True)
+            print(
+                f"{method:22s} N={steps:4d}  {row['seconds_per_iteration']:8.2f} s/it  peak RSS {row['peak_rss_mb']:8.1f} MB",
+                flush=True,
+            )
     summary = {}
     for method in args.methods:
         by_n = {r["time_steps"]: r for r in rows if r["method"] == method}
         if 50 in by_n and 200 in by_n:
             summary[method] = {"rss_ratio_N200_over_N50": round(by_n[200]["peak_rss_mb"] / by_n[50]["peak_rss_mb"], 3)}
-    result = {"config": CONFIG, "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
-              "rows": rows, "summary": summary}
+    result = {
+        "config": CONFIG,
+        "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "rows": rows,
+        "summary": summary,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -70,8 +70,14 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return (time.perf_counter() - began) / repeats
 
 
-def sampling_speed(setup: SamplingSetup, operator: Operator, htransform: HTransform, y: torch.Tensor, repeats: int,
-                   device: torch.device) -> dict[str, float | None]:
+def sampling_speed(
+    setup: SamplingSetup,
+    operator: Operator,
+    htransform: HTransform,
+    y: torch.Tensor,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, float | None]:
     """Samples per second and peak memory of deft, DPS and the prior on the same measurements."""
     noise = GeneratorNoise(torch.Generator(device).manual_seed(0))
     row: dict[str, float | None] = {}
@@ -90,31 +96,60 @@ def sampling_speed(setup: SamplingSetup, operator: Operator, htransform: HTransf
 
 
 def shipped_prior_sampling(args: argparse.Namespace, device: torch.device) -> dict:
-    spec = FinetuneSpec.model_validate({"operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}})
+    spec = FinetuneSpec.model_validate(
+        {"operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}}
+    )
     prior = load_prior("petals32").to(device)
     operator = create("superres", factor=FACTOR, sigma=SIGMA_Y).to(device)
-    htransform = htransform_for(with_tuned_defaults(spec, prior.tuning)[0], prior, operator).to(device).eval().requires_grad_(False)
+    htransform = (
+        htransform_for(with_tuned_defaults(spec, prior.tuning)[0], prior, operator)
+        .to(device)
+        .eval()
+        .requires_grad_(False)
+    )
     size = prior.image_shape[-1]
     y = operator.measure(torch.rand(args.sample_batch, 3, size, size, device=device) * 2 - 1)
-    return {"prior": "petals32", "time_steps": 50, **sampling_speed(SamplingSetup(prior, 50), operator, htransform, y, args.sample_repeats, device)}
+    return {
+        "prior": "petals32",
+        "time_steps": 50,
+        **sampling_speed(SamplingSetup(prior, 50), operator, htransform, y, args.sample_repeats, device),
+    }
 
 
 def finetune_and_sample(tmp: Path, steps: int, args: argparse.Namespace, device: torch.device) -> dict:
     run_dir = tmp / f"run-N{steps}"
     run_dir.mkdir()
-    spec = FinetuneSpec.model_validate({
-        "prior": {"path": str(tmp / "prior")}, "operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}},
-        "measurement": str(tmp / "y.safetensors"), "method": "vargrad", "time_steps": steps, "trajectories": BATCH,
-        "iterations": 1000, "loss_threshold": 1e12, "hnet": ORIGINAL_HNET, "device": str(device), "run_dir": str(run_dir),
-    })
+    spec = FinetuneSpec.model_validate(
+        {
+            "prior": {"path": str(tmp / "prior")},
+            "operator": {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}},
+            "measurement": str(tmp / "y.safetensors"),
+            "method": "vargrad",
+            "time_steps": steps,
+            "trajectories": BATCH,
+            "iterations": 1000,
+            "loss_threshold": 1e12,
+            "hnet": ORIGINAL_HNET,
+            "device": str(device),
+            "run_dir": str(run_dir),
+        }
+    )
     reset_peak(device)
     trainer = Finetuner(spec, run_dir, resume=False, quiet=True)
     seconds_per_iteration = timed(trainer.step, device, args.iterations)
-    row = {"time_steps": steps, "vargrad_seconds_per_iteration": round(seconds_per_iteration, 4), "vargrad_peak_memory_mb": peak_mb(device)}
+    row = {
+        "time_steps": steps,
+        "vargrad_seconds_per_iteration": round(seconds_per_iteration, 4),
+        "vargrad_peak_memory_mb": peak_mb(device),
+    }
 
     htransform = trainer.htransform.eval().requires_grad_(False)
     y = trainer.operator.measure(torch.rand(args.sample_batch, 3, SIZE, SIZE, device=device) * 2 - 1)
-    row.update(sampling_speed(SamplingSetup(trainer.prior, steps), trainer.operator, htransform, y, args.sample_repeats, device))
+    row.update(
+        sampling_speed(
+            SamplingSetup(trainer.prior, steps), trainer.operator, htransform, y, args.sample_repeats, device
+        )
+    )
     return row
 
 
@@ -123,24 +158,83 @@ def cli_smoke(tmp: Path, device: torch.device) -> dict:
     exit 0, no fine-tuning step was skipped and the table has every method."""
     run = tmp / "cli-run"
     commands = [
-        ["finetune", "--operator", "superres", "--factor", str(FACTOR), "--sigma", str(SIGMA_Y), "--iterations", "5",
-         "--time-steps", "20", "--device", str(device), "--run-dir", str(run), "--quiet"],
-        ["eval", "--run", str(run), "--split", "val", "--n", "4", "-k", "2", "--steps", "20", "--device", str(device), "-o", str(tmp / "eval")],
+        [
+            "finetune",
+            "--operator",
+            "superres",
+            "--factor",
+            str(FACTOR),
+            "--sigma",
+            str(SIGMA_Y),
+            "--iterations",
+            "5",
+            "--time-steps",
+            "20",
+            "--device",
+            str(device),
+            "--run-dir",
+            str(run),
+            "--quiet",
+        ],
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--split",
+            "val",
+            "--n",
+            "4",
+            "-k",
+            "2",
+            "--steps",
+            "20",
+            "--device",
+            str(device),
+            "-o",
+            str(tmp / "eval"),
+        ],
     ]
     results = []
     for command in commands:
         began = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "deftcli", *command], capture_output=True, text=True)
-        results.append({"command": "deft " + " ".join(command).replace(str(tmp), "<tmp>"), "exit_code": done.returncode,
-                        "seconds": round(time.perf_counter() - began, 1), "output_tail": (done.stdout + done.stderr)[-1500:].replace(str(tmp), "<tmp>")})
+        results.append(
+            {
+                "command": "deft " + " ".join(command).replace(str(tmp), "<tmp>"),
+                "exit_code": done.returncode,
+                "seconds": round(time.perf_counter() - began, 1),
+                "output_tail": (done.stdout + done.stderr)[-1500:].replace(str(tmp), "<tmp>"),
+            }
+        )
         print(f"deft {command[0]}: exit {done.returncode} in {results[-1]['seconds']} s", flush=True)
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
-    table = json.loads((tmp / "eval" / "results.json").read_text())["methods"] if (tmp / "eval" / "results.json").exists() else {}
+    metrics = (
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if (run / "metrics.jsonl").exists()
+        else []
+    )
+    table = (
+        json.loads((tmp / "eval" / "results.json").read_text())["methods"]
+        if (tmp / "eval" / "results.json").exists()
+        else {}
+    )
     skipped = sum(1 for row in metrics if row.get("skipped"))
-    passed = all(r["exit_code"] == 0 for r in results) and len(metrics) == 5 and not skipped and set(table) == {"deft", "dps", "prior", "dagger"}
-    print(f"CLI smoke {'passed' if passed else 'FAILED'}: {len(metrics)} fine-tuning steps logged, {skipped} skipped", flush=True)
-    return {"passed": passed, "finetune_steps_logged": len(metrics), "finetune_steps_skipped": skipped,
-            "eval_psnr_mean": {name: round(row["psnr_mean"], 2) for name, row in table.items()}, "commands": results}
+    passed = (
+        all(r["exit_code"] == 0 for r in results)
+        and len(metrics) == 5
+        and not skipped
+        and set(table) == {"deft", "dps", "prior", "dagger"}
+    )
+    print(
+        f"CLI smoke {'passed' if passed else 'FAILED'}: {len(metrics)} fine-tuning steps logged, {skipped} skipped",
+        flush=True,
+    )
+    return {
+        "passed": passed,
+        "finetune_steps_logged": len(metrics),
+        "finetune_steps_skipped": skipped,
+        "eval_psnr_mean": {name: round(row["psnr_mean"], 2) for name, row in table.items()},
+        "commands": results,
+    }
 
 
 def main() -> None:
@@ -164,15 +258,34 @@ def main() -> None:
         for steps in args.steps:
             rows.append(finetune_and_sample(tmp, steps, args, device))
             r = rows[-1]
-            print(f"N={steps:4d}  vargrad {r['vargrad_seconds_per_iteration']:.3f} s/it, peak {r['vargrad_peak_memory_mb']} MB;  samples/s: "
-                  f"deft {r['deft_samples_per_second']}, DPS {r['dps_samples_per_second']}, prior {r['prior_samples_per_second']}", flush=True)
+            print(
+                f"N={steps:4d}  vargrad {r['vargrad_seconds_per_iteration']:.3f} s/it, peak {r['vargrad_peak_memory_mb']} MB;  samples/s: "
+                f"deft {r['deft_samples_per_second']}, DPS {r['dps_samples_per_second']}, prior {r['prior_samples_per_second']}",
+                flush=True,
+            )
         shipped = shipped_prior_sampling(args, device)
-        print(f"petals32 N=50 samples/s: deft {shipped['deft_samples_per_second']}, DPS {shipped['dps_samples_per_second']}, "
-              f"prior {shipped['prior_samples_per_second']}", flush=True)
+        print(
+            f"petals32 N=50 samples/s: deft {shipped['deft_samples_per_second']}, DPS {shipped['dps_samples_per_second']}, "
+            f"prior {shipped['prior_samples_per_second']}",
+            flush=True,
+        )
         smoke = cli_smoke(tmp, device)
-    result = {"card": card, "torch": torch.__version__, "config": {"image_size": SIZE, "batch": BATCH, "prior": ORIGINAL_PRIOR, "hnet": ORIGINAL_HNET,
-              "operator": f"superres factor {FACTOR}, sigma {SIGMA_Y}", "sample_batch": args.sample_batch, "iterations_timed": args.iterations},
-              "rows": rows, "shipped_prior_sampling": shipped, "cli_smoke": smoke}
+    result = {
+        "card": card,
+        "torch": torch.__version__,
+        "config": {
+            "image_size": SIZE,
+            "batch": BATCH,
+            "prior": ORIGINAL_PRIOR,
+            "hnet": ORIGINAL_HNET,
+            "operator": f"superres factor {FACTOR}, sigma {SIGMA_Y}",
+            "sample_batch": args.sample_batch,
+            "iterations_timed": args.iterations,
+        },
+        "rows": rows,
+        "shipped_prior_sampling": shipped,
+        "cli_smoke": smoke,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

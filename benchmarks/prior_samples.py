@@ -25,8 +25,11 @@ from deftcli.specs import DataSpec
 
 
 def stats(x: torch.Tensor) -> dict[str, list[float] | float]:
-    return {"channel_mean": [round(float(v), 3) for v in x.mean(dim=(0, 2, 3))], "channel_std": [round(float(v), 3) for v in x.std(dim=(0, 2, 3))],
-            "outside_unit_range": round(float((x.abs() > 1).float().mean()), 4)}
+    return {
+        "channel_mean": [round(float(v), 3) for v in x.mean(dim=(0, 2, 3))],
+        "channel_std": [round(float(v), 3) for v in x.std(dim=(0, 2, 3))],
+        "outside_unit_range": round(float((x.abs() > 1).float().mean()), 4),
+    }
 
 
 def main() -> None:
@@ -40,16 +43,28 @@ def main() -> None:
     prior = load_prior(args.prior)
     sampler = PriorSampler(SamplingSetup(prior, args.steps, denoise_final=True))
     start = time.perf_counter()
-    samples = torch.cat([sampler.unconditional(16, torch.device("cpu"), GeneratorNoise(torch.Generator().manual_seed(args.seed + i)))
-                         for i in range(0, args.n, 16)])[: args.n]
+    samples = torch.cat(
+        [
+            sampler.unconditional(16, torch.device("cpu"), GeneratorNoise(torch.Generator().manual_seed(args.seed + i)))
+            for i in range(0, args.n, 16)
+        ]
+    )[: args.n]
     seconds = time.perf_counter() - start
     c, size = prior.image_shape[0], prior.image_shape[-1]
     real = open_dataset(DataSpec(), "val", size, c).batch(range(args.n))
     gap = torch.ones(1, c, size, size)
     rows = [torch.cat([samples[i : i + 8], gap, real[i : i + 8]]) for i in range(0, args.n, 8)]
     save_image(image_grid(rows), args.out)
-    result = {"prior": prior.identity(), "samples": args.n, "steps": args.steps, "seconds": round(seconds, 1),
-              "samples_stats": stats(samples), "data_stats": stats(real), "grid": str(args.out), "layout": "left 8 columns: samples; right 8: petals val images"}
+    result = {
+        "prior": prior.identity(),
+        "samples": args.n,
+        "steps": args.steps,
+        "seconds": round(seconds, 1),
+        "samples_stats": stats(samples),
+        "data_stats": stats(real),
+        "grid": str(args.out),
+        "layout": "left 8 columns: samples; right 8: petals val images",
+    }
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

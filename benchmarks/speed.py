@@ -48,8 +48,12 @@ from deftcli.samplers import GeneratorNoise
 from deftcli.specs import DataSpec, FinetuneSpec
 from deftcli.tuning import with_tuned_defaults
 
-CONFIGS = {"fp32, eager": ("fp32", False, False), "fp32, compiled": ("fp32", True, False),
-           "bf16, eager": ("bf16", False, False), "bf16, compiled": ("bf16", True, False)}
+CONFIGS = {
+    "fp32, eager": ("fp32", False, False),
+    "fp32, compiled": ("fp32", True, False),
+    "bf16, eager": ("bf16", False, False),
+    "bf16, compiled": ("bf16", True, False),
+}
 CUDA_CONFIGS = {**CONFIGS, "bf16, compiled, channels-last": ("bf16", True, True)}
 PARTS = ("prior_forward", "deft", "dps", "vargrad")
 
@@ -63,16 +67,29 @@ class Problem:
     y: torch.Tensor
 
 
-def build(problem: Problem, device: torch.device, precision: str, compiled: bool, channels_last: bool, run_dir: Path
-          ) -> tuple[dict[str, Callable[[], object]], Finetuner]:
+def build(
+    problem: Problem, device: torch.device, precision: str, compiled: bool, channels_last: bool, run_dir: Path
+) -> tuple[dict[str, Callable[[], object]], Finetuner]:
     """One configuration's timed calls (prior forward, deft and DPS sampling, a vargrad iteration) and its trainer."""
     run_dir.mkdir(parents=True)
     operator = create("superres", factor=FACTOR, sigma=SIGMA_Y).to(device)
-    spec = FinetuneSpec.model_validate({**problem.finetune, "precision": precision, "compile": compiled,
-                                        "device": str(device), "run_dir": str(run_dir)})
+    spec = FinetuneSpec.model_validate(
+        {
+            **problem.finetune,
+            "precision": precision,
+            "compile": compiled,
+            "device": str(device),
+            "run_dir": str(run_dir),
+        }
+    )
     prior = load_prior(problem.prior).to(device)
     torch.manual_seed(0)
-    htransform = htransform_for(with_tuned_defaults(spec, prior.tuning)[0], prior, operator).to(device).eval().requires_grad_(False)
+    htransform = (
+        htransform_for(with_tuned_defaults(spec, prior.tuning)[0], prior, operator)
+        .to(device)
+        .eval()
+        .requires_grad_(False)
+    )
     trainer = Finetuner(spec, run_dir, resume=False, quiet=True)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     if channels_last:
@@ -90,16 +107,29 @@ def build(problem: Problem, device: torch.device, precision: str, compiled: bool
         with torch.no_grad():
             return prior.score(x, t)
 
-    calls = {"prior_forward": forward, "deft": lambda: deft.sample(y, noise), "dps": lambda: dps.sample(y, noise), "vargrad": trainer.step}
+    calls = {
+        "prior_forward": forward,
+        "deft": lambda: deft.sample(y, noise),
+        "dps": lambda: dps.sample(y, noise),
+        "vargrad": trainer.step,
+    }
     return calls, trainer
 
 
-def measure(problem: Problem, device: torch.device, configs: dict[str, tuple[str, bool, bool]], rounds: int, tmp: Path,
-            compiled_parts: tuple[str, ...] = PARTS) -> dict:
+def measure(
+    problem: Problem,
+    device: torch.device,
+    configs: dict[str, tuple[str, bool, bool]],
+    rounds: int,
+    tmp: Path,
+    compiled_parts: tuple[str, ...] = PARTS,
+) -> dict:
     """First-call and median steady-state seconds of every call of every configuration, interleaved."""
     built = {name: build(problem, device, *config, tmp / name.replace(", ", "-")) for name, config in configs.items()}
-    calls = {name: {key: call for key, call in b[0].items() if not configs[name][1] or key in compiled_parts}
-             for name, b in built.items()}
+    calls = {
+        name: {key: call for key, call in b[0].items() if not configs[name][1] or key in compiled_parts}
+        for name, b in built.items()
+    }
     trainers = {name: b[1] for name, b in built.items()}
     first: dict[str, dict[str, float]] = {name: {} for name in calls}
     times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in c} for name, c in calls.items()}
@@ -136,9 +166,13 @@ def measure(problem: Problem, device: torch.device, configs: dict[str, tuple[str
     reference = rows["fp32, eager"]
     timed = ("deft_seconds_per_sample", "dps_seconds_per_sample", "vargrad_seconds_per_iteration")
     throughput = "prior_forward_images_per_second"
-    ratios = {name: {"prior_forward_speedup": ratio(row[throughput], reference[throughput]),
-                     **{f"{key}_speedup": ratio(reference[key], row[key]) for key in timed}}
-              for name, row in rows.items()}
+    ratios = {
+        name: {
+            "prior_forward_speedup": ratio(row[throughput], reference[throughput]),
+            **{f"{key}_speedup": ratio(reference[key], row[key]) for key in timed},
+        }
+        for name, row in rows.items()
+    }
     return {"rows": rows, "speedup_over_fp32_eager": ratios}
 
 
@@ -158,11 +192,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     operator = create("superres", factor=FACTOR, sigma=SIGMA_Y)
     val = open_dataset(DataSpec(), "val", 32, 3).batch(range(args.batch))
-    result = {"setup": {"batch": args.batch, "time_steps": args.steps, "threads": args.threads, "rounds": args.rounds,
-                        "compiled_parts": args.compiled_parts, "torch": torch.__version__,
-                        "platform": platform.platform(), "cpu": cpu_features().describe(),
-                        "problem": f"petals32, default h-network (random weights), superres factor {FACTOR}, "
-                                   f"sigma {SIGMA_Y}, DPS zeta 10"}}
+    result = {
+        "setup": {
+            "batch": args.batch,
+            "time_steps": args.steps,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "compiled_parts": args.compiled_parts,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "cpu": cpu_features().describe(),
+            "problem": f"petals32, default h-network (random weights), superres factor {FACTOR}, "
+            f"sigma {SIGMA_Y}, DPS zeta 10",
+        }
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         superres = {"name": "superres", "params": {"factor": FACTOR, "sigma": SIGMA_Y}}
@@ -173,10 +216,18 @@ def main() -> None:
             device = torch.device("cuda")
             write_random_prior(tmp / "prior")
             save_image(torch.zeros(3, SIZE // FACTOR, SIZE // FACTOR), tmp / "y.safetensors")
-            cuda = Problem(str(tmp / "prior"), {
-                "operator": superres, "measurement": str(tmp / "y.safetensors"),
-                "time_steps": args.steps, "trajectories": BATCH, "loss_threshold": 1e12, "hnet": ORIGINAL_HNET},
-                operator.measure(torch.rand(args.batch, 3, SIZE, SIZE) * 2 - 1))
+            cuda = Problem(
+                str(tmp / "prior"),
+                {
+                    "operator": superres,
+                    "measurement": str(tmp / "y.safetensors"),
+                    "time_steps": args.steps,
+                    "trajectories": BATCH,
+                    "loss_threshold": 1e12,
+                    "hnet": ORIGINAL_HNET,
+                },
+                operator.measure(torch.rand(args.batch, 3, SIZE, SIZE) * 2 - 1),
+            )
             measured = measure(cuda, device, CUDA_CONFIGS, args.rounds, tmp / "cuda", tuple(args.compiled_parts))
             result["cuda"] = {"card": torch.cuda.get_device_name(device), **measured}
     speedups = {part: result[part]["speedup_over_fp32_eager"] for part in ("cpu", "cuda") if part in result}

@@ -73,8 +73,7 @@ def quantile(ordered: Tensor, q: float) -> Tensor:
     return lower + frac * (upper - lower)
 
 
-def per_image_calibration(samples: Tensor, truth: Tensor, levels: Sequence[float] = CURVE_LEVELS
-                          ) -> dict[str, Tensor]:
+def per_image_calibration(samples: Tensor, truth: Tensor, levels: Sequence[float] = CURVE_LEVELS) -> dict[str, Tensor]:
     """Per-image coverage and mean width of I_p at each level, and the one-std fraction.
 
     ``samples`` (n, k, C, H, W); ``truth`` (n, C, H, W), or (n, T, C, H, W) for T truths judged against
@@ -124,8 +123,10 @@ def summarise(per_image: Mapping[str, Tensor], k: int, levels: Sequence[float] =
 
 def per_image_lists(per_image: Mapping[str, Tensor], levels: Sequence[float] = CURVE_LEVELS) -> dict[str, Any]:
     """:func:`per_image_calibration`'s figures as JSON lists (null where unavailable), keyed by level."""
+
     def column(values: Tensor) -> list[float | None]:
         return [_number(v) for v in values]
+
     return {
         "coverage": {f"{p:g}": column(per_image["coverage"][:, i]) for i, p in enumerate(levels)},
         "mean_width": {f"{p:g}": column(per_image["mean_width"][:, i]) for i, p in enumerate(levels)},
@@ -145,8 +146,10 @@ def unavailable_note(k: int) -> str | None:
         return None
     needs = ", ".join(f"{p:.0%} needs k ≥ {minimum_samples(p)}" for p in missing)
     levels = ", ".join(f"{p:.0%}" for p in missing)
-    return (f"with {k} samples per image a central interval reaches at most {(k - 1) / (k + 1):.0%}, so coverage at "
-            f"{levels} is reported as null ({needs}; pass -k {minimum_samples(max(LEVELS))} for all)")
+    return (
+        f"with {k} samples per image a central interval reaches at most {(k - 1) / (k + 1):.0%}, so coverage at "
+        f"{levels} is reported as null ({needs}; pass -k {minimum_samples(max(LEVELS))} for all)"
+    )
 
 
 PLOT_SIZE = 520

@@ -70,17 +70,23 @@ class GMMCheckSpec(StrictModel):
     trajectories: int = Field(64, ge=2)
     measurements_per_batch: int = Field(8, ge=1, description="amortised mode: M (K = trajectories / M per measurement)")
     lr: float = Field(1e-3, gt=0)
-    likelihood_weight: float = Field(1.0, gt=0, le=100, description="fine-tune for p(x) p(y | x)^w and compare with that posterior (σ_y → σ_y/√w)")
+    likelihood_weight: float = Field(
+        1.0, gt=0, le=100, description="fine-tune for p(x) p(y | x)^w and compare with that posterior (σ_y → σ_y/√w)"
+    )
     hnet: HNetSpec = HNetSpec(architecture="mlp", time_embedding_dim=32, time_hidden=32)
     samples: int = Field(2000, ge=10)
     dps_sweep: list[float] = [0.03, 0.1, 0.3, 1.0, 3.0]
-    precision: Precision = Field("auto", description=PRECISION_HELP + "; the mixture's score is exact in float64 either way")
+    precision: Precision = Field(
+        "auto", description=PRECISION_HELP + "; the mixture's score is exact in float64 either way"
+    )
     seed: Seed = 0
     device: str = "auto"
     run_dir: str | None = None
 
 
-def posterior_metrics(samples: Tensor, posterior: GaussianMixturePosterior, reference: Tensor, generator: torch.Generator) -> dict[str, Any]:
+def posterior_metrics(
+    samples: Tensor, posterior: GaussianMixturePosterior, reference: Tensor, generator: torch.Generator
+) -> dict[str, Any]:
     """Errors of a sample set against the exact posterior."""
     mean = posterior.mean
     weights = posterior.responsibilities(samples).mean(0)
@@ -96,24 +102,39 @@ def draw(sampler: Sampler, y: Tensor, n: int, generator: torch.Generator) -> Ten
     return sampler.sample(y.expand(n, *y.shape[1:]), GeneratorNoise(generator)).cpu()
 
 
-def draw_with_exact_score(prior: GaussianMixturePrior, posterior: GaussianMixturePosterior, n: int, time_steps: int,
-                          generator: torch.Generator) -> Tensor:
+def draw_with_exact_score(
+    prior: GaussianMixturePrior,
+    posterior: GaussianMixturePosterior,
+    n: int,
+    time_steps: int,
+    generator: torch.Generator,
+) -> Tensor:
     """n samples of the same reverse SDE on the same grid, driven by the exact posterior score ∇ log p_t(x | y).
 
     What an h-network equal to the optimal control h* would give: the sampler's own
     discretisation error, the best deft can reach at ``time_steps``. Runs on the CPU (analytic score).
     """
     noise = GeneratorNoise(generator)
-    return sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, noise((n, *prior.image_shape), "cpu"),
-                              reverse_time_grid(time_steps), noise)
+    return sample_reverse_sde(
+        lambda x, t: posterior.score(x, t, prior.sde),
+        prior.sde,
+        noise((n, *prior.image_shape), "cpu"),
+        reverse_time_grid(time_steps),
+        noise,
+    )
 
 
 COVERAGE_METHODS = ("exact_posterior", "deft", "dps", "prior", "exact_score")
 
 
 def coverage_section(
-    prior: GaussianMixturePrior, likelihood: Operator, samplers: dict[str, Sampler], posterior: GaussianMixturePosterior,
-    drawn: dict[str, Tensor], spec: GMMCheckSpec, device: torch.device,
+    prior: GaussianMixturePrior,
+    likelihood: Operator,
+    samplers: dict[str, Sampler],
+    posterior: GaussianMixturePosterior,
+    drawn: dict[str, Tensor],
+    spec: GMMCheckSpec,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Coverage of each sampler's central credible intervals by truths with a known guarantee (module docstring).
 
@@ -124,8 +145,11 @@ def coverage_section(
     if spec.mode == "per-measurement":
         truth = posterior.sample(spec.samples, gen)[None]
         samples = {method: drawn[method][None] for method in COVERAGE_METHODS}
-        setup = {"truth": "draws of the exact posterior of the check's measurement", "measurements": 1,
-                 "truths_per_measurement": spec.samples}
+        setup = {
+            "truth": "draws of the exact posterior of the check's measurement",
+            "measurements": 1,
+            "truths_per_measurement": spec.samples,
+        }
     else:
         k = max(calibration.minimum_samples(max(calibration.LEVELS)), spec.samples // COVERAGE_MEASUREMENTS)
         truth = prior.sample(COVERAGE_MEASUREMENTS, gen)
@@ -136,17 +160,23 @@ def coverage_section(
         def sampled(method: str) -> Tensor:
             rows = ys.to(device).repeat_interleave(k, dim=0)
             return samplers[method].sample(rows, noise).cpu().reshape(-1, k, *prior.image_shape)
+
         samples = {
             "exact_posterior": torch.stack([post.sample(k, gen) for post in posteriors]),
             **{method: sampled(method) for method in ("deft", "dps", "prior")},
-            "exact_score": torch.stack([draw_with_exact_score(prior, post, k, spec.time_steps, gen)
-                                        for post in posteriors]),
+            "exact_score": torch.stack(
+                [draw_with_exact_score(prior, post, k, spec.time_steps, gen) for post in posteriors]
+            ),
         }
-        setup = {"truth": "x* drawn from the prior, y = A x* + noise (σ_y/√w)", "measurements": COVERAGE_MEASUREMENTS,
-                 "truths_per_measurement": 1}
+        setup = {
+            "truth": "x* drawn from the prior, y = A x* + noise (σ_y/√w)",
+            "measurements": COVERAGE_MEASUREMENTS,
+            "truths_per_measurement": 1,
+        }
     k = next(iter(samples.values())).shape[1]
-    summaries = {method: calibration.summarise(calibration.per_image_calibration(s, truth), k)
-                 for method, s in samples.items()}
+    summaries = {
+        method: calibration.summarise(calibration.per_image_calibration(s, truth), k) for method, s in samples.items()
+    }
     return {**setup, "samples_per_measurement": k, **summaries}
 
 
@@ -156,7 +186,12 @@ def tempered_likelihood(name: str, operator: Operator, weight: float) -> Operato
 
 
 def select_dps_zeta(
-    prior: GaussianMixturePrior, operator: Operator, likelihood: Operator, dps: DPSSampler, spec: GMMCheckSpec, device: torch.device
+    prior: GaussianMixturePrior,
+    operator: Operator,
+    likelihood: Operator,
+    dps: DPSSampler,
+    spec: GMMCheckSpec,
+    device: torch.device,
 ) -> tuple[float, list[dict[str, float]]]:
     """ζ with the smallest mean posterior-mean error on measurements (by ``operator``) of *other* prior samples,
     against their exact posteriors under ``likelihood`` (the tempered one for a likelihood weight)."""
@@ -170,8 +205,17 @@ def select_dps_zeta(
     for zeta in spec.dps_sweep:
         errors = []
         for y, post in problems:
-            samples = draw(dps.with_settings(dps_zeta=zeta), y, SWEEP_SAMPLES, torch.Generator(device=device).manual_seed(spec.seed))
-            errors.append(float((samples.double().mean(0) - post.mean).norm() / post.mean.norm()) if torch.isfinite(samples).all() else float("inf"))
+            samples = draw(
+                dps.with_settings(dps_zeta=zeta),
+                y,
+                SWEEP_SAMPLES,
+                torch.Generator(device=device).manual_seed(spec.seed),
+            )
+            errors.append(
+                float((samples.double().mean(0) - post.mean).norm() / post.mean.norm())
+                if torch.isfinite(samples).all()
+                else float("inf")
+            )
         table.append({"zeta": zeta, "mean_rel_error": sum(errors) / len(errors)})
     best = min(table, key=lambda row: row["mean_rel_error"])
     return best["zeta"], table
@@ -196,7 +240,9 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
             resolve_run_dir(FinetuneSpec(run_dir=str(work)), resume=False)
             for path in kept_inputs:
                 if path.exists():
-                    raise DeftError(f"{path}: exists (--run-dir {work} keeps its prior and measurement there; choose another --run-dir)")
+                    raise DeftError(
+                        f"{path}: exists (--run-dir {work} keeps its prior and measurement there; choose another --run-dir)"
+                    )
         prior.save(kept_inputs[0])
         save_image(y[0], kept_inputs[1])
         amortised = spec.mode == "amortised"
@@ -237,16 +283,26 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
     samplers["dps"] = samplers["dps"].with_settings(dps_zeta=zeta)
     result: dict[str, Any] = {
         "problem": {
-            "shape": list(shape), "components": spec.components, "component_std": spec.component_std,
-            "operator": operator.describe(), "likelihood_weight": spec.likelihood_weight, "seed": spec.seed, "time_steps": spec.time_steps,
-            "samples": spec.samples, "runtime": runtime.describe(),
+            "shape": list(shape),
+            "components": spec.components,
+            "component_std": spec.component_std,
+            "operator": operator.describe(),
+            "likelihood_weight": spec.likelihood_weight,
+            "seed": spec.seed,
+            "time_steps": spec.time_steps,
+            "samples": spec.samples,
+            "runtime": runtime.describe(),
             "exact_weights": [round(float(w), 4) for w in posterior.weights],
         },
         "exact": {"noise_floor_sliced_w2": floor},
     }
-    if spec.likelihood_weight != 1.0:  # how far the tempered target is from the posterior: what a w-blind run would miss by
+    if (
+        spec.likelihood_weight != 1.0
+    ):  # how far the tempered target is from the posterior: what a w-blind run would miss by
         untempered = exact_posterior(prior.cpu(), operator, y[0]).mean
-        result["problem"]["posterior_mean_rel_distance_to_target"] = float((untempered - posterior.mean).norm() / posterior.mean.norm())
+        result["problem"]["posterior_mean_rel_distance_to_target"] = float(
+            (untempered - posterior.mean).norm() / posterior.mean.norm()
+        )
     drawn = {"exact_posterior": reference}
     for method in ("deft", "dps", "prior", "exact_score"):
         start = time.perf_counter()
@@ -254,14 +310,21 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
             exact_gen = torch.Generator().manual_seed(spec.seed + 2)
             samples = draw_with_exact_score(prior, posterior, spec.samples, spec.time_steps, exact_gen)
         else:
-            samples = draw(samplers[method], y_dev, spec.samples, torch.Generator(device=device).manual_seed(spec.seed + 2))
+            samples = draw(
+                samplers[method], y_dev, spec.samples, torch.Generator(device=device).manual_seed(spec.seed + 2)
+            )
         metrics = posterior_metrics(samples, posterior, reference, torch.Generator().manual_seed(7))
         metrics["sliced_w2_over_floor"] = metrics["sliced_w2"] / floor
         metrics["sample_seconds"] = round(time.perf_counter() - start, 2)
         result[method] = metrics
         drawn[method] = samples
     result["coverage"] = coverage_section(prior, likelihood, samplers, posterior, drawn, spec, device)
-    result["deft"].update(mode=spec.mode, iterations=summary["steps"], train_seconds=round(train_seconds, 1), skipped_steps=summary["skipped_steps"],
-                          hnet_parameters=htransform.num_parameters())
+    result["deft"].update(
+        mode=spec.mode,
+        iterations=summary["steps"],
+        train_seconds=round(train_seconds, 1),
+        skipped_steps=summary["skipped_steps"],
+        hnet_parameters=htransform.num_parameters(),
+    )
     result["dps"].update(zeta=zeta, sweep=sweep, sweep_on=f"{SWEEP_MEASUREMENTS} measurements of other prior samples")
     return result

@@ -48,7 +48,9 @@ def center_crop_resize(x: Tensor, size: int) -> Tensor:
     x = x[:, top : top + side, left : left + side]
     if side == size:
         return x
-    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(-1, 1)
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(
+        -1, 1
+    )
 
 
 def match_channels(x: Tensor, channels: int, where: str) -> Tensor:
@@ -58,7 +60,7 @@ def match_channels(x: Tensor, channels: int, where: str) -> Tensor:
     if x.shape[0] == 1 and channels == 3:
         return x.expand(3, -1, -1)
     if x.shape[0] == 3 and channels == 1:
-        return (0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3])
+        return 0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3]
     raise DeftError(f"{where}: cannot convert {x.shape[0]} channels to {channels}")
 
 
@@ -76,8 +78,10 @@ class FolderDataset:
         if not root.is_dir():
             raise DeftError(f"image folder '{root}': no such folder")
         files = sorted(
-            p for p in root.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
             # hidden files and folders are not data: macOS "._x.jpg" resource forks, .ipynb_checkpoints/ copies
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
@@ -92,10 +96,15 @@ class FolderDataset:
                 with Image.open(path) as image:
                     smaller += min(image.size) < size
             except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-                raise DeftError(f"image folder '{root}': {path} is not an image Pillow can read ({type(exc).__name__})") from None
+                raise DeftError(
+                    f"image folder '{root}': {path} is not an image Pillow can read ({type(exc).__name__})"
+                ) from None
         if smaller and is_main_process():  # once per job, not once per torchrun rank
-            print(f"deft: warning: image folder '{root}': {smaller} of the {len(self.files)} {split} images have a short side below "
-                  f"{size} px and are upscaled to {size}×{size}", file=sys.stderr)
+            print(
+                f"deft: warning: image folder '{root}': {smaller} of the {len(self.files)} {split} images have a short side below "
+                f"{size} px and are upscaled to {size}×{size}",
+                file=sys.stderr,
+            )
         self.size, self.channels = size, channels
 
     def __len__(self) -> int:
@@ -103,7 +112,12 @@ class FolderDataset:
 
     def batch(self, indices: Sequence[int]) -> Tensor:
         return torch.stack(
-            [center_crop_resize(match_channels(read_image(self.files[i]), self.channels, str(self.files[i])), self.size) for i in indices]
+            [
+                center_crop_resize(
+                    match_channels(read_image(self.files[i]), self.channels, str(self.files[i])), self.size
+                )
+                for i in indices
+            ]
         )
 
 

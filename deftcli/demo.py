@@ -39,7 +39,20 @@ def main() -> None:
         clean = out / "val_0003.png"
         save_image(render_petals("val", [3], 32)[0], clean)
         print(f"\nwrote a clean petals val image: {clean}")
-        run(["degrade", str(clean), "--operator", "superres", "--factor", "4", "--seed", "0", "-o", str(out / "low_res.png")])
+        run(
+            [
+                "degrade",
+                str(clean),
+                "--operator",
+                "superres",
+                "--factor",
+                "4",
+                "--seed",
+                "0",
+                "-o",
+                str(out / "low_res.png"),
+            ]
+        )
         run(["sample", str(out / "low_res.png"), "--run", str(run_dir), "-n", "8", "-o", str(out / "samples")])
         run(["eval", "--run", str(run_dir), "--split", "val", "--n", "16", "-k", "4", "-o", str(out / "eval")])
     except subprocess.CalledProcessError as exc:
@@ -47,9 +60,9 @@ def main() -> None:
     print(f"""
 demo outputs:
   fine-tuning run      {run_dir}/  (preview.png, metrics.jsonl, hnet_last.safetensors)
-  measurement          {out / 'low_res.png'}  (from {clean})
-  posterior samples    {out / 'samples'}/  (sample_*.png, mean.png, std.png, summary.json)
-  evaluation           {out / 'eval'}/  (results.json, grid.png)
+  measurement          {out / "low_res.png"}  (from {clean})
+  posterior samples    {out / "samples"}/  (sample_*.png, mean.png, std.png, summary.json)
+  evaluation           {out / "eval"}/  (results.json, grid.png)
 """)
 
 

@@ -63,8 +63,13 @@ class CPUFeatures:
         return any(flag in self.flags for flag in NATIVE_BF16_FLAGS)
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model, "torch_capability": self.capability, "flags": list(self.flags),
-                "native_bf16": self.native_bf16, "mkldnn_bf16": self.mkldnn_bf16}
+        return {
+            "model": self.model,
+            "torch_capability": self.capability,
+            "flags": list(self.flags),
+            "native_bf16": self.native_bf16,
+            "mkldnn_bf16": self.mkldnn_bf16,
+        }
 
 
 @functools.cache
@@ -102,15 +107,20 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 @functools.cache
 def warn_emulated_bf16() -> None:
     """Once per process: bf16 on a CPU that has to emulate it."""
-    print(f"deft: warning: this CPU ({cpu_features().capability}) has no native bf16 (AMX-BF16 or AVX512-BF16): "
-          "bf16 is emulated and slower than fp32 (benchmarks/results/speed.json)", file=sys.stderr)
+    print(
+        f"deft: warning: this CPU ({cpu_features().capability}) has no native bf16 (AMX-BF16 or AVX512-BF16): "
+        "bf16 is emulated and slower than fp32 (benchmarks/results/speed.json)",
+        file=sys.stderr,
+    )
 
 
 def refuse_compile_without_compiler(device: torch.device) -> None:
     """Inductor's CPU code needs a C++ compiler: without one, a one-line error now, not a traceback later."""
     if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
-        raise DeftError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH for torch.compile; "
-                        "install one or drop --compile")
+        raise DeftError(
+            "--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH for torch.compile; "
+            "install one or drop --compile"
+        )
 
 
 @dataclass(frozen=True)
@@ -145,8 +155,11 @@ class Runtime:
                 module.run_networks_with(self.network)
 
     def describe(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"precision": self.precision, "precision_requested": self.requested_precision,
-                                  "compile": self.compile}
+        record: dict[str, Any] = {
+            "precision": self.precision,
+            "precision_requested": self.requested_precision,
+            "compile": self.compile,
+        }
         if self.device.type == "cpu":
             record["cpu"] = cpu_features().describe()
         return record

@@ -56,7 +56,14 @@ from .sde import VPSDE
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 LEARNED_VARIANCE = ("learned", "learned_range")
 # The scheduler settings that determine the training betas (the rest only affect sampling with diffusers).
-BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+BETA_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -131,7 +138,9 @@ def load_diffusers_prior(folder: Path) -> DiffusersPrior:
     sde = discrete_to_sde(scheduler.betas, scheduler_config, scheduler_path)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
-        raise DeftError(f"{scheduler_path}: prediction_type {prediction_type!r} is not supported (supported: {', '.join(PREDICTION_TYPES)})")
+        raise DeftError(
+            f"{scheduler_path}: prediction_type {prediction_type!r} is not supported (supported: {', '.join(PREDICTION_TYPES)})"
+        )
 
     unet_path = folder / "unet" / "config.json"
     image_shape = unet_image_shape(read_json(unet_path), scheduler_config.get("variance_type"), unet_path)
@@ -144,8 +153,14 @@ def load_diffusers_prior(folder: Path) -> DiffusersPrior:
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise DeftError(f"{weights[0]}: cannot load the UNet2DModel ({' '.join(str(exc).split())[:200]})") from None
-    source = {"format": "diffusers", "path": str(folder), "weights": weights[0].name, "sha256": file_sha256(weights[0]),
-              "prediction_type": prediction_type, "num_train_timesteps": int(scheduler.config.num_train_timesteps)}
+    source = {
+        "format": "diffusers",
+        "path": str(folder),
+        "weights": weights[0].name,
+        "sha256": file_sha256(weights[0]),
+        "prediction_type": prediction_type,
+        "num_train_timesteps": int(scheduler.config.num_train_timesteps),
+    }
     return DiffusersPrior(unet, sde, scheduler.alphas_cumprod, prediction_type, image_shape, folder.name, source)
 
 
@@ -156,11 +171,15 @@ def ddpm_scheduler(diffusers: ModuleType, config: Any, path: Path) -> Any:
         or not isinstance(config.get("num_train_timesteps"), int)
         or (config.get("beta_schedule") is None and config.get("trained_betas") is None)
     ):
-        raise DeftError(f"{path}: not a DDPM-like scheduler (needs num_train_timesteps and beta_schedule or trained_betas)")
+        raise DeftError(
+            f"{path}: not a DDPM-like scheduler (needs num_train_timesteps and beta_schedule or trained_betas)"
+        )
     try:
         return diffusers.DDPMScheduler.from_config({k: config[k] for k in BETA_KEYS if k in config})
     except (NotImplementedError, ValueError, TypeError) as exc:
-        raise DeftError(f"{path}: unsupported beta schedule {config.get('beta_schedule')!r} ({' '.join(str(exc).split())[:160]})") from None
+        raise DeftError(
+            f"{path}: unsupported beta schedule {config.get('beta_schedule')!r} ({' '.join(str(exc).split())[:160]})"
+        ) from None
 
 
 def discrete_to_sde(betas: Tensor, config: dict[str, Any], path: Path) -> VPSDE:
@@ -171,7 +190,9 @@ def discrete_to_sde(betas: Tensor, config: dict[str, Any], path: Path) -> VPSDE:
         schedule = "trained_betas" if config.get("trained_betas") is not None else repr(config.get("beta_schedule"))
         if config.get("rescale_betas_zero_snr"):
             schedule += " with rescale_betas_zero_snr"
-        raise DeftError(f"{path}: beta schedule {schedule} is not linear; only linear DDPM betas map onto the VP-SDE") from None
+        raise DeftError(
+            f"{path}: beta schedule {schedule} is not linear; only linear DDPM betas map onto the VP-SDE"
+        ) from None
 
 
 def unet_image_shape(config: Any, variance_type: str | None, path: Path) -> tuple[int, int, int]:
@@ -184,7 +205,9 @@ def unet_image_shape(config: Any, variance_type: str | None, path: Path) -> tupl
     channels, size = config.get("in_channels", 3), config.get("sample_size")
     out_channels = config.get("out_channels", 3)
     if out_channels != channels and not (out_channels == 2 * channels and variance_type in LEARNED_VARIANCE):
-        raise DeftError(f"{path}: out_channels {out_channels} does not match in_channels {channels} (variance_type {variance_type!r})")
+        raise DeftError(
+            f"{path}: out_channels {out_channels} does not match in_channels {channels} (variance_type {variance_type!r})"
+        )
     if isinstance(size, int):
         return (int(channels), size, size)
     if isinstance(size, (list, tuple)) and len(size) == 2:

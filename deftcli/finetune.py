@@ -88,8 +88,11 @@ def htransform_for(spec: FinetuneSpec, prior: Prior, operator: Operator) -> HTra
     max_period = prior_unet.config.max_period if prior_unet is not None else 0.005
     guidance, weight = None, spec.weight()
     if spec.hnet.start == "gaussian" and operator.sigma > 0:
-        guidance = GaussianGuidance(sigma_y=operator.sigma / math.sqrt(weight), gram_norm=operator.gram_norm(prior.image_shape),
-                                    data_variance=prior.pixel_variance())
+        guidance = GaussianGuidance(
+            sigma_y=operator.sigma / math.sqrt(weight),
+            gram_norm=operator.gram_norm(prior.image_shape),
+            data_variance=prior.pixel_variance(),
+        )
     prior_parameters = sum(p.numel() for p in prior.parameters())
     return build_htransform(spec.hnet, prior.image_shape, max_period, prior.sde, prior_parameters, guidance, weight)
 
@@ -105,7 +108,9 @@ def default_loss_threshold(measurement_shape: tuple[int, ...], likelihood_weight
 class Finetuner:
     """The training loop; one :meth:`step` per iteration, state saved for exact resume."""
 
-    def __init__(self, spec: FinetuneSpec, run_dir: Path, resume: bool, quiet: bool, ctx: Distributed = Distributed()) -> None:
+    def __init__(
+        self, spec: FinetuneSpec, run_dir: Path, resume: bool, quiet: bool, ctx: Distributed = Distributed()
+    ) -> None:
         self.spec, self.run_dir, self.quiet, self.ctx = spec, run_dir, quiet or not ctx.is_main, ctx
         self.device = ctx.device(resolve_device(spec.device))
         self.runtime = Runtime.resolve(self.device, spec.precision, spec.compile)
@@ -128,8 +133,10 @@ class Finetuner:
             self.model = torch.nn.parallel.DistributedDataParallel(self.htransform, device_ids=device_ids)
         self.learning_rates = [spec.learning_rate(), spec.learning_rate() * spec.time_lr_factor]  # NN_φ, c_ψ
         self.optimizer = torch.optim.Adam(
-            [{"params": self.htransform.cond_model.parameters(), "lr": self.learning_rates[0]},
-             {"params": self.htransform.time_model.parameters(), "lr": self.learning_rates[1]}]
+            [
+                {"params": self.htransform.cond_model.parameters(), "lr": self.learning_rates[0]},
+                {"params": self.htransform.time_model.parameters(), "lr": self.learning_rates[1]},
+            ]
         )
         self.schedule = self._schedule(step=0)
         self.data_gen = torch.Generator().manual_seed(spec.seed)
@@ -164,7 +171,11 @@ class Finetuner:
         spec = self.spec
         return {
             "prior": self.prior.identity(),
-            "operator": {"name": spec.operator.name, "params": self.operator.params.model_dump(mode="json"), "describe": self.operator.describe()},
+            "operator": {
+                "name": spec.operator.name,
+                "params": self.operator.params.model_dump(mode="json"),
+                "describe": self.operator.describe(),
+            },
             "htransform": self.htransform.describe(),
             "mode": "per-measurement" if self.source.per_measurement else "amortised",
             "versions": versions(),
@@ -218,10 +229,18 @@ class Finetuner:
 
     def save_checkpoint(self) -> None:
         save_state(self._state(), self.run_dir / "state_last.safetensors")
-        save_htransform(self.htransform, self.run_dir / "hnet_last.safetensors", {"step": self.step_count, "j_smooth": self.j_smooth})
+        save_htransform(
+            self.htransform,
+            self.run_dir / "hnet_last.safetensors",
+            {"step": self.step_count, "j_smooth": self.j_smooth},
+        )
 
     def _save_best(self) -> None:
-        save_htransform(self.htransform, self.run_dir / "hnet_best.safetensors", {"step": self.step_count, "j_smooth": self.j_smooth})
+        save_htransform(
+            self.htransform,
+            self.run_dir / "hnet_best.safetensors",
+            {"step": self.step_count, "j_smooth": self.j_smooth},
+        )
 
     # ------------------------------------------------------------ one iteration
     def step(self) -> tuple[dict[str, Any], Batch, Tensor]:
@@ -249,9 +268,13 @@ class Finetuner:
         record["lr"] = lr
         self.step_count += 1
         self.seconds += time.perf_counter() - t0
-        record.update(step=self.step_count, skipped=not grads_ok, skipped_total=self.skipped_total, seconds=round(self.seconds, 3))
+        record.update(
+            step=self.step_count, skipped=not grads_ok, skipped_total=self.skipped_total, seconds=round(self.seconds, 3)
+        )
         if math.isfinite(record["J"]):
-            self.j_smooth = record["J"] if self.j_smooth is None else J_SMOOTHING * self.j_smooth + (1 - J_SMOOTHING) * record["J"]
+            self.j_smooth = (
+                record["J"] if self.j_smooth is None else J_SMOOTHING * self.j_smooth + (1 - J_SMOOTHING) * record["J"]
+            )
             record["J_smooth"] = self.j_smooth
         return record, batch, x_final
 
@@ -260,7 +283,14 @@ class Finetuner:
         steps = gradient_steps(len(self.grid) - 1, spec.grad_fraction, self.data_gen)
         traj: Rollout = rollout(self.prior, self.htransform, self.operator, batch.y, x_init, self.grid, noise, steps)
         d = data_term(self.operator, traj.x_final, batch.y, spec.weight())
-        filt = vargrad_weights(traj.log_rnd(d), batch.groups, self.loss_threshold, spec.min_kept_fraction, ctx.gather_with_grad, ctx.gather_values)
+        filt = vargrad_weights(
+            traj.log_rnd(d),
+            batch.groups,
+            self.loss_threshold,
+            spec.min_kept_fraction,
+            ctx.gather_with_grad,
+            ctx.gather_values,
+        )
         if not filt.skipped:
             accumulate_vargrad_gradient(self.model, self.prior, self.grid, traj.stored, filt.weights, ctx.no_sync)
         d_all, t1_all, kept = ctx.gather_values(d), ctx.gather_values(traj.t1), filt.kept
@@ -277,13 +307,29 @@ class Finetuner:
     def _backprop_step(self, batch: Batch, x_init: Tensor, noise: SharedBatchNoise) -> tuple[dict[str, Any], Tensor]:
         spec, ctx = self.spec, self.ctx
         d, kl, x_final = backprop_soc_gradient(
-            self.prior, self.model, self.operator, batch.y, x_init, self.grid, noise, spec.micro_batch, spec.gradient_checkpointing, ctx.no_sync,
+            self.prior,
+            self.model,
+            self.operator,
+            batch.y,
+            x_init,
+            self.grid,
+            noise,
+            spec.micro_batch,
+            spec.gradient_checkpointing,
+            ctx.no_sync,
             spec.weight(),
         )
         d, kl = ctx.gather_values(d), ctx.gather_values(kl)
         j = float((d + kl).mean())
         finite = math.isfinite(j)
-        return {"loss": j, "J": j, "D": float(d.mean()), "KL": float(kl.mean()), "filtered": 0 if finite else int(d.numel()), "skipped": not finite}, x_final
+        return {
+            "loss": j,
+            "J": j,
+            "D": float(d.mean()),
+            "KL": float(kl.mean()),
+            "filtered": 0 if finite else int(d.numel()),
+            "skipped": not finite,
+        }, x_final
 
     def _clip_and_check(self) -> bool:
         """Clip each network's gradient norm separately (as the original); reject non-finite gradients."""
@@ -299,7 +345,10 @@ class Finetuner:
         shape = tuple(self.prior.image_shape[-2:])
         rows = []
         for m in range(min(batch.y_unique.shape[0], 4)):
-            row = [upsample_to(self.operator.A_dagger(batch.y_unique[m : m + 1]), shape).cpu(), x_final[m * k : (m + 1) * k][:8].cpu()]
+            row = [
+                upsample_to(self.operator.A_dagger(batch.y_unique[m : m + 1]), shape).cpu(),
+                x_final[m * k : (m + 1) * k][:8].cpu(),
+            ]
             if batch.x_true is not None:
                 row.append(batch.x_true[m : m + 1].cpu())
             rows.append(torch.cat(row))
@@ -318,7 +367,11 @@ class Finetuner:
         deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60 - self.seconds
         stopped_by = "iterations"
         with TrainingProgress(
-            f"finetune {spec.method}", spec.iterations, self.step_count, self.quiet, ["loss", "J", "D", "KL", "skipped_total"]
+            f"finetune {spec.method}",
+            spec.iterations,
+            self.step_count,
+            self.quiet,
+            ["loss", "J", "D", "KL", "skipped_total"],
         ) as progress:
             while self.step_count < spec.iterations:
                 record, batch, x_final = self.step()
@@ -336,7 +389,11 @@ class Finetuner:
                     if main:
                         self._save_best()
                 if self.bad_in_row >= spec.max_bad_steps:
-                    kept = "last good checkpoint kept in" if (self.run_dir / "state_last.safetensors").exists() else "no checkpoint written yet; metrics in"
+                    kept = (
+                        "last good checkpoint kept in"
+                        if (self.run_dir / "state_last.safetensors").exists()
+                        else "no checkpoint written yet; metrics in"
+                    )
                     raise TrainingDiverged(
                         f"{self.bad_in_row} skipped steps in a row (non-finite or filtered losses); stopped at step "
                         f"{self.step_count}, {kept} {self.run_dir} (try a lower --lr)"
@@ -346,11 +403,16 @@ class Finetuner:
                 if (self.step_count % spec.checkpoint_every == 0 or last or interrupted or timed_out) and main:
                     self.save_checkpoint()
                 if spec.snapshot_every and self.step_count % spec.snapshot_every == 0 and main:
-                    save_htransform(self.htransform, self.run_dir / "snapshots" / f"hnet_step_{self.step_count:06d}.safetensors",
-                                    {"step": self.step_count, "seconds": round(self.seconds, 2)})
+                    save_htransform(
+                        self.htransform,
+                        self.run_dir / "snapshots" / f"hnet_step_{self.step_count:06d}.safetensors",
+                        {"step": self.step_count, "seconds": round(self.seconds, 2)},
+                    )
                 if interrupted:
                     stopped_by = "interrupt"
-                    progress.log(f"interrupted at step {self.step_count}: checkpoint saved in {self.run_dir} (continue with --resume)")
+                    progress.log(
+                        f"interrupted at step {self.step_count}: checkpoint saved in {self.run_dir} (continue with --resume)"
+                    )
                     break
                 if timed_out:
                     stopped_by = "max_minutes"
@@ -369,7 +431,9 @@ class Finetuner:
         }
 
 
-def finetune(spec: FinetuneSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None) -> dict[str, Any]:
+def finetune(
+    spec: FinetuneSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None
+) -> dict[str, Any]:
     """Fine-tune an h-transform as described by ``spec``; returns a summary of the run.
 
     Under ``torchrun`` every rank calls this; rank 0 prepares the run folder and writes all files.
@@ -412,14 +476,24 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> FinetuneSpec:
     """
     saved = FinetuneSpec.model_validate(read_saved_spec(run_dir / "spec.json"))
     resumed = filled(resumed, {name: spec_value(saved, name) for name in unset_fields(resumed)})
-    refuse_changes("run", {
-        "operator": (saved.operator, resumed.operator),
-        "dataset": (saved.data.dataset, resumed.data.dataset),
-        "mode": tuple("amortised" if s.measurement is None else "per-measurement" for s in (saved, resumed)),
-        "h-network": (saved.hnet, resumed.hnet),
-        "likelihood weight": (saved.likelihood_weight, resumed.likelihood_weight),
-    }, "start a new run for a different problem")
+    refuse_changes(
+        "run",
+        {
+            "operator": (saved.operator, resumed.operator),
+            "dataset": (saved.data.dataset, resumed.data.dataset),
+            "mode": tuple("amortised" if s.measurement is None else "per-measurement" for s in (saved, resumed)),
+            "h-network": (saved.hnet, resumed.hnet),
+            "likelihood weight": (saved.likelihood_weight, resumed.likelihood_weight),
+        },
+        "start a new run for a different problem",
+    )
     kept = run_dir / "measurement.safetensors"
-    if resumed.measurement is not None and kept.exists() and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept)):
-        raise DeftError(f"--resume cannot change the run's measurement ({resumed.measurement} differs from the {kept} it was fine-tuned for)")
+    if (
+        resumed.measurement is not None
+        and kept.exists()
+        and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept))
+    ):
+        raise DeftError(
+            f"--resume cannot change the run's measurement ({resumed.measurement} differs from the {kept} it was fine-tuned for)"
+        )
     return resumed

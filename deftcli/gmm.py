@@ -90,7 +90,13 @@ class GaussianMixturePrior(Prior):
         return MixtureSamples(self, split)
 
     def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "format": "gaussian-mixture", "components": int(self.means.shape[0]), "std": self.std, "image_shape": list(self.image_shape)}
+        return {
+            "name": self.name,
+            "format": "gaussian-mixture",
+            "components": int(self.means.shape[0]),
+            "std": self.std,
+            "image_shape": list(self.image_shape),
+        }
 
     def pixel_variance(self) -> float:
         """s² plus the spread of the component means about the mixture's per-channel mean, per pixel."""
@@ -101,14 +107,29 @@ class GaussianMixturePrior(Prior):
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_weights({"means": self.means, "weights": self.weights}, folder / "model.safetensors")
-        write_json({"format": "gaussian-mixture", "name": self.name, "std": self.std, "sde": {"beta_min": self.sde.beta_min, "beta_max": self.sde.beta_max}, "image_shape": list(self.image_shape)}, folder / "config.json")
+        write_json(
+            {
+                "format": "gaussian-mixture",
+                "name": self.name,
+                "std": self.std,
+                "sde": {"beta_min": self.sde.beta_min, "beta_max": self.sde.beta_max},
+                "image_shape": list(self.image_shape),
+            },
+            folder / "config.json",
+        )
 
     @classmethod
     def load(cls, folder: Path) -> "GaussianMixturePrior":
         config = read_json(folder / "config.json")
         tensors, _ = load_weights(folder / "model.safetensors")
         try:
-            return cls(tensors["means"], tensors["weights"], float(config["std"]), VPSDE(**config["sde"]), config.get("name", folder.name))
+            return cls(
+                tensors["means"],
+                tensors["weights"],
+                float(config["std"]),
+                VPSDE(**config["sde"]),
+                config.get("name", folder.name),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise DeftError(f"{folder}: invalid Gaussian-mixture prior ({exc})") from None
 
@@ -125,7 +146,9 @@ class MixtureSamples:
         return self.size
 
     def batch(self, indices) -> Tensor:
-        return torch.cat([self.prior.sample(1, torch.Generator().manual_seed(3 * int(i) + self.split_seed)) for i in indices])
+        return torch.cat(
+            [self.prior.sample(1, torch.Generator().manual_seed(3 * int(i) + self.split_seed)) for i in indices]
+        )
 
 
 @dataclass
@@ -234,4 +257,3 @@ def hard_mixture(
         w_pair = 0.5**pair
         weights += [0.7 * w_pair, 0.3 * w_pair]
     return GaussianMixturePrior(torch.stack(means), torch.tensor(weights, dtype=torch.float64), std)
-

@@ -75,7 +75,9 @@ class GaussianGuidance(BaseModel):
         alpha, sigma, v = sde.alpha(t), sde.sigma(t), self.data_variance
         denominator = alpha**2 * v + sigma**2
         jacobian, posterior_variance = alpha * v / denominator, v * sigma**2 / denominator
-        return (jacobian * self.sigma_y**2 / (self.sigma_y**2 + self.gram_norm * posterior_variance))[:, None, None, None]
+        return (jacobian * self.sigma_y**2 / (self.sigma_y**2 + self.gram_norm * posterior_variance))[
+            :, None, None, None
+        ]
 
 
 class HTransformConfig(BaseModel):
@@ -93,7 +95,11 @@ class HTransformConfig(BaseModel):
 
     @classmethod
     def from_spec(
-        cls, spec: HNetSpec, image_shape: tuple[int, int, int], max_period: float, guidance: GaussianGuidance | None = None,
+        cls,
+        spec: HNetSpec,
+        image_shape: tuple[int, int, int],
+        max_period: float,
+        guidance: GaussianGuidance | None = None,
         likelihood_weight: float = 1.0,
     ) -> "HTransformConfig":
         channels = image_shape[0]
@@ -122,7 +128,10 @@ class HTransformConfig(BaseModel):
         return cls(
             network=network,
             time_scaling=TimeScalingConfig(
-                time_embedding_dim=spec.time_embedding_dim, hidden=spec.time_hidden, max_period=max_period, init_scale=spec.init_scale
+                time_embedding_dim=spec.time_embedding_dim,
+                hidden=spec.time_hidden,
+                max_period=max_period,
+                init_scale=spec.init_scale,
             ),
             space_to_depth=r,
             guidance=guidance,
@@ -152,7 +161,11 @@ class HTransform(nn.Module):
     def network(self, x: Tensor, t: Tensor, wg: Tensor) -> Tensor:
         """NN_φ([w g, x_t], t), the learnt part of h beyond the scaled gradient."""
         inputs, r = torch.cat([wg, x], dim=1), self.config.space_to_depth
-        return self.cond_model(inputs, t) if r == 1 else F.pixel_shuffle(self.cond_model(F.pixel_unshuffle(inputs, r), t), r)
+        return (
+            self.cond_model(inputs, t)
+            if r == 1
+            else F.pixel_shuffle(self.cond_model(F.pixel_unshuffle(inputs, r), t), r)
+        )
 
     def scale(self, t: Tensor) -> Tensor:
         """c_0(t) + c_ψ(t), (B, 1, 1, 1): the scale of the gradient term (c_0 = 0 without a Gaussian start)."""
@@ -172,8 +185,13 @@ class HTransform(nn.Module):
 
 
 def build_htransform(
-    hnet: HNetSpec, image_shape: tuple[int, int, int], max_period: float, sde: VPSDE, prior_parameters: int,
-    guidance: GaussianGuidance | None = None, likelihood_weight: float = 1.0,
+    hnet: HNetSpec,
+    image_shape: tuple[int, int, int],
+    max_period: float,
+    sde: VPSDE,
+    prior_parameters: int,
+    guidance: GaussianGuidance | None = None,
+    likelihood_weight: float = 1.0,
 ) -> HTransform:
     """The h-network ``hnet`` for a prior's (C, H, W) images, SDE and time-embedding period, with the start c_0
     ``guidance`` and the likelihood weight w; ``model_channels`` None: :func:`auto_channels` for a prior with
@@ -225,7 +243,9 @@ class ConditionalScore:
     approximation as a classifier-guidance scale. γ = 0 is the prior.
     """
 
-    def __init__(self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor, guidance_scale: float = 1.0) -> None:
+    def __init__(
+        self, prior: Prior, htransform: HTransform, operator: Operator, y: Tensor, guidance_scale: float = 1.0
+    ) -> None:
         self.prior, self.htransform, self.operator, self.y = prior, htransform, operator, y
         self.guidance_scale = guidance_scale
         self.last: tuple[Tensor, Tensor] | None = None

@@ -69,13 +69,17 @@ def read_image(path: str | os.PathLike) -> Tensor:
     if path.is_dir():
         raise DeftError(f"{path}: is a folder, expected an image file")
     if not path.is_file():
-        raise DeftError(f"{path}: not a regular file (a pipe or a device would block or never end), expected an image file")
+        raise DeftError(
+            f"{path}: not a regular file (a pipe or a device would block or never end), expected an image file"
+        )
     try:
         arr = open_unit_array(path)
     except UnidentifiedImageError:
         raise DeftError(f"{path}: not an image file Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DeftError(f"{path}: image too large to read safely (over Pillow's {Image.MAX_IMAGE_PIXELS} pixels)") from None
+        raise DeftError(
+            f"{path}: image too large to read safely (over Pillow's {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DeftError(f"{path}: cannot read image ({exc})") from None
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -97,14 +101,18 @@ def read_tensor(path: str | os.PathLike) -> Tensor:
     if "image" not in tensors:
         raise DeftError(f"{path}: expected a tensor named 'image', found {sorted(tensors)}")
     if not tensors["image"].is_floating_point():
-        raise DeftError(f"{path}: the image tensor is {str(tensors['image'].dtype).removeprefix('torch.')}; expected floating point in the model's [-1, 1] scale")
+        raise DeftError(
+            f"{path}: the image tensor is {str(tensors['image'].dtype).removeprefix('torch.')}; expected floating point in the model's [-1, 1] scale"
+        )
     x = tensors["image"].float()
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 3:
         raise DeftError(f"{path}: expected an image tensor of shape (C, H, W), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():
-        raise DeftError(f"{path}: the image tensor holds {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf)")
+        raise DeftError(
+            f"{path}: the image tensor holds {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf)"
+        )
     return x
 
 
@@ -201,7 +209,14 @@ def colormap(values: Tensor) -> Tensor:
     """
     v = values / values.max().clamp_min(1e-12)
     stops = torch.tensor(
-        [[0.0, 0.0, 0.02], [0.23, 0.06, 0.44], [0.55, 0.16, 0.51], [0.87, 0.29, 0.40], [0.99, 0.64, 0.36], [0.99, 0.99, 0.75]]
+        [
+            [0.0, 0.0, 0.02],
+            [0.23, 0.06, 0.44],
+            [0.55, 0.16, 0.51],
+            [0.87, 0.29, 0.40],
+            [0.99, 0.64, 0.36],
+            [0.99, 0.99, 0.75],
+        ]
     )
     pos = v.clamp(0, 1) * (len(stops) - 1)
     lo = pos.floor().long().clamp(max=len(stops) - 2)

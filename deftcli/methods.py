@@ -126,8 +126,10 @@ def operator_svd(method: str, operator: Operator) -> SingularValueDecomposition:
     """The operator's SVD for a spectral method, or a one-line error naming the operator that has none."""
     svd = operator.svd()
     if svd is None:
-        raise DeftError(f"method '{method}' needs the operator's singular value decomposition, "
-                        f"and operator '{operator.name}' provides none (its svd() returns None)")
+        raise DeftError(
+            f"method '{method}' needs the operator's singular value decomposition, "
+            f"and operator '{operator.name}' provides none (its svd() returns None)"
+        )
     return svd
 
 
@@ -144,7 +146,11 @@ class DeftSampler(NamedSettings):
 
     method: ClassVar[SamplerName] = "deft"
     deterministic: ClassVar[bool] = False
-    SETTINGS: ClassVar[dict[str, str]] = {"guidance_scale": "guidance_scale", "sampler": "sampler", "renoise_zeta": "renoise_zeta"}
+    SETTINGS: ClassVar[dict[str, str]] = {
+        "guidance_scale": "guidance_scale",
+        "sampler": "sampler",
+        "renoise_zeta": "renoise_zeta",
+    }
 
     def sample(self, y: Tensor, noise: NoiseSampler) -> Tensor:
         setup = self.setup
@@ -162,8 +168,12 @@ class DeftSampler(NamedSettings):
     def settings(self) -> dict[str, Any]:
         """γ, the run's likelihood weight w, the sampler, and ζ for ``renoise``."""
         renoise = {"renoise_zeta": self.renoise_zeta} if self.sampler == "renoise" else {}
-        return {"guidance_scale": self.guidance_scale, "likelihood_weight": self.htransform.config.likelihood_weight,
-                "sampler": self.sampler, **renoise}
+        return {
+            "guidance_scale": self.guidance_scale,
+            "likelihood_weight": self.htransform.config.likelihood_weight,
+            "sampler": self.sampler,
+            **renoise,
+        }
 
 
 @dataclass(frozen=True)
@@ -225,8 +235,19 @@ class DDRMSampler(NamedSettings):
     def sample(self, y: Tensor, noise: NoiseSampler) -> Tensor:
         setup, svd = self.setup, operator_svd(self.method, self.operator)
         x = setup.start(y.shape[0], y.device, noise)
-        return sample_ddrm(setup.prior_score(), setup.sde, svd, y, self.operator.sigma, x, setup.grid,
-                           self.eta, self.eta_b, noise, setup.denoise_final)
+        return sample_ddrm(
+            setup.prior_score(),
+            setup.sde,
+            svd,
+            y,
+            self.operator.sigma,
+            x,
+            setup.grid,
+            self.eta,
+            self.eta_b,
+            noise,
+            setup.denoise_final,
+        )
 
     def cost(self) -> Cost:
         return Cost(prior=self.setup.evaluations())
@@ -248,8 +269,19 @@ class DiffPIRSampler(NamedSettings):
     def sample(self, y: Tensor, noise: NoiseSampler) -> Tensor:
         setup, svd = self.setup, operator_svd(self.method, self.operator)
         x = setup.start(y.shape[0], y.device, noise)
-        return sample_diffpir(setup.prior_score(), setup.sde, svd, y, self.operator.sigma, x, setup.grid,
-                              self.lam, self.zeta, noise, setup.denoise_final)
+        return sample_diffpir(
+            setup.prior_score(),
+            setup.sde,
+            svd,
+            y,
+            self.operator.sigma,
+            x,
+            setup.grid,
+            self.lam,
+            self.zeta,
+            noise,
+            setup.denoise_final,
+        )
 
     def cost(self) -> Cost:
         return Cost(prior=self.setup.evaluations())
@@ -267,7 +299,9 @@ class PriorSampler(NamedSettings):
     def unconditional(self, n: int, device: torch.device, noise: NoiseSampler) -> Tensor:
         """n samples of the prior."""
         setup = self.setup
-        return sample_reverse_sde(setup.prior_score(), setup.sde, setup.start(n, device, noise), setup.grid, noise, setup.denoise_final)
+        return sample_reverse_sde(
+            setup.prior_score(), setup.sde, setup.start(n, device, noise), setup.grid, noise, setup.denoise_final
+        )
 
     def sample(self, y: Tensor, noise: NoiseSampler) -> Tensor:
         return self.unconditional(y.shape[0], y.device, noise)
@@ -296,7 +330,10 @@ METHODS: tuple[SamplerName, ...] = ("deft", "dps", "ddrm", "diffpir", "prior", "
 
 
 def build_sampler(
-    method: str, setup: SamplingSetup, operator: Operator | None = None, htransform: HTransform | None = None,
+    method: str,
+    setup: SamplingSetup,
+    operator: Operator | None = None,
+    htransform: HTransform | None = None,
     settings: Mapping[str, Any] | None = None,
 ) -> Sampler:
     """The sampler of ``method`` with those of ``settings`` (public names, :meth:`Sampler.settings`) that it has
@@ -320,4 +357,6 @@ def build_sampler(
         operator_svd(method, operator)  # before any sampling or output
         sampler = DDRMSampler(setup, operator) if method == "ddrm" else DiffPIRSampler(setup, operator)
     own = type(sampler).SETTINGS  # type: ignore[attr-defined]
-    return sampler.with_settings(**{name: value for name, value in (settings or {}).items() if name in own and value is not None})
+    return sampler.with_settings(
+        **{name: value for name, value in (settings or {}).items() if name in own and value is not None}
+    )

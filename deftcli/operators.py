@@ -51,9 +51,7 @@ class OperatorParams(StrictModel):
     Unknown parameter names, inf/NaN and booleans in number fields are rejected (:class:`~deftcli.specs.StrictModel`).
     """
 
-    sigma: float = Field(
-        0.05, ge=0, description="std of the Gaussian measurement noise, in the [-1, 1] pixel scale"
-    )
+    sigma: float = Field(0.05, ge=0, description="std of the Gaussian measurement noise, in the [-1, 1] pixel scale")
 
 
 class SingularValueDecomposition(abc.ABC):
@@ -116,9 +114,7 @@ class Operator(torch.nn.Module, abc.ABC):
     def __init__(self, params: OperatorParams) -> None:
         super().__init__()
         if not isinstance(params, self.Params):
-            raise TypeError(
-                f"{type(self).__name__} expects {self.Params.__name__}, got {type(params).__name__}"
-            )
+            raise TypeError(f"{type(self).__name__} expects {self.Params.__name__}, got {type(params).__name__}")
         self.params = params
         self.sigma: float = params.sigma
         self._constants: dict[tuple[Any, ...], Tensor] = {}
@@ -158,15 +154,16 @@ class Operator(torch.nn.Module, abc.ABC):
         parameter also accepts names (blur's ``gaussian``, inpaint's ``box``) overrides it, so that a
         file that happens to bear such a name is not taken for the parameter's file.
         """
-        return {key: Path(value).expanduser() for key, value in self.params.model_dump().items()
-                if isinstance(value, str) and Path(value).expanduser().is_file()}
+        return {
+            key: Path(value).expanduser()
+            for key, value in self.params.model_dump().items()
+            if isinstance(value, str) and Path(value).expanduser().is_file()
+        }
 
     def check_images(self, x: Tensor) -> ImageShape:
         """Return the (C, H, W) of a batch x after checking that the operator supports it."""
         if x.ndim != 4:
-            raise DeftError(
-                f"{self.name} expects a batch of images (B, C, H, W), got shape {tuple(x.shape)}"
-            )
+            raise DeftError(f"{self.name} expects a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
         image_shape: ImageShape = tuple(x.shape[1:])  # type: ignore[assignment]
         self.measurement_shape(image_shape)
         return image_shape
@@ -314,9 +311,7 @@ def _load(name: str, candidates: list[importlib.metadata.EntryPoint]) -> Operato
     entry_point = candidates[0]
     info = OperatorInfo(name, entry_point.value, _distribution_name(entry_point), None)
     if len(candidates) > 1:
-        sources = "; ".join(
-            f"{other.value} from {_distribution_name(other) or 'unknown'}" for other in candidates
-        )
+        sources = "; ".join(f"{other.value} from {_distribution_name(other) or 'unknown'}" for other in candidates)
         return replace(info, error=f"registered more than once ({sources})")
     try:
         loaded = entry_point.load()
@@ -350,9 +345,7 @@ def _validation_message(name: str, model: type[OperatorParams], error: Validatio
     for detail in error.errors():
         field = ".".join(str(part) for part in detail["loc"])
         if detail["type"] == "extra_forbidden":
-            problems.append(
-                f"unknown parameter '{field}' (its parameters: {', '.join(model.model_fields)})"
-            )
+            problems.append(f"unknown parameter '{field}' (its parameters: {', '.join(model.model_fields)})")
         elif field:
             problems.append(f"parameter '{field}'={detail['input']!r}: {detail['msg']}")
         else:

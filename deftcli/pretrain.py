@@ -101,7 +101,9 @@ class ValidationSet:
         return total / self.x0.shape[0]
 
 
-def prior_config(spec: PretrainSpec, name: str, gaussian: GaussianScore | None, extra: dict[str, Any]) -> dict[str, Any]:
+def prior_config(
+    spec: PretrainSpec, name: str, gaussian: GaussianScore | None, extra: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "format": "deft-unet-prior",
         "name": name,
@@ -118,10 +120,14 @@ def refuse_prior_change(saved: PretrainSpec, resumed: PretrainSpec) -> None:
     data root, not the data set, the image size, the channels, the parametrisation, the SDE or the network."""
     fixed = ("image_size", "channels", "parametrisation", "sde", "unet")
     changes = {name: (getattr(saved, name), getattr(resumed, name)) for name in fixed}
-    refuse_changes("prior", changes | {"dataset": (saved.data.dataset, resumed.data.dataset)}, "train a new prior in another --out")
+    refuse_changes(
+        "prior", changes | {"dataset": (saved.data.dataset, resumed.data.dataset)}, "train a new prior in another --out"
+    )
 
 
-def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None) -> dict[str, Any]:
+def pretrain(
+    spec: PretrainSpec, resume: bool = False, quiet: bool = False, command: list[str] | None = None
+) -> dict[str, Any]:
     """Train a prior as described by ``spec`` into ``spec.out``; returns a summary (steps, seconds, losses)."""
     out = Path(spec.out)
     state_path = out / "training_state.safetensors"
@@ -131,7 +137,9 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         raise DeftError(f"{out}: output folder exists and is not empty (use --resume to continue it, or another --out)")
     name = spec.name or out.name
     device = resolve_device(spec.device)
-    spec = spec.model_copy(update={"unet": spec.unet.model_copy(update={"in_channels": spec.channels, "out_channels": spec.channels})})
+    spec = spec.model_copy(
+        update={"unet": spec.unet.model_copy(update={"in_channels": spec.channels, "out_channels": spec.channels})}
+    )
     spec.unet.check_image_size(spec.image_size, spec.image_size, "--image-size")
     if resume:
         refuse_prior_change(PretrainSpec.model_validate(read_saved_spec(out / "spec.json")), spec)
@@ -143,7 +151,11 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
     schedule = warmup_cosine_schedule(optimizer, [spec.lr], spec.warmup, spec.iterations, final_factor=LR_FINAL_FACTOR)
     train = open_dataset(spec.data, "train", spec.image_size, spec.channels)
-    gaussian = GaussianScore.fit(train.batch(range(min(GAUSSIAN_FIT_IMAGES, len(train))))) if spec.parametrisation == "gaussian-residual" else None
+    gaussian = (
+        GaussianScore.fit(train.batch(range(min(GAUSSIAN_FIT_IMAGES, len(train)))))
+        if spec.parametrisation == "gaussian-residual"
+        else None
+    )
     score_fn, ema_score_fn = unet_score(model, gaussian, sde), unet_score(ema.module, gaussian, sde)
     val_data = open_dataset(spec.data, "val", spec.image_size, spec.channels)
     val = ValidationSet(val_data.batch(range(min(VAL_IMAGES, len(val_data)))), spec.seed)
@@ -157,14 +169,18 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise DeftError(f"{state_path}: does not match this prior's network ({' '.join(str(exc).split())[:200]})") from None
+            raise DeftError(
+                f"{state_path}: does not match this prior's network ({' '.join(str(exc).split())[:200]})"
+            ) from None
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
         step, elapsed = int(state["step"]), float(state["seconds"])
         schedule = warmup_cosine_schedule(optimizer, [spec.lr], spec.warmup, spec.iterations, LR_FINAL_FACTOR, step)
         refuse_resume_with_nothing_to_do(spec.max_minutes, step, spec.iterations, elapsed)
         metrics.truncate_after(step)
-    with cleared_on_failure(out, state_path) if not resume else contextlib.nullcontext():  # a failed start leaves no half-made prior
+    with (
+        cleared_on_failure(out, state_path) if not resume else contextlib.nullcontext()
+    ):  # a failed start leaves no half-made prior
         output_folder(out)
         output_folder(out / "samples")
         commands = [" ".join(shlex.quote(a) for a in (command or sys.argv))]
@@ -173,7 +189,13 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         write_json(spec.model_dump(mode="json"), out / "spec.json")
 
         def save(val_loss: float | None) -> None:
-            extra = {"commands": commands, "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": val_loss, "ema_decay": spec.ema_decay}
+            extra = {
+                "commands": commands,
+                "steps": step,
+                "seconds": round(elapsed, 1),
+                "val_dsm_loss": val_loss,
+                "ema_decay": spec.ema_decay,
+            }
             save_weights(ema.module.state_dict(), out / "model.safetensors")
             write_json(prior_config(spec, name, gaussian, extra), out / "config.json")
             save_state(
@@ -201,7 +223,10 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
         last_val: float | None = None
         deadline = None if spec.max_minutes is None else time.perf_counter() + spec.max_minutes * 60 - elapsed
         model.train()
-        with GracefulInterrupt() as interrupt, TrainingProgress("pretrain", spec.iterations, step, quiet, ["loss", "val", "lr"]) as progress:
+        with (
+            GracefulInterrupt() as interrupt,
+            TrainingProgress("pretrain", spec.iterations, step, quiet, ["loss", "val", "lr"]) as progress,
+        ):
             while step < spec.iterations:
                 t0 = time.perf_counter()
                 idx = torch.randint(len(train), (spec.batch_size,), generator=data_gen)
@@ -218,8 +243,18 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
                 ema.update_parameters(model)
                 step += 1
                 elapsed += time.perf_counter() - t0
-                record: dict[str, Any] = {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "seconds": round(elapsed, 3)}
-                stop = interrupt.requested or (deadline is not None and time.perf_counter() > deadline) or step == spec.iterations
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": loss.item(),
+                    "grad_norm": float(grad_norm),
+                    "lr": lr,
+                    "seconds": round(elapsed, 3),
+                }
+                stop = (
+                    interrupt.requested
+                    or (deadline is not None and time.perf_counter() > deadline)
+                    or step == spec.iterations
+                )
                 if step % spec.sample_every == 0 or stop:
                     model.eval()
                     last_val = val.loss(ema_score_fn, sde, device)
@@ -235,5 +270,10 @@ def pretrain(spec: PretrainSpec, resume: bool = False, quiet: bool = False, comm
                     break
         if interrupt.requested:
             progress.log(f"interrupted at step {step}: checkpoint saved in {out} (continue with --resume)")
-        return {"out": str(out), "steps": step, "seconds": round(elapsed, 1), "val_dsm_loss": last_val, "interrupted": interrupt.requested}
-
+        return {
+            "out": str(out),
+            "steps": step,
+            "seconds": round(elapsed, 1),
+            "val_dsm_loss": last_val,
+            "interrupted": interrupt.requested,
+        }

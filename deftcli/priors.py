@@ -90,7 +90,13 @@ class UNetPrior(Prior):
     """
 
     def __init__(
-        self, unet: UNet, sde: VPSDE, image_shape: tuple[int, int, int], name: str, source: dict[str, Any], gaussian: GaussianScore | None = None
+        self,
+        unet: UNet,
+        sde: VPSDE,
+        image_shape: tuple[int, int, int],
+        name: str,
+        source: dict[str, Any],
+        gaussian: GaussianScore | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
@@ -102,7 +108,9 @@ class UNetPrior(Prior):
         self._score = unet_score(self.unet, gaussian, sde)
         self._use_device_layout()
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "UNetPrior":  # every .to(), .cuda(), .cpu() ends here
+    def _apply(
+        self, fn: Callable[[Tensor], Tensor], recurse: bool = True
+    ) -> "UNetPrior":  # every .to(), .cuda(), .cpu() ends here
         super()._apply(fn, recurse)
         self._use_device_layout()
         return self
@@ -139,7 +147,14 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, Tensor]) -> str | Non
 
 
 def build_unet_prior(
-    config: UNetConfig, sde: VPSDE, state: dict[str, Tensor], image_shape, name: str, source: dict[str, Any], where: Path, gaussian: GaussianScore | None = None
+    config: UNetConfig,
+    sde: VPSDE,
+    state: dict[str, Tensor],
+    image_shape,
+    name: str,
+    source: dict[str, Any],
+    where: Path,
+    gaussian: GaussianScore | None = None,
 ) -> UNetPrior:
     """Build the UNet for ``config``, load ``state`` strictly, and wrap it as a prior."""
     unet = UNet(config, sde.sigma)
@@ -159,19 +174,29 @@ def load_own_prior(folder: Path) -> Prior:
     if fmt == "gaussian-mixture":
         return GaussianMixturePrior.load(folder)
     if fmt != "deft-unet-prior":
-        raise DeftError(f"{folder / 'config.json'}: unknown prior format {fmt!r} (expected 'deft-unet-prior' or 'gaussian-mixture')")
+        raise DeftError(
+            f"{folder / 'config.json'}: unknown prior format {fmt!r} (expected 'deft-unet-prior' or 'gaussian-mixture')"
+        )
     try:
         unet_config = UNetConfig.model_validate(config["unet"])
         sde = VPSDE(**config["sde"])
         image_shape = tuple(int(v) for v in config["image_shape"])
         residual = config.get("gaussian_residual")
-        gaussian = None if residual is None else GaussianScore(tuple(float(m) for m in residual["mean"]), float(residual["variance"]))
+        gaussian = (
+            None
+            if residual is None
+            else GaussianScore(tuple(float(m) for m in residual["mean"]), float(residual["variance"]))
+        )
     except (KeyError, TypeError, ValueError, ValidationError) as exc:
-        raise DeftError(f"{folder / 'config.json'}: invalid prior config ({' '.join(str(exc).split())[:200]})") from None
+        raise DeftError(
+            f"{folder / 'config.json'}: invalid prior config ({' '.join(str(exc).split())[:200]})"
+        ) from None
     weights = folder / "model.safetensors"
     state, _ = load_weights(weights)
     source = {"format": "deft", "path": str(folder), "sha256": file_sha256(weights)}
-    return build_unet_prior(unet_config, sde, state, image_shape, config.get("name", folder.name), source, weights, gaussian)
+    return build_unet_prior(
+        unet_config, sde, state, image_shape, config.get("name", folder.name), source, weights, gaussian
+    )
 
 
 def load_original_prior(folder: Path) -> Prior:
@@ -184,19 +209,29 @@ def load_original_prior(folder: Path) -> Prior:
     except yaml.YAMLError as exc:
         raise DeftError(f"{report_path}: not a valid original report.yaml ({yaml_error_text(exc)})") from None
     except (OSError, KeyError, TypeError) as exc:
-        raise DeftError(f"{report_path}: not a valid original report.yaml ({' '.join(str(exc).split())[:200]})") from None
+        raise DeftError(
+            f"{report_path}: not a valid original report.yaml ({' '.join(str(exc).split())[:200]})"
+        ) from None
     if diffusion.get("sde", "VPSDE") != "VPSDE":
         raise DeftError(f"{report_path}: only VPSDE priors are supported, got {diffusion.get('sde')!r}")
     try:
         unet_config = UNetConfig.model_validate(model_cfg)
     except ValidationError as exc:
-        raise DeftError(f"{report_path}: invalid model section ({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})") from None
+        raise DeftError(
+            f"{report_path}: invalid model section ({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
+        ) from None
     sde = VPSDE(beta_min=float(diffusion.get("beta_min", 0.1)), beta_max=float(diffusion.get("beta_max", 20.0)))
-    size = int(report.get("data", {}).get("image_size", ORIGINAL_IMAGE_SIZE)) if isinstance(report.get("data"), dict) else ORIGINAL_IMAGE_SIZE
+    size = (
+        int(report.get("data", {}).get("image_size", ORIGINAL_IMAGE_SIZE))
+        if isinstance(report.get("data"), dict)
+        else ORIGINAL_IMAGE_SIZE
+    )
     weights = folder / "model.pt"
     state = load_torch_state_dict(weights)
     source = {"format": "original", "path": str(folder), "sha256": file_sha256(weights)}
-    return build_unet_prior(unet_config, sde, state, (unet_config.out_channels, size, size), folder.name, source, weights)
+    return build_unet_prior(
+        unet_config, sde, state, (unet_config.out_channels, size, size), folder.name, source, weights
+    )
 
 
 def _unpickler_refusal(exc: Exception) -> str:
@@ -213,7 +248,9 @@ def load_torch_state_dict(path: Path) -> dict[str, Tensor]:
             warnings.simplefilter("ignore")
             state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise DeftError(f"{path}: refused to load: not a plain tensor state dict, unpickling it could run code ({_unpickler_refusal(exc)})") from None
+        raise DeftError(
+            f"{path}: refused to load: not a plain tensor state dict, unpickling it could run code ({_unpickler_refusal(exc)})"
+        ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise DeftError(f"{path}: cannot read torch file ({' '.join(str(exc).split())[:200]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -240,9 +277,13 @@ def prior_folder(path_or_name: str | os.PathLike | None) -> Path:
     if not folder.exists() and (model_weights_dir() / str(path_or_name)).is_dir():
         folder = model_weights_dir() / str(path_or_name)
     if not folder.exists():
-        raise DeftError(f"prior '{path_or_name}': no such folder or shipped prior (shipped: {', '.join(shipped_priors()) or 'none'})")
+        raise DeftError(
+            f"prior '{path_or_name}': no such folder or shipped prior (shipped: {', '.join(shipped_priors()) or 'none'})"
+        )
     if not folder.is_dir():
-        raise DeftError(f"prior '{folder}': expected a folder (config.json + model.safetensors, or model.pt + report.yaml)")
+        raise DeftError(
+            f"prior '{folder}': expected a folder (config.json + model.safetensors, or model.pt + report.yaml)"
+        )
     return folder
 
 

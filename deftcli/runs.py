@@ -43,7 +43,9 @@ def resolve_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
         return run_dir
     run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.operator.name)
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise DeftError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or another --run-dir)")
+        raise DeftError(
+            f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or another --run-dir)"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise DeftError(f"{run_dir}: exists and is not a folder (choose another --run-dir)")
     return run_dir
@@ -87,7 +89,11 @@ def record_resumed_leg(run_dir: Path, spec: FinetuneSpec, at_step: int, command:
 
 def latest_run(root: Path = RUNS_ROOT) -> Path:
     """The most recently started run folder under ``root`` that holds an h-network checkpoint."""
-    candidates = [p for p in root.glob("*") if (p / "run.json").exists() and (p / "hnet_last.safetensors").exists()] if root.is_dir() else []
+    candidates = (
+        [p for p in root.glob("*") if (p / "run.json").exists() and (p / "hnet_last.safetensors").exists()]
+        if root.is_dir()
+        else []
+    )
     if not candidates:
         raise DeftError(f"no fine-tuned run found under {root}/ (run `deft finetune` first, or pass --run DIR)")
     return max(candidates, key=lambda p: (p / "run.json").stat().st_mtime)
@@ -105,7 +111,12 @@ class FinetunedRun:
     htransform: HTransform
 
 
-def open_run(path: str | Path | None, device: torch.device, checkpoint: Literal["last", "best"] = "last", prior_override: str | None = None) -> FinetunedRun:
+def open_run(
+    path: str | Path | None,
+    device: torch.device,
+    checkpoint: Literal["last", "best"] = "last",
+    prior_override: str | None = None,
+) -> FinetunedRun:
     """Open ``path`` (default: the latest run); the prior must be the one the run was fine-tuned on.
 
     ``prior_override`` loads it from another place (a moved or copied prior); its weights must still
@@ -147,7 +158,9 @@ def refuse_other_prior(run_dir: Path, info: dict[str, Any], prior: Prior) -> Non
     """The prior must have the weights the run was fine-tuned on (the SHA-256 in ``run.json``)."""
     recorded, current = info["prior"].get("sha256"), prior.identity().get("sha256")
     if recorded is not None and recorded != current:
-        raise DeftError(f"{run_dir}: the prior's weights changed since fine-tuning (sha256 {str(current)[:12]}… ≠ recorded {recorded[:12]}…)")
+        raise DeftError(
+            f"{run_dir}: the prior's weights changed since fine-tuning (sha256 {str(current)[:12]}… ≠ recorded {recorded[:12]}…)"
+        )
 
 
 OPERATOR_FILE_PREFIX = "operator-"
@@ -169,8 +182,12 @@ def keep_operator_files(spec: FinetuneSpec, operator: Operator, run_dir: Path) -
 
 def run_operator(spec: FinetuneSpec, run_dir: Path) -> Operator:
     """The run's operator, with the files it keeps (:func:`keep_operator_files`) read from ``run_dir``."""
-    params = {key: str(run_dir / value) if isinstance(value, str) and value.startswith(OPERATOR_FILE_PREFIX) and (run_dir / value).is_file() else value
-              for key, value in spec.operator.params.items()}
+    params = {
+        key: str(run_dir / value)
+        if isinstance(value, str) and value.startswith(OPERATOR_FILE_PREFIX) and (run_dir / value).is_file()
+        else value
+        for key, value in spec.operator.params.items()
+    }
     return create(spec.operator.name, **params)
 
 
@@ -195,7 +212,7 @@ def check_htransform_belongs_to_run(htransform: HTransform, info: dict[str, Any]
                 f"{' …' if len(differ) > 3 else ''}); was it copied from another run?"
             )
     channels, height, width = prior.image_shape
-    network, blocks = htransform.config.network, htransform.config.space_to_depth ** 2
+    network, blocks = htransform.config.network, htransform.config.space_to_depth**2
     if (network.in_channels, network.out_channels) != (2 * channels * blocks, channels * blocks):
         raise DeftError(
             f"{weights}: checkpoint does not match the prior: its h-network takes {network.in_channels // blocks} input channels, "
@@ -203,4 +220,6 @@ def check_htransform_belongs_to_run(htransform: HTransform, info: dict[str, Any]
         )
     size = getattr(network, "image_size", None)
     if size is not None and tuple(size) != (height, width):
-        raise DeftError(f"{weights}: checkpoint does not match the prior: its h-network is for {tuple(size)} images, the prior's are {(height, width)}")
+        raise DeftError(
+            f"{weights}: checkpoint does not match the prior: its h-network is for {tuple(size)} images, the prior's are {(height, width)}"
+        )

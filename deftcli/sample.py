@@ -65,7 +65,9 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
     out = Path(spec.out)
     noise = GeneratorNoise(torch.Generator(device=device).manual_seed(spec.seed))
     if spec.unconditional and measurement is not None:
-        raise DeftError(f"--unconditional draws prior samples, which take no measurement ({measurement}): give one or the other")
+        raise DeftError(
+            f"--unconditional draws prior samples, which take no measurement ({measurement}): give one or the other"
+        )
     if spec.unconditional or measurement is None:
         if not spec.unconditional:
             raise DeftError("give a measurement image (or a folder of them), or --unconditional for prior samples")
@@ -76,22 +78,34 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
     runtime.adapt(run.prior, run.htransform)
     steps = spec.steps or run.spec.time_steps
     sampling = deft_sampling(recorded_sampling(run.info), spec.guidance_scale, spec.sampler, spec.renoise_zeta)
-    settings = {"dps_zeta": spec.dps_zeta, "diffpir_lambda": spec.diffpir_lambda, "diffpir_zeta": spec.diffpir_zeta,
-                "ddrm_eta": spec.ddrm_eta, "ddrm_eta_b": spec.ddrm_eta_b, **sampling.model_dump()}
+    settings = {
+        "dps_zeta": spec.dps_zeta,
+        "diffpir_lambda": spec.diffpir_lambda,
+        "diffpir_zeta": spec.diffpir_zeta,
+        "ddrm_eta": spec.ddrm_eta,
+        "ddrm_eta_b": spec.ddrm_eta_b,
+        **sampling.model_dump(),
+    }
     setup = SamplingSetup(run.prior, steps, spec.denoise_final, spec.clip_x0)
     sampler = build_sampler(spec.method, setup, run.operator, run.htransform, settings)  # before any output exists
     expected = run.operator.measurement_shape(run.prior.image_shape)
     inputs = measurement_inputs(measurement)
-    folders = [out] if len(inputs) == 1 else [out / p.name.removesuffix(TENSOR_SUFFIX).rsplit(".", 1)[0] for p in inputs]
+    folders = (
+        [out] if len(inputs) == 1 else [out / p.name.removesuffix(TENSOR_SUFFIX).rsplit(".", 1)[0] for p in inputs]
+    )
     for i, folder in enumerate(folders):  # a.png and a.safetensors would write the same out/a/
         if folder in folders[:i]:
-            raise DeftError(f"{inputs[folders.index(folder)]} and {inputs[i]} would both write {folder}/ (rename one of them)")
+            raise DeftError(
+                f"{inputs[folders.index(folder)]} and {inputs[i]} would both write {folder}/ (rename one of them)"
+            )
     measurements = []
     for path in inputs:
         y = read_measurement(path)
         check_measurement_shape(y, expected, run.prior.image_shape, path, run.operator)
         measurements.append(y.to(device))
-    refuse_existing([p for f in folders for p in output_files(f, spec.n, ("mean.png", "std.png", "summary.json"))], force)
+    refuse_existing(
+        [p for f in folders for p in output_files(f, spec.n, ("mean.png", "std.png", "summary.json"))], force
+    )
     for folder in folders:  # before sampling, so an output location that cannot be written fails at once
         output_folder(folder)
 
@@ -129,12 +143,21 @@ def sample_command(spec: SampleSpec, measurement: Path | None, force: bool) -> d
         }
         write_json(summary, folder / "summary.json")
         summaries.append(summary)
-    return {"out": str(out), "measurements": len(inputs), "method": spec.method, "seconds": round(sum(s["seconds"] for s in summaries), 2),
-            "data_residual_mean": round(sum(sum(s["data_residual"]) for s in summaries) / sum(len(s["data_residual"]) for s in summaries), 5),
-            "sigma_y": run.operator.sigma}
+    return {
+        "out": str(out),
+        "measurements": len(inputs),
+        "method": spec.method,
+        "seconds": round(sum(s["seconds"] for s in summaries), 2),
+        "data_residual_mean": round(
+            sum(sum(s["data_residual"]) for s in summaries) / sum(len(s["data_residual"]) for s in summaries), 5
+        ),
+        "sigma_y": run.operator.sigma,
+    }
 
 
-def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, noise: NoiseSampler, force: bool) -> dict[str, Any]:
+def sample_unconditional(
+    spec: SampleSpec, out: Path, device: torch.device, noise: NoiseSampler, force: bool
+) -> dict[str, Any]:
     """Prior samples: ``sample_###.png``, a ``grid.png`` and ``summary.json``."""
     prior = load_prior(spec.prior.path or (open_run(spec.run, device).spec.prior.path if spec.run else None)).to(device)
     runtime = Runtime.resolve(device, spec.precision, spec.compile)
@@ -153,7 +176,16 @@ def sample_unconditional(spec: SampleSpec, out: Path, device: torch.device, nois
         save_image(xi, out / f"sample_{i:03d}.png")
     per_row = 8
     save_image(image_grid([x[i : i + per_row] for i in range(0, x.shape[0], per_row)]), out / "grid.png")
-    summary = {"prior": prior.identity(), "n": spec.n, "steps": sampler.setup.steps, "seed": spec.seed, "clip_x0": spec.clip_x0,
-               "denoise_final": spec.denoise_final, "seconds": round(seconds, 3), "runtime": runtime.describe(), **sampler.cost().as_dict()}
+    summary = {
+        "prior": prior.identity(),
+        "n": spec.n,
+        "steps": sampler.setup.steps,
+        "seed": spec.seed,
+        "clip_x0": spec.clip_x0,
+        "denoise_final": spec.denoise_final,
+        "seconds": round(seconds, 3),
+        "runtime": runtime.describe(),
+        **sampler.cost().as_dict(),
+    }
     write_json(summary, out / "summary.json")
     return {"out": str(out), **summary}

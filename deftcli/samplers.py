@@ -45,7 +45,9 @@ SamplerKind = Literal["sde", "renoise"]
 class NoiseSampler(Protocol):
     """Draws standard normal noise: ``noise(shape, device, dtype)`` → a tensor of ``shape`` on ``device``."""
 
-    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor: ...
+    def __call__(
+        self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class GeneratorNoise:
 
     generator: torch.Generator | None = None
 
-    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    def __call__(
+        self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=device, dtype=dtype)
 
 
@@ -64,10 +68,14 @@ class PerSampleNoise:
 
     generators: Sequence[torch.Generator]
 
-    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    def __call__(
+        self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         if len(self.generators) != shape[0]:
             raise ValueError(f"{len(self.generators)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in self.generators]).to(device)
+        return torch.stack(
+            [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in self.generators]
+        ).to(device)
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,12 @@ class SharedBatchNoise:
     total: int
     rows: slice
 
-    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
-        full = torch.randn((self.total, *shape[1:]), generator=self.generator, device=self.generator.device, dtype=dtype)
+    def __call__(
+        self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        full = torch.randn(
+            (self.total, *shape[1:]), generator=self.generator, device=self.generator.device, dtype=dtype
+        )
         return full[self.rows].to(device)
 
 
@@ -91,7 +103,9 @@ class ReplayedNoise:
     def __init__(self, draws: Sequence[Tensor]) -> None:
         self._draws = iter(draws)
 
-    def __call__(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    def __call__(
+        self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         draw = next(self._draws)
         if tuple(draw.shape) != tuple(shape):
             raise ValueError(f"replayed noise of shape {tuple(draw.shape)} for a draw of {tuple(shape)}")
@@ -170,7 +184,9 @@ def sample_reverse_sde(
         return denoise(score_fn, sde, x, grid[-1]) if denoise_final else x
 
 
-def renoised(x: Tensor, x0: Tensor, level: tuple[float, float], next_level: tuple[float, float], zeta: float, xi: Tensor) -> Tensor:
+def renoised(
+    x: Tensor, x0: Tensor, level: tuple[float, float], next_level: tuple[float, float], zeta: float, xi: Tensor
+) -> Tensor:
     """x at the next level from x_t and an estimate x̂0 of x_0: α' x̂0 + σ' (√(1 − ζ) ε̂ + √ζ ξ), ε̂ = (x_t − α x̂0) / σ,
     for the levels (α, σ) → (α', σ') (:func:`noise_levels`)."""
     (alpha, sigma), (next_alpha, next_sigma) = level, next_level

@@ -252,7 +252,9 @@ def backprop_soc_gradient(
             nonlocal kl
             kl = kl + 0.5 * sde.beta(step.t) * evaluated.pop().flatten(1).pow(2).sum(1) * step.ds
 
-        x_final = sample_reverse_sde(score_fn, sde, x[sl], grid, ReplayedNoise([n[sl] for n in noises]), callback=add_kl, keep_graph=True)
+        x_final = sample_reverse_sde(
+            score_fn, sde, x[sl], grid, ReplayedNoise([n[sl] for n in noises]), callback=add_kl, keep_graph=True
+        )
         d = data_term(operator, x_final, y_k, likelihood_weight)
         with no_sync(htransform, start + micro >= batch) if no_sync else contextlib.nullcontext():
             ((d + kl).sum() / batch).backward()

@@ -22,7 +22,9 @@ from .unet import UNetConfig
 
 DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/results/sample_quality.json, sweeps.dps)
 DEFAULT_DIFFPIR_LAMBDA = 0.25  # DiffPIR's λ and ζ: the best pair of `deft eval`'s sweep on petals train,
-DEFAULT_DIFFPIR_ZETA = 1.0  # 4× super-resolution, σ_y 0.05, N = 50, the shipped prior (sample_quality.json, sweeps.diffpir)
+DEFAULT_DIFFPIR_ZETA = (
+    1.0  # 4× super-resolution, σ_y 0.05, N = 50, the shipped prior (sample_quality.json, sweeps.diffpir)
+)
 DEFAULT_DDRM_ETA = 0.85  # DDRM's η and η_b as in Kawar et al. 2022
 DEFAULT_DDRM_ETA_B = 1.0
 
@@ -30,7 +32,9 @@ Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 Precision = Literal["auto", "fp32", "bf16"]
 """The networks' precision: auto is bf16 on a CPU with native bf16 (AMX-BF16 or AVX512-BF16), else fp32 (deftcli.devices)."""
 PRECISION_HELP = "the networks' precision: fp32 (default), bf16 (CUDA, CPU) or auto (bf16 on a CPU with AMX-BF16 or AVX512-BF16, else fp32)"
-COMPILE_HELP = "torch.compile the prior and the h-network (inductor; compiles once per batch size, minutes on a small CPU)"
+COMPILE_HELP = (
+    "torch.compile the prior and the h-network (inductor; compiles once per batch size, minutes on a small CPU)"
+)
 DatasetName = Literal["petals", "flowers102", "folder"]
 Method = Literal["vargrad", "backprop"]
 SamplerName = Literal["deft", "dps", "ddrm", "diffpir", "prior", "dagger"]
@@ -49,7 +53,11 @@ class StrictModel(BaseModel):
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML reads yes/no/true/false as booleans, which pydantic's lax mode would take as 1/0 in a number field."""
-        if isinstance(value, bool) and info.field_name is not None and bool not in leaf_types(cls.model_fields[info.field_name].annotation):
+        if (
+            isinstance(value, bool)
+            and info.field_name is not None
+            and bool not in leaf_types(cls.model_fields[info.field_name].annotation)
+        ):
             raise ValueError(f"expected a number, not the boolean {str(value).lower()}")
         return value
 
@@ -77,12 +85,16 @@ class DataSpec(StrictModel):
     """Which images: the embedded ``petals``, torchvision's ``flowers102``, or a ``folder`` of images."""
 
     dataset: DatasetName = "petals"
-    root: str | None = Field(None, description="data folder (flowers102: download target or local copy; folder: the images)")
+    root: str | None = Field(
+        None, description="data folder (flowers102: download target or local copy; folder: the images)"
+    )
 
     @model_validator(mode="after")
     def _petals_has_no_folder(self) -> "DataSpec":
         if self.dataset == "petals" and self.root is not None:
-            raise ValueError("petals is generated, not read from a folder: give --dataset folder or flowers102 with --data-root")
+            raise ValueError(
+                "petals is generated, not read from a folder: give --dataset folder or flowers102 with --data-root"
+            )
         return self
 
 
@@ -111,7 +123,9 @@ class PretrainSpec(StrictModel):
     )
     sde: SDEConfig = SDEConfig()
     iterations: int = Field(20000, ge=1)
-    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much wall time, counted over every leg of a resumed run")
+    max_minutes: float | None = Field(
+        None, gt=0, description="stop (and save) after this much wall time, counted over every leg of a resumed run"
+    )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0, le=1)
     warmup: int = Field(200, ge=0, description="linear learning-rate warm-up steps")
@@ -131,14 +145,21 @@ class HNetSpec(StrictModel):
 
     architecture: Literal["unet", "mlp"] = "unet"
     model_channels: int | None = Field(
-        None, ge=1, le=1024, description="UNet base channels; None: the largest multiple of 4 within size_fraction of the prior's parameters"
+        None,
+        ge=1,
+        le=1024,
+        description="UNet base channels; None: the largest multiple of 4 within size_fraction of the prior's parameters",
     )
-    size_fraction: float = Field(0.09, gt=0, le=1, description="automatic size: h-network parameters / prior parameters at most this")
+    size_fraction: float = Field(
+        0.09, gt=0, le=1, description="automatic size: h-network parameters / prior parameters at most this"
+    )
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = Field(1, ge=1)
     attention_resolutions: tuple[int, ...] = ()
     space_to_depth: int = Field(
-        2, ge=1, description="UNet on r×r pixel blocks stacked as channels (r² fewer positions); 1: full resolution, as the original"
+        2,
+        ge=1,
+        description="UNet on r×r pixel blocks stacked as channels (r² fewer positions); 1: full resolution, as the original",
     )
     time_embedding_dim: int = Field(64, ge=2)
     time_hidden: int = Field(64, ge=1)
@@ -163,43 +184,69 @@ class FinetuneSpec(StrictModel):
     prior: PriorSpec = PriorSpec()
     operator: OperatorSpec = OperatorSpec()
     data: DataSpec = DataSpec()
-    measurement: str | None = Field(None, description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split")
+    measurement: str | None = Field(
+        None,
+        description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split",
+    )
     method: Method = "vargrad"
     iterations: int | None = Field(
-        None, ge=1, description="None: the prior's tuned value for the operator (its tuning.json), else 100 "
-        "(≈ 6 minutes for the default 4× super-resolution on a 2-core CPU)")
-    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much training time, counted over every leg of a resumed run")
+        None,
+        ge=1,
+        description="None: the prior's tuned value for the operator (its tuning.json), else 100 "
+        "(≈ 6 minutes for the default 4× super-resolution on a 2-core CPU)",
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="stop (and save) after this much training time, counted over every leg of a resumed run"
+    )
     time_steps: int = Field(50, ge=3, description="N, points of the reversed-time grid (N − 1 steps)")
     measurements_per_batch: int = Field(2, ge=1, description="M measurements per batch (amortised mode)")
     trajectories: int = Field(4, ge=2, description="K trajectories per measurement")
     likelihood_weight: float | None = Field(
-        None, gt=0, le=100,
+        None,
+        gt=0,
+        le=100,
         description="w: fine-tune for the tempered posterior p(x) p(y | x)^w, i.e. the likelihood with σ_y/√w (measurements keep σ_y); "
         "1 is the posterior, w > 1 a sharper one; None: the prior's tuned value for the operator, else 1",
     )
     lr: float | None = Field(
-        None, gt=0, le=1,
+        None,
+        gt=0,
+        le=1,
         description="Adam learning rate of the h-network (c_ψ: × time_lr_factor); default 5e-4 / w: h's input and guidance term "
         "scale with w, and w = 3 diverged at 5e-4",
     )
-    time_lr_factor: float = Field(5.0, gt=0, description="c_ψ(t) learns at lr × this: it must grow by an order of magnitude from its small initial value")
+    time_lr_factor: float = Field(
+        5.0,
+        gt=0,
+        description="c_ψ(t) learns at lr × this: it must grow by an order of magnitude from its small initial value",
+    )
     lr_final_factor: float = Field(1e-3, gt=0, le=1, description="cosine decay to lr · this factor")
-    warmup: int = Field(10, ge=0, description="linear learning-rate warm-up steps (Adam's first steps are lr-sized in every parameter)")
+    warmup: int = Field(
+        10, ge=0, description="linear learning-rate warm-up steps (Adam's first steps are lr-sized in every parameter)"
+    )
     grad_clip: float = Field(1.0, gt=0)
-    grad_fraction: float = Field(0.2, ge=0, le=1, description="fraction of steps that carry a gradient (plus the last two)")
+    grad_fraction: float = Field(
+        0.2, ge=0, le=1, description="fraction of steps that carry a gradient (plus the last two)"
+    )
     loss_threshold: float | None = Field(
-        None, gt=0, description="log-RND values above this are dropped before the variance (default 5e4 · max(1, m/3072) · w for m measured values)"
+        None,
+        gt=0,
+        description="log-RND values above this are dropped before the variance (default 5e4 · max(1, m/3072) · w for m measured values)",
     )
     min_kept_fraction: float = Field(0.3, ge=0, le=1)
     max_bad_steps: int = Field(20, ge=1, description="stop after this many skipped steps in a row")
-    micro_batch: int | None = Field(None, ge=1, description="backprop: trajectories per backward pass (gradient accumulation)")
+    micro_batch: int | None = Field(
+        None, ge=1, description="backprop: trajectories per backward pass (gradient accumulation)"
+    )
     gradient_checkpointing: bool = Field(True, description="backprop: recompute activations per step")
     hnet: HNetSpec = HNetSpec()
     precision: Precision = Field("fp32", description=PRECISION_HELP)
     compile: bool = Field(False, description=COMPILE_HELP)
     preview_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
-    snapshot_every: int | None = Field(None, ge=1, description="also keep the h-network every this many steps (snapshots/)")
+    snapshot_every: int | None = Field(
+        None, ge=1, description="also keep the h-network every this many steps (snapshots/)"
+    )
     seed: Seed = 0
     device: Device = "auto"
     run_dir: str | None = None
@@ -242,14 +289,22 @@ class SampleSpec(StrictModel):
     n: int = Field(8, ge=1, le=100_000, description="samples per measurement")
     steps: int | None = Field(None, ge=3, description="grid points (default: the run's time_steps, or 100)")
     batch_size: int = Field(16, ge=1)
-    dps_zeta: float = Field(DEFAULT_DPS_ZETA, gt=0, description="DPS step size ζ (the sweep of `deft eval` picks it per problem)")
+    dps_zeta: float = Field(
+        DEFAULT_DPS_ZETA, gt=0, description="DPS step size ζ (the sweep of `deft eval` picks it per problem)"
+    )
     diffpir_lambda: DiffPIRLambda = DEFAULT_DIFFPIR_LAMBDA
     diffpir_zeta: DiffPIRZeta = DEFAULT_DIFFPIR_ZETA
     ddrm_eta: DDRMEta = DEFAULT_DDRM_ETA
     ddrm_eta_b: DDRMEtaB = DEFAULT_DDRM_ETA_B
     guidance_scale: GuidanceScale | None = Field(
-        None, description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood; " + DEFT_SAMPLING_NOTE + "1")
-    sampler: SamplerKind | None = Field(None, description="deft: sde (Euler–Maruyama) or renoise (denoise and re-noise); " + DEFT_SAMPLING_NOTE + "sde")
+        None,
+        description="deft: sample with s_θ + γ h; 1 is the fine-tuned posterior, γ > 1 a sharper likelihood; "
+        + DEFT_SAMPLING_NOTE
+        + "1",
+    )
+    sampler: SamplerKind | None = Field(
+        None, description="deft: sde (Euler–Maruyama) or renoise (denoise and re-noise); " + DEFT_SAMPLING_NOTE + "sde"
+    )
     renoise_zeta: RenoiseZeta | None = Field(None, description="deft's renoise sampler: ζ; " + DEFT_SAMPLING_NOTE + "1")
     denoise_final: bool = Field(True, description="return Tweedie's x̂0 at t = ε instead of x_ε")
     clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside the sampler")
@@ -261,13 +316,22 @@ class SampleSpec(StrictModel):
 
     @model_validator(mode="after")
     def _options_of_the_sampler(self) -> "SampleSpec":
-        options = {"method": ("--method", None), "dps_zeta": ("--dps-zeta", "dps"),
-                   "guidance_scale": ("--guidance-scale", "deft"), "sampler": ("--sampler", "deft"), "renoise_zeta": ("--renoise-zeta", "deft"),
-                   "diffpir_lambda": ("--diffpir-lambda", "diffpir"), "diffpir_zeta": ("--diffpir-zeta", "diffpir"),
-                   "ddrm_eta": ("--ddrm-eta", "ddrm"), "ddrm_eta_b": ("--ddrm-eta-b", "ddrm")}
+        options = {
+            "method": ("--method", None),
+            "dps_zeta": ("--dps-zeta", "dps"),
+            "guidance_scale": ("--guidance-scale", "deft"),
+            "sampler": ("--sampler", "deft"),
+            "renoise_zeta": ("--renoise-zeta", "deft"),
+            "diffpir_lambda": ("--diffpir-lambda", "diffpir"),
+            "diffpir_zeta": ("--diffpir-zeta", "diffpir"),
+            "ddrm_eta": ("--ddrm-eta", "ddrm"),
+            "ddrm_eta_b": ("--ddrm-eta-b", "ddrm"),
+        }
         given = {field: options[field] for field in options if field in self.model_fields_set}
         if self.unconditional and given:
-            raise ValueError(f"{', '.join(flag for flag, _ in given.values())}: a posterior sampler's option, but --unconditional draws prior samples")
+            raise ValueError(
+                f"{', '.join(flag for flag, _ in given.values())}: a posterior sampler's option, but --unconditional draws prior samples"
+            )
         for flag, method in given.values():
             if method is not None and self.method != method:
                 raise ValueError(f"{flag} is an option of --method {method}, not of --method {self.method}")
@@ -282,7 +346,8 @@ class EvalSpec(StrictModel):
     n: int = Field(64, ge=1)
     k: int = Field(4, ge=1, description="samples per image (posterior mean over k)")
     methods: Annotated[list[SamplerName], Field(min_length=1)] | None = Field(
-        None, description="None: deft, dps, diffpir, ddrm, prior, dagger (ddrm, diffpir where the operator has an SVD)")
+        None, description="None: deft, dps, diffpir, ddrm, prior, dagger (ddrm, diffpir where the operator has an SVD)"
+    )
     steps: int | None = Field(None, ge=3)
     dps_zeta: float | None = Field(None, gt=0, description="None: select ζ by a sweep on training images")
     dps_sweep: list[Annotated[float, Field(gt=0)]] = Field([0.3, 1.0, 3.0, 10.0, 30.0], min_length=1)
@@ -292,12 +357,20 @@ class EvalSpec(StrictModel):
     ddrm_eta: DDRMEta = DEFAULT_DDRM_ETA
     ddrm_eta_b: DDRMEtaB = DEFAULT_DDRM_ETA_B
     guidance_scale: float | Literal["sweep"] | None = Field(
-        None, description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ; " + DEFT_SAMPLING_NOTE + "1")
-    sampler: SamplerKind | None = Field(None, description="deft's sampler, sde or renoise; " + DEFT_SAMPLING_NOTE + "sde")
+        None,
+        description="deft's γ (1: the fine-tuned posterior); 'sweep': select it on training images like ζ; "
+        + DEFT_SAMPLING_NOTE
+        + "1",
+    )
+    sampler: SamplerKind | None = Field(
+        None, description="deft's sampler, sde or renoise; " + DEFT_SAMPLING_NOTE + "sde"
+    )
     renoise_zeta: RenoiseZeta | None = Field(None, description="deft's renoise sampler: ζ; " + DEFT_SAMPLING_NOTE + "1")
     guidance_sweep: list[GuidanceScale] = Field([1.0, 1.5, 2.0, 3.0, 5.0], min_length=1)
     denoise_final: bool = True
-    clip_x0: bool = Field(False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)")
+    clip_x0: bool = Field(
+        False, description="clip the prior's Tweedie x̂0 to [-1, 1] inside every sampler (deft, DPS, prior)"
+    )
     precision: Precision = Field("fp32", description=PRECISION_HELP)
     compile: bool = Field(False, description=COMPILE_HELP)
     seed: Seed = 0
@@ -320,13 +393,19 @@ class EvalSpec(StrictModel):
 
     @model_validator(mode="after")
     def _options_of_evaluated_methods(self) -> "EvalSpec":
-        for field, method, flag in (("dps_zeta", "dps", "--dps-zeta"), ("dps_sweep", "dps", "dps_sweep"),
-                                    ("guidance_scale", "deft", "--guidance-scale"), ("guidance_sweep", "deft", "guidance_sweep"),
-                                    ("sampler", "deft", "--sampler"), ("renoise_zeta", "deft", "--renoise-zeta"),
-                                    ("diffpir_lambda", "diffpir", "--diffpir-lambda"),
-                                    ("diffpir_zeta", "diffpir", "--diffpir-zeta"),
-                                    ("diffpir_sweep", "diffpir", "diffpir_sweep"),
-                                    ("ddrm_eta", "ddrm", "ddrm_eta"), ("ddrm_eta_b", "ddrm", "ddrm_eta_b")):
+        for field, method, flag in (
+            ("dps_zeta", "dps", "--dps-zeta"),
+            ("dps_sweep", "dps", "dps_sweep"),
+            ("guidance_scale", "deft", "--guidance-scale"),
+            ("guidance_sweep", "deft", "guidance_sweep"),
+            ("sampler", "deft", "--sampler"),
+            ("renoise_zeta", "deft", "--renoise-zeta"),
+            ("diffpir_lambda", "diffpir", "--diffpir-lambda"),
+            ("diffpir_zeta", "diffpir", "--diffpir-zeta"),
+            ("diffpir_sweep", "diffpir", "diffpir_sweep"),
+            ("ddrm_eta", "ddrm", "ddrm_eta"),
+            ("ddrm_eta_b", "ddrm", "ddrm_eta_b"),
+        ):
             if field in self.model_fields_set and method not in (self.methods or EVAL_METHODS):
                 raise ValueError(f"{flag} is an option of {method}, but {method} is not among the methods")
         return self
@@ -381,7 +460,9 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise DeftError(f"{path}: not a valid YAML spec ({yaml_error_text(exc)})") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise DeftError(f"{path}: not a valid {suffix.lstrip('.').upper()} spec ({' '.join(str(exc).split())})") from None
+        raise DeftError(
+            f"{path}: not a valid {suffix.lstrip('.').upper()} spec ({' '.join(str(exc).split())})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -423,7 +504,12 @@ def validation_message(exc: ValidationError, source: str | Callable[[str], str])
     return f"{source(where) if callable(source) else source}: {where}: {msg}{extra}"
 
 
-def build_spec(model: type[S], spec_path: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> S:
+def build_spec(
+    model: type[S],
+    spec_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> S:
     """Validate ``base`` ← spec file ← flag overrides (dotted keys; ``None`` values are ignored)."""
     data: dict[str, Any] = json.loads(json.dumps(base or {}, default=str))
     source = "spec"
@@ -438,7 +524,9 @@ def build_spec(model: type[S], spec_path: str | Path | None = None, overrides: d
         for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise DeftError(f"{source}: {'.'.join(parents[: depth + 1])} must be a mapping of fields, got {type(node).__name__} {node!r}")
+                raise DeftError(
+                    f"{source}: {'.'.join(parents[: depth + 1])} must be a mapping of fields, got {type(node).__name__} {node!r}"
+                )
         if isinstance(value, dict) and isinstance(node.get(leaf), dict):
             node[leaf].update(value)
         else:

@@ -32,7 +32,11 @@ def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float
 
 
 def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, learning_rates: Sequence[float], warmup: int, total: int, final_factor: float,
+    optimizer: torch.optim.Optimizer,
+    learning_rates: Sequence[float],
+    warmup: int,
+    total: int,
+    final_factor: float,
     step: int = 0,
 ) -> LambdaLR:
     """Parameter group i learns at ``learning_rates[i]`` × :func:`warmup_cosine_factor` from ``step`` on. The
@@ -47,22 +51,30 @@ def refuse_resume_with_nothing_to_do(max_minutes: float | None, step: int, itera
     """A resume that could train no step is a user error, raised before anything is written: ``--iterations``
     not above the steps already done, or a ``--max-minutes`` (counted over every leg) already spent."""
     if iterations <= step:
-        raise DeftError(f"--iterations {iterations}: this run has already trained {step} steps; give more to continue it")
+        raise DeftError(
+            f"--iterations {iterations}: this run has already trained {step} steps; give more to continue it"
+        )
     if max_minutes is not None and max_minutes * 60 <= seconds:
-        raise DeftError(f"--max-minutes {max_minutes:g} is already spent: this run has trained {seconds / 60:.1f} minutes "
-                        "(the budget counts every leg of a resumed run); give a larger one")
+        raise DeftError(
+            f"--max-minutes {max_minutes:g} is already spent: this run has trained {seconds / 60:.1f} minutes "
+            "(the budget counts every leg of a resumed run); give a larger one"
+        )
 
 
 def refuse_changes(subject: str, changes: dict[str, tuple[Any, Any]], advice: str) -> None:
     """A one-line error for the first ``name: (before, after)`` pair that differs: what ``--resume`` may not change."""
     for name, (before, after) in changes.items():
         if before != after:
-            shown = [value.model_dump(mode="json") if hasattr(value, "model_dump") else value for value in (before, after)]
+            shown = [
+                value.model_dump(mode="json") if hasattr(value, "model_dump") else value for value in (before, after)
+            ]
             raise DeftError(f"--resume cannot change the {subject}'s {name} ({shown[0]} → {shown[1]}); {advice}")
 
 
 @contextmanager
-def cleared_on_failure(folder: Path, first_checkpoint: Path, keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def cleared_on_failure(
+    folder: Path, first_checkpoint: Path, keep: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
     """A new output folder (absent or empty before) is emptied again, and removed if it was absent, when
     the command fails before ``first_checkpoint`` exists: a failed start leaves no half-made run that would
     block the next attempt (or be taken for the latest run). Exceptions in ``keep`` leave it as it is."""
@@ -126,7 +138,11 @@ class MetricsLog:
         """Drop lines logged after ``step`` (a resumed run repeats them from its checkpoint)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         text = "".join(line + "\n" for line in kept)
         write_checkpoint_file(self.path, lambda tmp: Path(tmp).write_text(text))  # a kill meanwhile keeps every line
 
@@ -134,7 +150,9 @@ class MetricsLog:
 class TrainingProgress:
     """A rich progress bar with live metrics, or (``quiet``) a plain log line every ``log_every`` steps."""
 
-    def __init__(self, description: str, total: int, start: int, quiet: bool, fields: list[str], log_every: int = 10) -> None:
+    def __init__(
+        self, description: str, total: int, start: int, quiet: bool, fields: list[str], log_every: int = 10
+    ) -> None:
         self.quiet, self.fields, self.log_every, self.total = quiet, fields, log_every, total
         self.console = Console(stderr=True)
         self._start_time = time.perf_counter()
@@ -173,7 +191,11 @@ class TrainingProgress:
             self._progress.update(self._task, completed=step, metrics=shown, rate=f"{rate:.2f} it/s")
         elif step % self.log_every == 0 or step == self.total:
             eta = (self.total - step) / rate if rate > 0 else float("nan")
-            print(f"{self.description} {step}/{self.total} {shown} {rate:.2f} it/s eta {eta:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"{self.description} {step}/{self.total} {shown} {rate:.2f} it/s eta {eta:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def log(self, message: str) -> None:
         if self._progress is not None:

@@ -53,7 +53,9 @@ class OperatorTuning(StrictModel):
 class PriorTuning(StrictModel):
     """The content of a prior's ``tuning.json``."""
 
-    selected_by: str = Field(description="how the settings were chosen: the training images, the script and its results")
+    selected_by: str = Field(
+        description="how the settings were chosen: the training images, the script and its results"
+    )
     operators: dict[str, OperatorTuning]
 
 
@@ -116,8 +118,9 @@ def run_record(tuning: PriorTuning | None, operator_name: str, taken: dict[str, 
     return {"source": tuning.selected_by, "finetune": taken, "sampling": tuned.sampling.model_dump()}
 
 
-def deft_sampling(recorded: SamplingDefaults, guidance_scale: float | None, sampler: SamplerKind | None,
-                  renoise_zeta: float | None) -> SamplingDefaults:
+def deft_sampling(
+    recorded: SamplingDefaults, guidance_scale: float | None, sampler: SamplerKind | None, renoise_zeta: float | None
+) -> SamplingDefaults:
     """deft's sampling settings: each one given (not None) as it is, the others as the run recorded them."""
     given = {"guidance_scale": guidance_scale, "sampler": sampler, "renoise_zeta": renoise_zeta}
     return recorded.model_copy(update={key: value for key, value in given.items() if value is not None})

@@ -46,8 +46,10 @@ class UNetConfig(BaseModel):
         2^(len(channel_mult) − 1); otherwise its skip connections do not line up (a DeftError naming ``what``)."""
         step = 2 ** (len(self.channel_mult) - 1)
         if height % step or width % step:
-            raise DeftError(f"{what}: {height}×{width} does not fit a UNet with {len(self.channel_mult)} levels "
-                            f"(channel_mult {','.join(map(str, self.channel_mult))}): the size must be a multiple of {step}")
+            raise DeftError(
+                f"{what}: {height}×{width} does not fit a UNet with {len(self.channel_mult)} levels "
+                f"(channel_mult {','.join(map(str, self.channel_mult))}): the size must be a multiple of {step}"
+            )
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float) -> Tensor:
@@ -99,9 +101,7 @@ class ResBlock(nn.Module):
             nn.Dropout(p=dropout),
             _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
@@ -275,4 +275,3 @@ class TimeScaling(nn.Module):
         h = F.silu(self.linear2(h))
         h = F.silu(self.linear3(h))
         return ((1 - t.float())[:, None] * h)[:, :, None, None]
-

@@ -52,15 +52,10 @@ class Blur(Operator):
     class Params(OperatorParams):
         kernel: str = Field(
             "gaussian",
-            description="'gaussian', 'uniform', or the path of a grayscale kernel image "
-            "(normalised to sum 1)",
+            description="'gaussian', 'uniform', or the path of a grayscale kernel image (normalised to sum 1)",
         )
-        kernel_size: int = Field(
-            9, ge=1, le=1025, description="side of the gaussian or uniform kernel in pixels (odd)"
-        )
-        kernel_std: float = Field(
-            2.0, gt=0, description="std of the gaussian kernel in pixels (gaussian only)"
-        )
+        kernel_size: int = Field(9, ge=1, le=1025, description="side of the gaussian or uniform kernel in pixels (odd)")
+        kernel_std: float = Field(2.0, gt=0, description="std of the gaussian kernel in pixels (gaussian only)")
 
         @field_validator("kernel_size")
         @classmethod

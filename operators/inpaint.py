@@ -38,8 +38,7 @@ class Inpaint(Operator):
     class Params(OperatorParams):
         mask: str = Field(
             "box",
-            description="'box', 'random', or the path of a mask image of the image's size "
-            "(white = observed)",
+            description="'box', 'random', or the path of a mask image of the image's size (white = observed)",
         )
         box_fraction: float = Field(
             0.5, ge=0, le=1, description="side of the centred missing box as a fraction of the image side"
@@ -58,7 +57,9 @@ class Inpaint(Operator):
         self.mask_image: Tensor | None = None
         if params.mask not in NAMED_MASKS:
             self.mask_image = read_grayscale_image(params.mask, "inpaint mask", NAMED_MASKS) > 0.5
-        self._observed: dict[tuple[int, int], Tensor] = {}  # checked masks by image size: A checks its input on every call
+        self._observed: dict[
+            tuple[int, int], Tensor
+        ] = {}  # checked masks by image size: A checks its input on every call
 
     def parameter_files(self) -> dict[str, Path]:
         return {} if self.params.mask in NAMED_MASKS else {"mask": Path(self.params.mask).expanduser()}
@@ -78,7 +79,9 @@ class Inpaint(Operator):
         if self.mask_image is not None:
             if tuple(self.mask_image.shape) != (height, width):
                 mask_height, mask_width = self.mask_image.shape
-                raise DeftError(f"inpaint mask '{self.params.mask}' is {mask_height}x{mask_width} but the image is {height}x{width}")
+                raise DeftError(
+                    f"inpaint mask '{self.params.mask}' is {mask_height}x{mask_width} but the image is {height}x{width}"
+                )
             observed = self.mask_image
         elif self.params.mask == "random":
             generator = torch.Generator().manual_seed(self.params.mask_seed)
@@ -90,7 +93,9 @@ class Inpaint(Operator):
             top, left = (height - box_height) // 2, (width - box_width) // 2
             observed[top : top + box_height, left : left + box_width] = False
         if not observed.any():
-            raise DeftError(f"inpaint mask {self.params.mask!r} observes no pixel of a {height}x{width} image: there is nothing to condition on")
+            raise DeftError(
+                f"inpaint mask {self.params.mask!r} observes no pixel of a {height}x{width} image: there is nothing to condition on"
+            )
         return observed
 
     def A(self, x: Tensor) -> Tensor:

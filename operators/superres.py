@@ -51,9 +51,7 @@ class SuperResolution(Operator):
         channels, height, width = image_shape
         factor = self.params.factor
         if height % factor or width % factor:
-            raise DeftError(
-                f"superres factor {factor} does not divide the image size {height}x{width}"
-            )
+            raise DeftError(f"superres factor {factor} does not divide the image size {height}x{width}")
         return channels, height // factor, width // factor
 
     def A(self, x: Tensor) -> Tensor:

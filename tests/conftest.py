@@ -61,7 +61,9 @@ def write_tiny_unet_prior(folder: Path, size: int = 16, channels: int = 3) -> Pa
     from deftcli.sde import VPSDE
     from deftcli.unet import UNet, UNetConfig
 
-    config = UNetConfig(in_channels=channels, out_channels=channels, model_channels=8, channel_mult=(1, 2), norm_groups=8)
+    config = UNetConfig(
+        in_channels=channels, out_channels=channels, model_channels=8, channel_mult=(1, 2), norm_groups=8
+    )
     gen = torch.Generator().manual_seed(0)
     unet = UNet(config, VPSDE().sigma)
     with torch.no_grad():
@@ -69,8 +71,16 @@ def write_tiny_unet_prior(folder: Path, size: int = 16, channels: int = 3) -> Pa
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(unet.state_dict(), folder / "model.safetensors")
-    write_json({"format": "deft-unet-prior", "name": "tiny", "image_shape": [channels, size, size],
-                "sde": {"beta_min": 0.1, "beta_max": 20.0}, "unet": config.model_dump(mode="json")}, folder / "config.json")
+    write_json(
+        {
+            "format": "deft-unet-prior",
+            "name": "tiny",
+            "image_shape": [channels, size, size],
+            "sde": {"beta_min": 0.1, "beta_max": 20.0},
+            "unet": config.model_dump(mode="json"),
+        },
+        folder / "config.json",
+    )
     return folder
 
 
@@ -93,7 +103,14 @@ def gmm_problem(tmp_path):
     x = prior.sample(1, gen)
     y = op.measure(x, generator=gen)
     save_image(y[0], tmp_path / "y.safetensors")
-    return {"prior": prior, "operator": op, "x": x, "y": y, "prior_dir": tmp_path / "gmm_prior", "y_path": tmp_path / "y.safetensors"}
+    return {
+        "prior": prior,
+        "operator": op,
+        "x": x,
+        "y": y,
+        "prior_dir": tmp_path / "gmm_prior",
+        "y_path": tmp_path / "y.safetensors",
+    }
 
 
 TINY_HNET = {"hnet.model_channels": 8, "hnet.channel_mult": [1], "hnet.time_embedding_dim": 16, "hnet.time_hidden": 16}

@@ -17,13 +17,24 @@ from deftcli.specs import FinetuneSpec
 
 torch.set_num_threads(1)
 mode, prior_dir, y_path, run_dir, out = sys.argv[1:6]
-spec = FinetuneSpec.model_validate({
-    "prior": {"path": prior_dir}, "operator": {"name": "superres", "params": {"factor": 2, "sigma": 0.1}},
-    "measurement": None if mode == "amortised" else y_path, "method": "backprop" if mode == "backprop" else "vargrad",
-    "iterations": 5, "time_steps": 8, "trajectories": 4, "measurements_per_batch": 2, "grad_clip": 1e9, "grad_fraction": 0.3,
-    "micro_batch": 1, "hnet": {"model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16},
-    "run_dir": run_dir, "device": "cpu",
-})
+spec = FinetuneSpec.model_validate(
+    {
+        "prior": {"path": prior_dir},
+        "operator": {"name": "superres", "params": {"factor": 2, "sigma": 0.1}},
+        "measurement": None if mode == "amortised" else y_path,
+        "method": "backprop" if mode == "backprop" else "vargrad",
+        "iterations": 5,
+        "time_steps": 8,
+        "trajectories": 4,
+        "measurements_per_batch": 2,
+        "grad_clip": 1e9,
+        "grad_fraction": 0.3,
+        "micro_batch": 1,
+        "hnet": {"model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16},
+        "run_dir": run_dir,
+        "device": "cpu",
+    }
+)
 ctx = setup(torch.device("cpu"))
 if ctx.is_main:
     output_folder(resolve_run_dir(spec, resume=False))

@@ -65,8 +65,18 @@ def _finetune(prior: Path, run_dir: Path, **hnet) -> None:
     from deftcli.finetune import finetune
     from deftcli.specs import FinetuneSpec, build_spec
 
-    overrides = {"prior.path": str(prior), "operator.params": {"factor": 2, "sigma": 0.1}, "iterations": 1, "time_steps": 3,
-                 "measurements_per_batch": 1, "trajectories": 2, "run_dir": str(run_dir), "device": "cpu", **TINY_HNET, **hnet}
+    overrides = {
+        "prior.path": str(prior),
+        "operator.params": {"factor": 2, "sigma": 0.1},
+        "iterations": 1,
+        "time_steps": 3,
+        "measurements_per_batch": 1,
+        "trajectories": 2,
+        "run_dir": str(run_dir),
+        "device": "cpu",
+        **TINY_HNET,
+        **hnet,
+    }
     finetune(build_spec(FinetuneSpec, overrides=overrides), quiet=True)
 
 
@@ -109,7 +119,9 @@ class Workspace:
 
     def __init__(self, tmp: Path, assets: Assets) -> None:
         self.tmp, self.assets = tmp, assets
-        self.prior, self.run, self.flower, self.y = (str(p) for p in (assets.prior, assets.run, assets.flower, assets.y))
+        self.prior, self.run, self.flower, self.y = (
+            str(p) for p in (assets.prior, assets.run, assets.flower, assets.y)
+        )
         self.out = str(tmp / "out")
 
     def path(self, name: str) -> str:
@@ -197,8 +209,14 @@ class Workspace:
         """model.pt + report.yaml whose unpickling would create ``pwned`` (an absolute path)."""
         folder = self.tmp / f"evil_{how}"
         folder.mkdir()
-        (folder / "report.yaml").write_text("model: {model_channels: 8, channel_mult: [1, 2], norm_groups: 8}\ndiffusion: {sde: VPSDE}\n")
-        payload = {"weight": TouchOnUnpickle(str(self.tmp / "pwned")) if how == "touch" else SystemOnUnpickle(f"touch {self.tmp / 'pwned'}")}
+        (folder / "report.yaml").write_text(
+            "model: {model_channels: 8, channel_mult: [1, 2], norm_groups: 8}\ndiffusion: {sde: VPSDE}\n"
+        )
+        payload = {
+            "weight": TouchOnUnpickle(str(self.tmp / "pwned"))
+            if how == "touch"
+            else SystemOnUnpickle(f"touch {self.tmp / 'pwned'}")
+        }
         if how == "touch":
             torch.save(payload, folder / "model.pt")
         else:
@@ -225,23 +243,90 @@ class SystemOnUnpickle:
 
 # ------------------------------------------------------------------ argv fragments
 
+
 def sample(w: Workspace, measurement: str, *extra: str, run: str | None = None) -> list[str]:
-    return ["sample", measurement, "--run", run or w.run, "-n", "1", "--steps", "3", "--device", "cpu", "-o", w.out, *extra]
+    return [
+        "sample",
+        measurement,
+        "--run",
+        run or w.run,
+        "-n",
+        "1",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "-o",
+        w.out,
+        *extra,
+    ]
 
 
 def unconditional(w: Workspace, prior: str, *extra: str) -> list[str]:
-    return ["sample", "--unconditional", "--prior", prior, "-n", "1", "--steps", "3", "--device", "cpu", "-o", w.out, *extra]
+    return [
+        "sample",
+        "--unconditional",
+        "--prior",
+        prior,
+        "-n",
+        "1",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "-o",
+        w.out,
+        *extra,
+    ]
 
 
 def evaluate(w: Workspace, run: str | None = None, *extra: str, out: str | None = None) -> list[str]:
-    return ["eval", "--run", run or w.run, "--n", "1", "-k", "1", "--methods", "dagger", "--steps", "3", "--device", "cpu",
-            "-o", out or w.out, *extra]
+    return [
+        "eval",
+        "--run",
+        run or w.run,
+        "--n",
+        "1",
+        "-k",
+        "1",
+        "--methods",
+        "dagger",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "-o",
+        out or w.out,
+        *extra,
+    ]
 
 
 def finetune(w: Workspace, *extra: str, prior: str | None = None) -> list[str]:
-    return ["finetune", "--prior", prior or w.prior, "--factor", "2", "--iterations", "1", "--time-steps", "3",
-            "--measurements-per-batch", "1", "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1",
-            "--device", "cpu", "--run-dir", w.path("new_run"), "--quiet", *extra]
+    return [
+        "finetune",
+        "--prior",
+        prior or w.prior,
+        "--factor",
+        "2",
+        "--iterations",
+        "1",
+        "--time-steps",
+        "3",
+        "--measurements-per-batch",
+        "1",
+        "--trajectories",
+        "2",
+        "--hnet-channels",
+        "8",
+        "--hnet-mult",
+        "1",
+        "--device",
+        "cpu",
+        "--run-dir",
+        w.path("new_run"),
+        "--quiet",
+        *extra,
+    ]
 
 
 def degrade(w: Workspace, image: str, *extra: str, out: str | None = None) -> list[str]:
@@ -249,15 +334,38 @@ def degrade(w: Workspace, image: str, *extra: str, out: str | None = None) -> li
 
 
 def pretrain(w: Workspace, *extra: str) -> list[str]:
-    return ["pretrain", "--image-size", "8", "--model-channels", "8", "--channel-mult", "1", "--iterations", "1",
-            "--batch-size", "2", "--device", "cpu", "--out", w.path("new_prior"), "--quiet", *extra]
+    return [
+        "pretrain",
+        "--image-size",
+        "8",
+        "--model-channels",
+        "8",
+        "--channel-mult",
+        "1",
+        "--iterations",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        w.path("new_prior"),
+        "--quiet",
+        *extra,
+    ]
 
 
 def spec_cmd(command: str) -> Callable[[Workspace, str], list[str]]:
     """``deft COMMAND --spec FILE`` with otherwise valid arguments."""
+
     def build(w: Workspace, spec: str) -> list[str]:
-        return {"finetune": lambda: finetune(w, "--spec", spec), "sample": lambda: sample(w, w.y, "--spec", spec),
-                "eval": lambda: evaluate(w, None, "--spec", spec), "pretrain": lambda: pretrain(w, "--spec", spec)}[command]()
+        return {
+            "finetune": lambda: finetune(w, "--spec", spec),
+            "sample": lambda: sample(w, w.y, "--spec", spec),
+            "eval": lambda: evaluate(w, None, "--spec", spec),
+            "pretrain": lambda: pretrain(w, "--spec", spec),
+        }[command]()
+
     return build
 
 
@@ -271,17 +379,42 @@ def spec_cases() -> list[tuple]:
         build = spec_cmd(cmd)
         field = WRONG_TYPE[cmd]
         cases += [
-            (f"{cmd}-spec-unknown-key", lambda w, b=build: b(w, w.file("s.yaml", "bogus_key: 1\n")), ["bogus_key", "unknown field"]),
-            (f"{cmd}-spec-wrong-type", lambda w, b=build, f=field: b(w, w.file("s.yaml", f"{f}: many\n")), [field, "valid", "many"]),
-            (f"{cmd}-spec-boolean-number", lambda w, b=build, f=field: b(w, w.file("s.yaml", f"{f}: yes\n")), [field, "not the boolean true"]),
-            (f"{cmd}-spec-bad-yaml", lambda w, b=build: b(w, w.file("s.yaml", "a: [1, 2\n")), ["s.yaml", "not a valid yaml"]),
-            (f"{cmd}-spec-bad-toml", lambda w, b=build: b(w, w.file("s.toml", "a = = 1\n")), ["s.toml", "not a valid toml"]),
-            (f"{cmd}-spec-toml-unknown-key", lambda w, b=build: b(w, w.file("s.toml", "bogus_key = 1\n")), ["bogus_key", "unknown field"]),
+            (
+                f"{cmd}-spec-unknown-key",
+                lambda w, b=build: b(w, w.file("s.yaml", "bogus_key: 1\n")),
+                ["bogus_key", "unknown field"],
+            ),
+            (
+                f"{cmd}-spec-wrong-type",
+                lambda w, b=build, f=field: b(w, w.file("s.yaml", f"{f}: many\n")),
+                [field, "valid", "many"],
+            ),
+            (
+                f"{cmd}-spec-boolean-number",
+                lambda w, b=build, f=field: b(w, w.file("s.yaml", f"{f}: yes\n")),
+                [field, "not the boolean true"],
+            ),
+            (
+                f"{cmd}-spec-bad-yaml",
+                lambda w, b=build: b(w, w.file("s.yaml", "a: [1, 2\n")),
+                ["s.yaml", "not a valid yaml"],
+            ),
+            (
+                f"{cmd}-spec-bad-toml",
+                lambda w, b=build: b(w, w.file("s.toml", "a = = 1\n")),
+                ["s.toml", "not a valid toml"],
+            ),
+            (
+                f"{cmd}-spec-toml-unknown-key",
+                lambda w, b=build: b(w, w.file("s.toml", "bogus_key = 1\n")),
+                ["bogus_key", "unknown field"],
+            ),
         ]
     return cases
 
 
 # ------------------------------------------------------------------ run-folder mutations
+
 
 def delete(name: str) -> Callable[[Path], None]:
     return lambda run: (run / name).unlink()
@@ -291,6 +424,7 @@ def cut_in_half(name: str) -> Callable[[Path], None]:
     def mutate(run: Path) -> None:
         data = (run / name).read_bytes()
         (run / name).write_bytes(data[: len(data) // 2])
+
     return mutate
 
 
@@ -301,8 +435,10 @@ def replace_with(name: str, text: str) -> Callable[[Path], None]:
     return lambda run: (run / name).write_text(text)
 
 
-def checkpoint_from(other: Callable[[Workspace], Path], name: str = "hnet_last.safetensors") -> Callable[[Workspace], Callable[[Path], None]]:
-    return lambda w: (lambda run: shutil.copy(other(w), run / name))
+def checkpoint_from(
+    other: Callable[[Workspace], Path], name: str = "hnet_last.safetensors"
+) -> Callable[[Workspace], Callable[[Path], None]]:
+    return lambda w: lambda run: shutil.copy(other(w), run / name)
 
 
 def hnet_with_bad_metadata(run: Path) -> None:
@@ -319,6 +455,7 @@ def edit_json(name: str, edit: Callable[[dict], object]) -> Callable[[Path], Non
         data = json.loads((run / name).read_text())
         result = edit(data)
         (run / name).write_text(json.dumps(data if result is None else result))
+
     return mutate
 
 
@@ -334,18 +471,45 @@ def perturb_weights(prior: Path) -> None:
 def bad_run_cases() -> list[tuple]:
     """The same broken run folders for ``deft sample`` and ``deft eval``."""
     mutations: list[tuple[str, Callable[[Workspace], Callable[[Path], None]], list[str]]] = [
-        ("checkpoint-deleted", lambda w: delete("hnet_last.safetensors"), ["hnet_last.safetensors", "no such checkpoint"]),
-        ("checkpoint-truncated", lambda w: cut_in_half("hnet_last.safetensors"), ["hnet_last.safetensors", "truncated"]),
-        ("checkpoint-from-bigger-hnet", checkpoint_from(lambda w: w.assets.other_run / "hnet_last.safetensors"),
-         ["hnet_last.safetensors", "does not match", "model_channels"]),
-        ("checkpoint-is-the-prior", checkpoint_from(lambda w: w.assets.prior / "model.safetensors"), ["not an h-transform checkpoint"]),
-        ("checkpoint-is-training-state", checkpoint_from(lambda w: w.assets.run / "state_last.safetensors"), ["not an h-transform checkpoint"]),
+        (
+            "checkpoint-deleted",
+            lambda w: delete("hnet_last.safetensors"),
+            ["hnet_last.safetensors", "no such checkpoint"],
+        ),
+        (
+            "checkpoint-truncated",
+            lambda w: cut_in_half("hnet_last.safetensors"),
+            ["hnet_last.safetensors", "truncated"],
+        ),
+        (
+            "checkpoint-from-bigger-hnet",
+            checkpoint_from(lambda w: w.assets.other_run / "hnet_last.safetensors"),
+            ["hnet_last.safetensors", "does not match", "model_channels"],
+        ),
+        (
+            "checkpoint-is-the-prior",
+            checkpoint_from(lambda w: w.assets.prior / "model.safetensors"),
+            ["not an h-transform checkpoint"],
+        ),
+        (
+            "checkpoint-is-training-state",
+            checkpoint_from(lambda w: w.assets.run / "state_last.safetensors"),
+            ["not an h-transform checkpoint"],
+        ),
         ("checkpoint-metadata-garbled", lambda w: hnet_with_bad_metadata, ["hnet_last.safetensors", "config"]),
         ("spec-json-deleted", lambda w: delete("spec.json"), ["spec.json", "no such file"]),
         ("spec-json-garbled", lambda w: replace_with("spec.json", '{"prior": '), ["spec.json", "not valid json"]),
         ("spec-json-a-list", lambda w: replace_with("spec.json", "[1, 2]"), ["spec.json", "object"]),
-        ("spec-json-unknown-field", lambda w: edit_json("spec.json", lambda d: d.update(bogus=1)), ["spec.json", "bogus"]),
-        ("spec-json-unknown-operator", lambda w: edit_json("spec.json", lambda d: d["operator"].update(name="warp")), ["warp"]),
+        (
+            "spec-json-unknown-field",
+            lambda w: edit_json("spec.json", lambda d: d.update(bogus=1)),
+            ["spec.json", "bogus"],
+        ),
+        (
+            "spec-json-unknown-operator",
+            lambda w: edit_json("spec.json", lambda d: d["operator"].update(name="warp")),
+            ["warp"],
+        ),
         ("run-json-deleted", lambda w: delete("run.json"), ["run.json", "no such file"]),
         ("run-json-garbled", lambda w: replace_with("run.json", "{"), ["run.json", "not valid json"]),
         ("run-json-a-list", lambda w: replace_with("run.json", "[]"), ["run.json", "object"]),
@@ -361,7 +525,11 @@ def bad_run_cases() -> list[tuple]:
 MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     # --- missing and unreadable paths
     ("degrade-missing-image", lambda w: degrade(w, w.path("nope.png")), ["nope.png", "no such file"]),
-    ("degrade-dangling-symlink", lambda w: degrade(w, w.symlink("link.png", w.path("gone.png"))), ["link.png", "no such file"]),
+    (
+        "degrade-dangling-symlink",
+        lambda w: degrade(w, w.symlink("link.png", w.path("gone.png"))),
+        ["link.png", "no such file"],
+    ),
     ("degrade-image-is-a-folder", lambda w: degrade(w, w.folder("img.png")), ["img.png", "folder"]),
     ("degrade-image-under-a-file", lambda w: degrade(w, w.file("plain") + "/x.png"), ["no such file"]),
     ("degrade-image-mode-000", lambda w: degrade(w, w.unreadable("locked.png")), ["locked.png", "permission"]),
@@ -370,189 +538,625 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
     ("sample-missing-run", lambda w: sample(w, w.y, run=w.path("nope")), ["nope", "no such folder"]),
     ("sample-run-is-a-file", lambda w: sample(w, w.y, run=w.file("run.txt", "x")), ["run.txt", "not a folder"]),
     ("sample-no-run-yet", lambda w: ["sample", w.y, "-n", "1", "-o", w.out], ["no fine-tuned run"]),
-    ("sample-missing-spec", lambda w: sample(w, w.y, "--spec", w.path("nope.yaml")), ["nope.yaml", "no such spec file"]),
-    ("sample-spec-is-a-folder", lambda w: sample(w, w.y, "--spec", w.folder("spec.yaml")), ["spec.yaml", "cannot read spec file"]),
-    ("finetune-spec-not-utf8", lambda w: finetune(w, "--spec", w.file("s.yaml", b"\xff\xfe\x00bad")), ["s.yaml", "cannot read spec file"]),
+    (
+        "sample-missing-spec",
+        lambda w: sample(w, w.y, "--spec", w.path("nope.yaml")),
+        ["nope.yaml", "no such spec file"],
+    ),
+    (
+        "sample-spec-is-a-folder",
+        lambda w: sample(w, w.y, "--spec", w.folder("spec.yaml")),
+        ["spec.yaml", "cannot read spec file"],
+    ),
+    (
+        "finetune-spec-not-utf8",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", b"\xff\xfe\x00bad")),
+        ["s.yaml", "cannot read spec file"],
+    ),
     ("finetune-missing-prior", lambda w: finetune(w, prior=w.path("nope")), ["nope", "no such folder"]),
-    ("finetune-missing-measurement", lambda w: finetune(w, "--measurement", w.path("nope.png")), ["nope.png", "no such file"]),
-    ("finetune-missing-data-root", lambda w: finetune(w, "--dataset", "folder", "--data-root", w.path("nope")), ["nope", "no such folder"]),
+    (
+        "finetune-missing-measurement",
+        lambda w: finetune(w, "--measurement", w.path("nope.png")),
+        ["nope.png", "no such file"],
+    ),
+    (
+        "finetune-missing-data-root",
+        lambda w: finetune(w, "--dataset", "folder", "--data-root", w.path("nope")),
+        ["nope", "no such folder"],
+    ),
     ("eval-missing-run", lambda w: evaluate(w, w.path("nope")), ["nope", "no such folder"]),
     ("finetune-resume-missing-run", lambda w: ["finetune", "--resume", "--run-dir", w.path("nope")], ["nope"]),
-    ("finetune-resume-changes-the-operator", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--sigma", "0.3", "--iterations", "2"],
-     ["--resume", "operator", "0.3"]),
-    ("finetune-resume-with-other-prior-weights", lambda w: ["finetune", "--resume", "--run-dir", w.run_with_moved_prior(perturb_weights), "--iterations", "2"],
-     ["prior", "changed since fine-tuning"]),
-    ("sample-folder-two-measurements-one-name", lambda w: sample(w, w.folder("ys", {"a.png": Path(w.y).read_bytes(), "a.safetensors": b""})),
-     ["a.png", "a.safetensors", "both write"]),
-    ("sample-unconditional-with-a-measurement", lambda w: unconditional(w, w.prior, w.y), ["--unconditional", "measurement"]),
-    ("sample-unconditional-with-dps-zeta", lambda w: unconditional(w, w.prior, "--dps-zeta", "3"), ["--dps-zeta", "--unconditional"]),
+    (
+        "finetune-resume-changes-the-operator",
+        lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--sigma", "0.3", "--iterations", "2"],
+        ["--resume", "operator", "0.3"],
+    ),
+    (
+        "finetune-resume-with-other-prior-weights",
+        lambda w: ["finetune", "--resume", "--run-dir", w.run_with_moved_prior(perturb_weights), "--iterations", "2"],
+        ["prior", "changed since fine-tuning"],
+    ),
+    (
+        "sample-folder-two-measurements-one-name",
+        lambda w: sample(w, w.folder("ys", {"a.png": Path(w.y).read_bytes(), "a.safetensors": b""})),
+        ["a.png", "a.safetensors", "both write"],
+    ),
+    (
+        "sample-unconditional-with-a-measurement",
+        lambda w: unconditional(w, w.prior, w.y),
+        ["--unconditional", "measurement"],
+    ),
+    (
+        "sample-unconditional-with-dps-zeta",
+        lambda w: unconditional(w, w.prior, "--dps-zeta", "3"),
+        ["--dps-zeta", "--unconditional"],
+    ),
     ("eval-no-methods", lambda w: evaluate(w, None, "--methods", ","), ["methods", "at least 1"]),
-    ("eval-gamma-sweep-without-deft", lambda w: evaluate(w, None, "--guidance-scale", "sweep"), ["--guidance-scale", "deft is not among the methods"]),
-    ("eval-dps-zeta-without-dps", lambda w: evaluate(w, None, "--dps-zeta", "3"), ["--dps-zeta", "dps is not among the methods"]),
+    (
+        "eval-gamma-sweep-without-deft",
+        lambda w: evaluate(w, None, "--guidance-scale", "sweep"),
+        ["--guidance-scale", "deft is not among the methods"],
+    ),
+    (
+        "eval-dps-zeta-without-dps",
+        lambda w: evaluate(w, None, "--dps-zeta", "3"),
+        ["--dps-zeta", "dps is not among the methods"],
+    ),
     ("sample-dps-zeta-for-deft", lambda w: sample(w, w.y, "--dps-zeta", "3"), ["--dps-zeta", "--method dps"]),
-    ("sample-diffpir-lambda-for-dps", lambda w: sample(w, w.y, "--method", "dps", "--diffpir-lambda", "2"),
-     ["--diffpir-lambda", "--method diffpir"]),
-    ("sample-diffpir-lambda-zero", lambda w: sample(w, w.y, "--method", "diffpir", "--diffpir-lambda", "0"),
-     ["diffpir_lambda", "greater than 0"]),
-    ("sample-diffpir-zeta-above-one", lambda w: sample(w, w.y, "--method", "diffpir", "--diffpir-zeta", "1.5"),
-     ["diffpir_zeta", "less than or equal to 1"]),
-    ("sample-ddrm-eta-above-one", lambda w: sample(w, w.y, "--method", "ddrm", "--ddrm-eta", "2"), ["ddrm_eta", "less than or equal to 1"]),
-    ("sample-renoise-zeta-above-one", lambda w: sample(w, w.y, "--sampler", "renoise", "--renoise-zeta", "1.5"),
-     ["renoise_zeta", "less than or equal to 1"]),
+    (
+        "sample-diffpir-lambda-for-dps",
+        lambda w: sample(w, w.y, "--method", "dps", "--diffpir-lambda", "2"),
+        ["--diffpir-lambda", "--method diffpir"],
+    ),
+    (
+        "sample-diffpir-lambda-zero",
+        lambda w: sample(w, w.y, "--method", "diffpir", "--diffpir-lambda", "0"),
+        ["diffpir_lambda", "greater than 0"],
+    ),
+    (
+        "sample-diffpir-zeta-above-one",
+        lambda w: sample(w, w.y, "--method", "diffpir", "--diffpir-zeta", "1.5"),
+        ["diffpir_zeta", "less than or equal to 1"],
+    ),
+    (
+        "sample-ddrm-eta-above-one",
+        lambda w: sample(w, w.y, "--method", "ddrm", "--ddrm-eta", "2"),
+        ["ddrm_eta", "less than or equal to 1"],
+    ),
+    (
+        "sample-renoise-zeta-above-one",
+        lambda w: sample(w, w.y, "--sampler", "renoise", "--renoise-zeta", "1.5"),
+        ["renoise_zeta", "less than or equal to 1"],
+    ),
     ("sample-unknown-sampler", lambda w: sample(w, w.y, "--sampler", "heun"), ["sampler", "sde", "renoise"]),
-    ("sample-sampler-for-dps", lambda w: sample(w, w.y, "--method", "dps", "--sampler", "renoise"), ["--sampler", "--method deft"]),
-    ("eval-diffpir-zeta-negative", lambda w: evaluate(w, None, "--methods", "diffpir", "--diffpir-zeta", "-0.1"),
-     ["diffpir_zeta", "greater than or equal to 0"]),
-    ("eval-diffpir-lambda-without-diffpir", lambda w: evaluate(w, None, "--diffpir-lambda", "2"),
-     ["--diffpir-lambda", "diffpir is not among the methods"]),
-    ("eval-diffpir-sweep-lambda-zero",
-     lambda w: evaluate(w, None, "--methods", "diffpir",
-                        "--spec", w.file("e.json", json.dumps({"diffpir_sweep": {"lambdas": [0]}}))),
-     ["diffpir_sweep.lambdas", "greater than 0"]),
-    ("finetune-petals-with-a-data-root", lambda w: finetune(w, "--data-root", w.folder("imgs")), ["petals", "--data-root"]),
-    ("finetune-spec-section-as-a-scalar-and-a-flag-inside-it", lambda w: finetune(w, "--spec", w.file("s.yaml", "hnet: 8\n")), ["hnet", "mapping"]),
-    ("finetune-spec-key-twice-yaml", lambda w: finetune(w, "--spec", w.file("s.yaml", "lr: 0.1\nlr: 0.2\n")), ["s.yaml", "lr", "twice"]),
-    ("finetune-spec-key-twice-json", lambda w: finetune(w, "--spec", w.file("s.json", "{\"lr\": 0.1, \"lr\": 0.2}")), ["s.json", "lr", "twice"]),
+    (
+        "sample-sampler-for-dps",
+        lambda w: sample(w, w.y, "--method", "dps", "--sampler", "renoise"),
+        ["--sampler", "--method deft"],
+    ),
+    (
+        "eval-diffpir-zeta-negative",
+        lambda w: evaluate(w, None, "--methods", "diffpir", "--diffpir-zeta", "-0.1"),
+        ["diffpir_zeta", "greater than or equal to 0"],
+    ),
+    (
+        "eval-diffpir-lambda-without-diffpir",
+        lambda w: evaluate(w, None, "--diffpir-lambda", "2"),
+        ["--diffpir-lambda", "diffpir is not among the methods"],
+    ),
+    (
+        "eval-diffpir-sweep-lambda-zero",
+        lambda w: evaluate(
+            w, None, "--methods", "diffpir", "--spec", w.file("e.json", json.dumps({"diffpir_sweep": {"lambdas": [0]}}))
+        ),
+        ["diffpir_sweep.lambdas", "greater than 0"],
+    ),
+    (
+        "finetune-petals-with-a-data-root",
+        lambda w: finetune(w, "--data-root", w.folder("imgs")),
+        ["petals", "--data-root"],
+    ),
+    (
+        "finetune-spec-section-as-a-scalar-and-a-flag-inside-it",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", "hnet: 8\n")),
+        ["hnet", "mapping"],
+    ),
+    (
+        "finetune-spec-key-twice-yaml",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", "lr: 0.1\nlr: 0.2\n")),
+        ["s.yaml", "lr", "twice"],
+    ),
+    (
+        "finetune-spec-key-twice-json",
+        lambda w: finetune(w, "--spec", w.file("s.json", '{"lr": 0.1, "lr": 0.2}')),
+        ["s.json", "lr", "twice"],
+    ),
     ("sample-a-trillion-samples", lambda w: sample(w, w.y, "-n", str(10**12)), ["n:", "100000"]),
     ("finetune-lr-infinite", lambda w: finetune(w, "--lr", "inf"), ["lr", "finite"]),
     ("degrade-sigma-infinite", lambda w: degrade(w, w.flower, "--sigma", "inf"), ["sigma", "finite"]),
     ("degrade-seed-beyond-64-bits", lambda w: degrade(w, w.flower, "--seed", str(2**70)), ["--seed"]),
-    ("degrade-factor-given-twice", lambda w: degrade(w, w.flower, "--factor", "2", "--param", "factor=4"), ["factor", "twice"]),
+    (
+        "degrade-factor-given-twice",
+        lambda w: degrade(w, w.flower, "--factor", "2", "--param", "factor=4"),
+        ["factor", "twice"],
+    ),
     ("degrade-decompression-bomb", lambda w: degrade(w, w.huge_image()), ["huge.png", "too large"]),
-    ("finetune-hnet-too-deep-for-the-image", lambda w: finetune(w, "--hnet-mult", "1,1,1,1,1,1"), ["--hnet-mult", "multiple of"]),
-    ("pretrain-image-size-not-a-multiple", lambda w: pretrain(w, "--image-size", "12", "--channel-mult", "1,1,1,1"), ["--image-size", "multiple of 8"]),
-    ("finetune-resume-with-iterations-already-done", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--iterations", "1"],
-     ["--iterations 1", "already trained 1 steps"]),
-    ("sample-integer-tensor-measurement", lambda w: sample(w, w.tensor("y8.safetensors", {"image": torch.zeros(3, 8, 8, dtype=torch.uint8)})), ["y8.safetensors", "uint8"]),
-    ("degrade-inpaint-observing-nothing", lambda w: degrade(w, w.flower, "--operator", "inpaint", "--param", "box_fraction=1"), ["observes no pixel"]),
-    ("degrade-kernel-larger-than-any-image", lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel-size", "100001"), ["kernel_size", "1025"]),
+    (
+        "finetune-hnet-too-deep-for-the-image",
+        lambda w: finetune(w, "--hnet-mult", "1,1,1,1,1,1"),
+        ["--hnet-mult", "multiple of"],
+    ),
+    (
+        "pretrain-image-size-not-a-multiple",
+        lambda w: pretrain(w, "--image-size", "12", "--channel-mult", "1,1,1,1"),
+        ["--image-size", "multiple of 8"],
+    ),
+    (
+        "finetune-resume-with-iterations-already-done",
+        lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--iterations", "1"],
+        ["--iterations 1", "already trained 1 steps"],
+    ),
+    (
+        "sample-integer-tensor-measurement",
+        lambda w: sample(w, w.tensor("y8.safetensors", {"image": torch.zeros(3, 8, 8, dtype=torch.uint8)})),
+        ["y8.safetensors", "uint8"],
+    ),
+    (
+        "degrade-inpaint-observing-nothing",
+        lambda w: degrade(w, w.flower, "--operator", "inpaint", "--param", "box_fraction=1"),
+        ["observes no pixel"],
+    ),
+    (
+        "degrade-kernel-larger-than-any-image",
+        lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel-size", "100001"),
+        ["kernel_size", "1025"],
+    ),
     ("finetune-lr-huge", lambda w: finetune(w, "--lr", "1e300"), ["lr", "less than or equal to 1"]),
-    ("finetune-likelihood-weight-zero", lambda w: finetune(w, "--likelihood-weight", "0"), ["likelihood_weight", "greater than 0"]),
-    ("finetune-resume-changing-the-likelihood-weight", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--iterations", "5",
-                                                                  "--likelihood-weight", "3"], ["likelihood weight", "1.0 → 3.0"]),
-    ("eval-force-with-a-folder-named-like-an-output", lambda w: evaluate(w, None, "--force", out=w.folder("ev", {"grid.png/keep.txt": "mine"})), ["grid.png", "is a folder"]),
+    (
+        "finetune-likelihood-weight-zero",
+        lambda w: finetune(w, "--likelihood-weight", "0"),
+        ["likelihood_weight", "greater than 0"],
+    ),
+    (
+        "finetune-resume-changing-the-likelihood-weight",
+        lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(), "--iterations", "5", "--likelihood-weight", "3"],
+        ["likelihood weight", "1.0 → 3.0"],
+    ),
+    (
+        "eval-force-with-a-folder-named-like-an-output",
+        lambda w: evaluate(w, None, "--force", out=w.folder("ev", {"grid.png/keep.txt": "mine"})),
+        ["grid.png", "is a folder"],
+    ),
     ("degrade-a-named-pipe", lambda w: degrade(w, w.fifo("pipe.png")), ["pipe.png", "not a regular file"]),
-    ("finetune-folder-data-with-a-file-that-is-no-image", lambda w: finetune(w, "--dataset", "folder", "--data-root", w.folder("imgs", {f"bad{i}.png": "text" for i in range(10)})),
-     ["imgs", "not an image Pillow can read"]),
-    ("finetune-measurements-per-batch-with-one-measurement", lambda w: finetune(w, "--measurement", w.y, "--measurements-per-batch", "4"),
-     ["--measurements-per-batch", "--measurement"]),
-    ("sample-run-record-without-prior", lambda w: sample(w, w.y, run=w.run_copy(replace_with("run.json", '{"prior": "x"}'))), ["run.json", "prior"]),
-    ("finetune-resume-run-record-a-list", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("run.json", "[]")), "--iterations", "2"],
-     ["run.json", "expected a JSON object"]),
-    ("pretrain-resume-missing-out", lambda w: pretrain(w, "--resume", "--out", w.path("nope")), ["nope", "no such file"]),
+    (
+        "finetune-folder-data-with-a-file-that-is-no-image",
+        lambda w: finetune(
+            w, "--dataset", "folder", "--data-root", w.folder("imgs", {f"bad{i}.png": "text" for i in range(10)})
+        ),
+        ["imgs", "not an image Pillow can read"],
+    ),
+    (
+        "finetune-measurements-per-batch-with-one-measurement",
+        lambda w: finetune(w, "--measurement", w.y, "--measurements-per-batch", "4"),
+        ["--measurements-per-batch", "--measurement"],
+    ),
+    (
+        "sample-run-record-without-prior",
+        lambda w: sample(w, w.y, run=w.run_copy(replace_with("run.json", '{"prior": "x"}'))),
+        ["run.json", "prior"],
+    ),
+    (
+        "finetune-resume-run-record-a-list",
+        lambda w: [
+            "finetune",
+            "--resume",
+            "--run-dir",
+            w.run_copy(replace_with("run.json", "[]")),
+            "--iterations",
+            "2",
+        ],
+        ["run.json", "expected a JSON object"],
+    ),
+    (
+        "pretrain-resume-missing-out",
+        lambda w: pretrain(w, "--resume", "--out", w.path("nope")),
+        ["nope", "no such file"],
+    ),
     # --- empty, truncated and non-image files
     ("degrade-empty-file", lambda w: degrade(w, w.file("empty.png")), ["empty.png", "not an image"]),
     ("degrade-truncated-png", lambda w: degrade(w, w.truncated("half.png", w.flower)), ["half.png", "truncated"]),
     ("degrade-text-file", lambda w: degrade(w, w.file("notes.png", "just text\n")), ["notes.png", "not an image"]),
-    ("degrade-safetensors-as-image", lambda w: degrade(w, w.tensor("x.safetensors", {"image": torch.zeros(3, 32, 32)})), ["x.safetensors", "not an image"]),
+    (
+        "degrade-safetensors-as-image",
+        lambda w: degrade(w, w.tensor("x.safetensors", {"image": torch.zeros(3, 32, 32)})),
+        ["x.safetensors", "not an image"],
+    ),
     ("sample-empty-png", lambda w: sample(w, w.file("empty.png")), ["empty.png", "not an image"]),
     ("sample-truncated-png", lambda w: sample(w, w.truncated("half.png", w.y)), ["half.png", "truncated"]),
     ("sample-text-file", lambda w: sample(w, w.file("notes.png", "just text\n")), ["notes.png", "not an image"]),
     ("sample-empty-safetensors", lambda w: sample(w, w.file("y.safetensors")), ["y.safetensors", "safetensors"]),
-    ("sample-truncated-safetensors", lambda w: sample(w, w.truncated("y.safetensors", w.tensor("full.safetensors", {"image": torch.zeros(3, 8, 8)}))), ["y.safetensors", "safetensors"]),
-    ("sample-measurement-with-nan", lambda w: sample(w, w.tensor("nan.safetensors", {"image": torch.full((3, 8, 8), float("nan"))})), ["nan.safetensors", "non-finite"]),
-    ("sample-safetensors-without-image", lambda w: sample(w, w.tensor("y.safetensors", {"pixels": torch.zeros(3, 8, 8)})), ["y.safetensors", "'image'"]),
-    ("finetune-truncated-measurement", lambda w: finetune(w, "--measurement", w.truncated("half.png", w.y)), ["half.png", "truncated"]),
+    (
+        "sample-truncated-safetensors",
+        lambda w: sample(
+            w, w.truncated("y.safetensors", w.tensor("full.safetensors", {"image": torch.zeros(3, 8, 8)}))
+        ),
+        ["y.safetensors", "safetensors"],
+    ),
+    (
+        "sample-measurement-with-nan",
+        lambda w: sample(w, w.tensor("nan.safetensors", {"image": torch.full((3, 8, 8), float("nan"))})),
+        ["nan.safetensors", "non-finite"],
+    ),
+    (
+        "sample-safetensors-without-image",
+        lambda w: sample(w, w.tensor("y.safetensors", {"pixels": torch.zeros(3, 8, 8)})),
+        ["y.safetensors", "'image'"],
+    ),
+    (
+        "finetune-truncated-measurement",
+        lambda w: finetune(w, "--measurement", w.truncated("half.png", w.y)),
+        ["half.png", "truncated"],
+    ),
     # --- image modes a colour run cannot use
-    ("sample-grey-L-measurement", lambda w: sample(w, w.image("grey.png", "L")), ["grey.png", "channels", "(1, 8, 8)", "(3, 8, 8)"]),
+    (
+        "sample-grey-L-measurement",
+        lambda w: sample(w, w.image("grey.png", "L")),
+        ["grey.png", "channels", "(1, 8, 8)", "(3, 8, 8)"],
+    ),
     ("sample-grey-LA-measurement", lambda w: sample(w, w.image("grey_alpha.png", "LA")), ["channels", "(1, 8, 8)"]),
     ("sample-16-bit-measurement", lambda w: sample(w, w.image("deep.png", "I;16")), ["channels", "(1, 8, 8)"]),
-    ("finetune-grey-measurement", lambda w: finetune(w, "--measurement", w.image("grey.png", "L")), ["grey.png", "channels"]),
+    (
+        "finetune-grey-measurement",
+        lambda w: finetune(w, "--measurement", w.image("grey.png", "L")),
+        ["grey.png", "channels"],
+    ),
     # --- wrong measurement sizes
-    ("sample-measurement-too-big", lambda w: sample(w, w.image("big.png", "RGB", (16, 16))), ["big.png", "(3, 16, 16)", "(3, 8, 8)", "size"]),
-    ("sample-measurement-not-square", lambda w: sample(w, w.image("wide.png", "RGB", (9, 8))), ["wide.png", "(3, 8, 9)", "size"]),
-    ("sample-measurement-2d-tensor", lambda w: sample(w, w.tensor("flat.safetensors", {"image": torch.zeros(8, 8)})), ["flat.safetensors", "(C, H, W)"]),
-    ("sample-measurement-4-channels", lambda w: sample(w, w.tensor("four.safetensors", {"image": torch.zeros(4, 8, 8)})), ["four.safetensors", "channels"]),
-    ("sample-folder-with-one-bad-size", lambda w: sample(w, w.folder("ys", {"a.png": Path(w.y).read_bytes(), "b.png": Path(w.image("big.png", "RGB", (16, 16))).read_bytes()})),
-     ["b.png", "size"]),
-    ("finetune-measurement-wrong-size", lambda w: finetune(w, "--measurement", w.image("big.png", "RGB", (16, 16))), ["big.png", "size"]),
+    (
+        "sample-measurement-too-big",
+        lambda w: sample(w, w.image("big.png", "RGB", (16, 16))),
+        ["big.png", "(3, 16, 16)", "(3, 8, 8)", "size"],
+    ),
+    (
+        "sample-measurement-not-square",
+        lambda w: sample(w, w.image("wide.png", "RGB", (9, 8))),
+        ["wide.png", "(3, 8, 9)", "size"],
+    ),
+    (
+        "sample-measurement-2d-tensor",
+        lambda w: sample(w, w.tensor("flat.safetensors", {"image": torch.zeros(8, 8)})),
+        ["flat.safetensors", "(C, H, W)"],
+    ),
+    (
+        "sample-measurement-4-channels",
+        lambda w: sample(w, w.tensor("four.safetensors", {"image": torch.zeros(4, 8, 8)})),
+        ["four.safetensors", "channels"],
+    ),
+    (
+        "sample-folder-with-one-bad-size",
+        lambda w: sample(
+            w,
+            w.folder(
+                "ys", {"a.png": Path(w.y).read_bytes(), "b.png": Path(w.image("big.png", "RGB", (16, 16))).read_bytes()}
+            ),
+        ),
+        ["b.png", "size"],
+    ),
+    (
+        "finetune-measurement-wrong-size",
+        lambda w: finetune(w, "--measurement", w.image("big.png", "RGB", (16, 16))),
+        ["big.png", "size"],
+    ),
     # --- operators and their parameters
-    ("degrade-unknown-operator", lambda w: degrade(w, w.flower, "--operator", "warp"), ["warp", "superres", "blur", "inpaint"]),
+    (
+        "degrade-unknown-operator",
+        lambda w: degrade(w, w.flower, "--operator", "warp"),
+        ["warp", "superres", "blur", "inpaint"],
+    ),
     ("finetune-unknown-operator", lambda w: finetune(w, "--operator", "warp"), ["warp", "superres"]),
     ("finetune-noiseless-operator", lambda w: finetune(w, "--sigma", "0"), ["--sigma", "> 0"]),
     ("check-gmm-shape-of-two", lambda w: ["check", "gmm", "--shape", "1,8"], ["--shape", "3 comma-separated"]),
     ("check-gmm-shape-zero", lambda w: ["check", "gmm", "--shape", "0,8,8"], ["--shape", "positive"]),
     ("finetune-hnet-mult-zero", lambda w: finetune(w, "--hnet-mult", "0"), ["--hnet-mult", "positive"]),
-    ("finetune-hnet-blocks-not-dividing-the-image", lambda w: finetune(w, "--hnet-space-to-depth", "3"), ["space_to_depth 3", "divide"]),
-    ("finetune-hnet-blocks-zero", lambda w: finetune(w, "--hnet-space-to-depth", "0"), ["space_to_depth", "greater than or equal to 1"]),
-    ("finetune-hnet-start-unknown", lambda w: finetune(w, "--hnet-start", "half"), ["hnet.start", "'zero' or 'gaussian'"]),
-    ("sample-guidance-scale-negative", lambda w: sample(w, w.y, "--guidance-scale", "-1"), ["guidance_scale", "greater than or equal to 0"]),
-    ("eval-guidance-scale-not-a-number", lambda w: evaluate(w, None, "--guidance-scale", "lots"), ["guidance_scale", "a number ≥ 0 or 'sweep'"]),
+    (
+        "finetune-hnet-blocks-not-dividing-the-image",
+        lambda w: finetune(w, "--hnet-space-to-depth", "3"),
+        ["space_to_depth 3", "divide"],
+    ),
+    (
+        "finetune-hnet-blocks-zero",
+        lambda w: finetune(w, "--hnet-space-to-depth", "0"),
+        ["space_to_depth", "greater than or equal to 1"],
+    ),
+    (
+        "finetune-hnet-start-unknown",
+        lambda w: finetune(w, "--hnet-start", "half"),
+        ["hnet.start", "'zero' or 'gaussian'"],
+    ),
+    (
+        "sample-guidance-scale-negative",
+        lambda w: sample(w, w.y, "--guidance-scale", "-1"),
+        ["guidance_scale", "greater than or equal to 0"],
+    ),
+    (
+        "eval-guidance-scale-not-a-number",
+        lambda w: evaluate(w, None, "--guidance-scale", "lots"),
+        ["guidance_scale", "a number ≥ 0 or 'sweep'"],
+    ),
     ("check-gmm-unknown-operator", lambda w: ["check", "gmm", "--operator", "warp"], ["warp", "superres"]),
-    ("check-gmm-kept-input-exists", lambda w: [*GMM_QUICK, "--run-dir", str(Path(w.file("g-y.safetensors", b"precious")).with_name("g"))],
-     ["g-y.safetensors", "exists"]),
-    ("check-gmm-run-dir-not-empty", lambda w: [*GMM_QUICK, "--run-dir", w.folder("g", {"notes.txt": "mine"})], ["not empty"]),
+    (
+        "check-gmm-kept-input-exists",
+        lambda w: [*GMM_QUICK, "--run-dir", str(Path(w.file("g-y.safetensors", b"precious")).with_name("g"))],
+        ["g-y.safetensors", "exists"],
+    ),
+    (
+        "check-gmm-run-dir-not-empty",
+        lambda w: [*GMM_QUICK, "--run-dir", w.folder("g", {"notes.txt": "mine"})],
+        ["not empty"],
+    ),
     ("degrade-factor-0", lambda w: degrade(w, w.flower, "--factor", "0"), ["factor", "greater than or equal to 2"]),
     ("degrade-factor-1", lambda w: degrade(w, w.flower, "--factor", "1"), ["factor", "greater than or equal to 2"]),
     ("degrade-factor-3-on-32px", lambda w: degrade(w, w.flower, "--factor", "3"), ["factor 3", "32x32"]),
     ("finetune-factor-3-on-16px-prior", lambda w: finetune(w, "--factor", "3"), ["factor 3", "16x16"]),
     ("degrade-factor-not-a-number", lambda w: degrade(w, w.flower, "--factor", "two"), ["--factor", "valid int"]),
-    ("degrade-sigma-negative", lambda w: degrade(w, w.flower, "--sigma", "-0.1"), ["sigma", "greater than or equal to 0"]),
-    ("degrade-mask-wrong-size", lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.image("mask.png", "L", (16, 16))), ["mask", "16x16", "32x32"]),
-    ("degrade-mask-missing", lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.path("nomask.png")), ["nomask.png", "mask"]),
-    ("degrade-mask-not-an-image", lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.file("mask.png", "text")), ["mask.png", "not a readable image"]),
-    ("degrade-even-kernel-size", lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel-size", "4"), ["kernel_size", "odd"]),
-    ("degrade-kernel-missing-file", lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel", w.path("k.png")), ["k.png", "kernel"]),
+    (
+        "degrade-sigma-negative",
+        lambda w: degrade(w, w.flower, "--sigma", "-0.1"),
+        ["sigma", "greater than or equal to 0"],
+    ),
+    (
+        "degrade-mask-wrong-size",
+        lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.image("mask.png", "L", (16, 16))),
+        ["mask", "16x16", "32x32"],
+    ),
+    (
+        "degrade-mask-missing",
+        lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.path("nomask.png")),
+        ["nomask.png", "mask"],
+    ),
+    (
+        "degrade-mask-not-an-image",
+        lambda w: degrade(w, w.flower, "--operator", "inpaint", "--mask", w.file("mask.png", "text")),
+        ["mask.png", "not a readable image"],
+    ),
+    (
+        "degrade-even-kernel-size",
+        lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel-size", "4"),
+        ["kernel_size", "odd"],
+    ),
+    (
+        "degrade-kernel-missing-file",
+        lambda w: degrade(w, w.flower, "--operator", "blur", "--kernel", w.path("k.png")),
+        ["k.png", "kernel"],
+    ),
     ("degrade-unknown-param-key", lambda w: degrade(w, w.flower, "--param", "bogus=1"), ["bogus", "unknown parameter"]),
     ("degrade-param-without-value", lambda w: degrade(w, w.flower, "--param", "factor"), ["key=value"]),
     ("degrade-param-wrong-type", lambda w: degrade(w, w.flower, "--param", "factor=two"), ["factor", "two"]),
-    ("degrade-flag-of-another-operator", lambda w: degrade(w, w.flower, "--operator", "blur", "--factor", "2"), ["factor", "unknown parameter"]),
+    (
+        "degrade-flag-of-another-operator",
+        lambda w: degrade(w, w.flower, "--operator", "blur", "--factor", "2"),
+        ["factor", "unknown parameter"],
+    ),
     ("degrade-unknown-output-format", lambda w: degrade(w, w.flower, out=w.path("y.xyz")), ["y.xyz", "format"]),
-    ("finetune-spec-unknown-operator-param", lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {params: {bogus: 1}}\n")), ["bogus", "unknown parameter"]),
-    ("finetune-spec-boolean-operator-param", lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {params: {sigma: true}}\n")), ["sigma", "not the boolean true"]),
+    (
+        "finetune-spec-unknown-operator-param",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {params: {bogus: 1}}\n")),
+        ["bogus", "unknown parameter"],
+    ),
+    (
+        "finetune-spec-boolean-operator-param",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {params: {sigma: true}}\n")),
+        ["sigma", "not the boolean true"],
+    ),
     ("finetune-unknown-device", lambda w: finetune(w, "--device", "quantum"), ["quantum", "device"]),
     ("sample-unknown-method", lambda w: sample(w, w.y, "--method", "magic"), ["method", "magic"]),
     ("eval-unknown-method", lambda w: evaluate(w, None, "--methods", "deft,magic"), ["methods", "magic"]),
     ("eval-unknown-split", lambda w: evaluate(w, None, "--split", "holdout"), ["split", "holdout"]),
     # --- spec files (every command that takes --spec)
     *spec_cases(),
-    ("finetune-spec-nested-unknown-key", lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {name: superres, bogus: 1}\n")), ["operator.bogus", "unknown field"]),
+    (
+        "finetune-spec-nested-unknown-key",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", "operator: {name: superres, bogus: 1}\n")),
+        ["operator.bogus", "unknown field"],
+    ),
     ("finetune-spec-a-list", lambda w: finetune(w, "--spec", w.file("s.yaml", "- 1\n- 2\n")), ["mapping"]),
-    ("finetune-spec-bad-json", lambda w: finetune(w, "--spec", w.file("s.json", "{bad json")), ["s.json", "not a valid json"]),
-    ("finetune-spec-out-of-range", lambda w: finetune(w, "--spec", w.file("s.yaml", "lr: -1\n")), ["s.yaml", "lr", "greater than 0", "-1"]),
-    ("finetune-flag-out-of-range-with-a-spec", lambda w: finetune(w, "--spec", w.file("s.yaml", "seed: 1\n"), "--lr", "-1"), ["options: lr", "greater than 0"]),
+    (
+        "finetune-spec-bad-json",
+        lambda w: finetune(w, "--spec", w.file("s.json", "{bad json")),
+        ["s.json", "not a valid json"],
+    ),
+    (
+        "finetune-spec-out-of-range",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", "lr: -1\n")),
+        ["s.yaml", "lr", "greater than 0", "-1"],
+    ),
+    (
+        "finetune-flag-out-of-range-with-a-spec",
+        lambda w: finetune(w, "--spec", w.file("s.yaml", "seed: 1\n"), "--lr", "-1"),
+        ["options: lr", "greater than 0"],
+    ),
     # --- broken run folders (sample and eval)
     *bad_run_cases(),
-    ("finetune-resume-spec-json-a-list", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("spec.json", "[]")), "--quiet"], ["spec.json", "object"]),
-    ("finetune-resume-spec-json-garbled", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("spec.json", "{")), "--quiet"], ["spec.json", "not valid json"]),
-    ("finetune-resume-state-truncated", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(cut_in_half("state_last.safetensors")), "--iterations", "2", "--quiet"],
-     ["state_last.safetensors", "truncated"]),
-    ("finetune-resume-state-from-bigger-hnet", lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(checkpoint_from(lambda w: w.assets.other_run / "state_last.safetensors", "state_last.safetensors")(w)),
-                                                          "--iterations", "2", "--quiet"], ["state_last.safetensors", "does not match"]),
-    ("sample-run-prior-deleted", lambda w: sample(w, w.y, run=w.run_with_moved_prior(shutil.rmtree)), ["prior_copy", "no such folder"]),
-    ("sample-run-prior-weights-changed", lambda w: sample(w, w.y, run=w.run_with_moved_prior(perturb_weights)), ["prior", "changed since fine-tuning"]),
-    ("sample-prior-given-for-run-missing", lambda w: sample(w, w.y, "--prior", w.path("nope")), ["nope", "no such folder"]),
-    ("sample-prior-given-for-run-other-weights", lambda w: sample(w, w.y, "--prior", w.prior_copy(perturb_weights)), ["prior", "changed since fine-tuning"]),
+    (
+        "finetune-resume-spec-json-a-list",
+        lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("spec.json", "[]")), "--quiet"],
+        ["spec.json", "object"],
+    ),
+    (
+        "finetune-resume-spec-json-garbled",
+        lambda w: ["finetune", "--resume", "--run-dir", w.run_copy(replace_with("spec.json", "{")), "--quiet"],
+        ["spec.json", "not valid json"],
+    ),
+    (
+        "finetune-resume-state-truncated",
+        lambda w: [
+            "finetune",
+            "--resume",
+            "--run-dir",
+            w.run_copy(cut_in_half("state_last.safetensors")),
+            "--iterations",
+            "2",
+            "--quiet",
+        ],
+        ["state_last.safetensors", "truncated"],
+    ),
+    (
+        "finetune-resume-state-from-bigger-hnet",
+        lambda w: [
+            "finetune",
+            "--resume",
+            "--run-dir",
+            w.run_copy(
+                checkpoint_from(lambda w: w.assets.other_run / "state_last.safetensors", "state_last.safetensors")(w)
+            ),
+            "--iterations",
+            "2",
+            "--quiet",
+        ],
+        ["state_last.safetensors", "does not match"],
+    ),
+    (
+        "sample-run-prior-deleted",
+        lambda w: sample(w, w.y, run=w.run_with_moved_prior(shutil.rmtree)),
+        ["prior_copy", "no such folder"],
+    ),
+    (
+        "sample-run-prior-weights-changed",
+        lambda w: sample(w, w.y, run=w.run_with_moved_prior(perturb_weights)),
+        ["prior", "changed since fine-tuning"],
+    ),
+    (
+        "sample-prior-given-for-run-missing",
+        lambda w: sample(w, w.y, "--prior", w.path("nope")),
+        ["nope", "no such folder"],
+    ),
+    (
+        "sample-prior-given-for-run-other-weights",
+        lambda w: sample(w, w.y, "--prior", w.prior_copy(perturb_weights)),
+        ["prior", "changed since fine-tuning"],
+    ),
     # --- priors
-    ("sample-prior-wrong-format", lambda w: unconditional(w, w.folder("weird", {"weights.bin": b"1234"})), ["weird", "unrecognised"]),
-    ("sample-prior-is-a-file", lambda w: unconditional(w, w.file("prior.bin", b"1234")), ["prior.bin", "expected a folder"]),
-    ("sample-prior-config-garbled", lambda w: unconditional(w, w.prior_copy(replace_with("config.json", "{oops"))), ["config.json", "not valid json"]),
-    ("sample-prior-weights-truncated", lambda w: unconditional(w, w.prior_copy(cut_in_half("model.safetensors"))), ["model.safetensors", "truncated"]),
-    ("sample-prior-config-mismatch", lambda w: unconditional(w, w.prior_copy(edit_json("config.json", lambda d: d["unet"].update(model_channels=16)))), ["do not match", "shape mismatch"]),
-    ("sample-prior-original-format-bad-report", lambda w: unconditional(w, w.folder("orig", {"model.pt": b"x", "report.yaml": "model: [1\n"})), ["report.yaml"]),
+    (
+        "sample-prior-wrong-format",
+        lambda w: unconditional(w, w.folder("weird", {"weights.bin": b"1234"})),
+        ["weird", "unrecognised"],
+    ),
+    (
+        "sample-prior-is-a-file",
+        lambda w: unconditional(w, w.file("prior.bin", b"1234")),
+        ["prior.bin", "expected a folder"],
+    ),
+    (
+        "sample-prior-config-garbled",
+        lambda w: unconditional(w, w.prior_copy(replace_with("config.json", "{oops"))),
+        ["config.json", "not valid json"],
+    ),
+    (
+        "sample-prior-weights-truncated",
+        lambda w: unconditional(w, w.prior_copy(cut_in_half("model.safetensors"))),
+        ["model.safetensors", "truncated"],
+    ),
+    (
+        "sample-prior-config-mismatch",
+        lambda w: unconditional(
+            w, w.prior_copy(edit_json("config.json", lambda d: d["unet"].update(model_channels=16)))
+        ),
+        ["do not match", "shape mismatch"],
+    ),
+    (
+        "sample-prior-original-format-bad-report",
+        lambda w: unconditional(w, w.folder("orig", {"model.pt": b"x", "report.yaml": "model: [1\n"})),
+        ["report.yaml"],
+    ),
     ("sample-prior-pickle-os-system", lambda w: unconditional(w, w.evil_prior("system")), ["model.pt", "refused"]),
     ("finetune-prior-pickle-path-touch", lambda w: finetune(w, prior=w.evil_prior("touch")), ["model.pt", "refused"]),
     # --- outputs that exist or cannot be written
-    ("degrade-output-exists", lambda w: degrade(w, w.flower, out=w.file("existing.png", b"previous bytes")), ["existing.png", "exists"]),
-    ("degrade-output-is-a-folder", lambda w: degrade(w, w.flower, out=w.folder("outdir", {"keep.txt": "mine"})), ["outdir", "is a folder"]),
-    ("degrade-output-parent-is-a-file", lambda w: degrade(w, w.flower, out=w.file("plain", "mine") + "/y.png"), ["plain", "cannot write"]),
-    ("degrade-force-onto-a-folder", lambda w: degrade(w, w.flower, "--force", out=w.folder("outdir.png", {"keep.txt": "mine"})), ["outdir.png", "is a folder"]),
-    ("sample-output-has-previous-outputs", lambda w: sample(w.previous(["sample_000.png", "mean.png", "std.png", "summary.json"]), w.y), ["exists", "--force"]),
-    ("sample-output-has-a-previous-later-sample", lambda w: sample(w.previous(["sample_002.png"]), w.y, "-n", "3"), ["sample_002.png", "exists"]),
-    ("sample-folder-output-has-previous", lambda w: sample(w.previous(["a/mean.png"]), w.folder("ys", {"a.png": Path(w.y).read_bytes(), "b.png": Path(w.y).read_bytes()})), ["mean.png", "exists"]),
-    ("sample-unconditional-output-has-previous", lambda w: unconditional(w.previous(["grid.png"]), w.prior), ["grid.png", "exists"]),
+    (
+        "degrade-output-exists",
+        lambda w: degrade(w, w.flower, out=w.file("existing.png", b"previous bytes")),
+        ["existing.png", "exists"],
+    ),
+    (
+        "degrade-output-is-a-folder",
+        lambda w: degrade(w, w.flower, out=w.folder("outdir", {"keep.txt": "mine"})),
+        ["outdir", "is a folder"],
+    ),
+    (
+        "degrade-output-parent-is-a-file",
+        lambda w: degrade(w, w.flower, out=w.file("plain", "mine") + "/y.png"),
+        ["plain", "cannot write"],
+    ),
+    (
+        "degrade-force-onto-a-folder",
+        lambda w: degrade(w, w.flower, "--force", out=w.folder("outdir.png", {"keep.txt": "mine"})),
+        ["outdir.png", "is a folder"],
+    ),
+    (
+        "sample-output-has-previous-outputs",
+        lambda w: sample(w.previous(["sample_000.png", "mean.png", "std.png", "summary.json"]), w.y),
+        ["exists", "--force"],
+    ),
+    (
+        "sample-output-has-a-previous-later-sample",
+        lambda w: sample(w.previous(["sample_002.png"]), w.y, "-n", "3"),
+        ["sample_002.png", "exists"],
+    ),
+    (
+        "sample-folder-output-has-previous",
+        lambda w: sample(
+            w.previous(["a/mean.png"]),
+            w.folder("ys", {"a.png": Path(w.y).read_bytes(), "b.png": Path(w.y).read_bytes()}),
+        ),
+        ["mean.png", "exists"],
+    ),
+    (
+        "sample-unconditional-output-has-previous",
+        lambda w: unconditional(w.previous(["grid.png"]), w.prior),
+        ["grid.png", "exists"],
+    ),
     ("sample-output-is-a-file", lambda w: sample(w, w.y, "-o", w.file("out.txt", "mine")), ["out.txt", "not a folder"]),
-    ("sample-output-parent-is-a-file", lambda w: sample(w, w.y, "-o", w.file("plain", "mine") + "/out"), ["plain", "cannot"]),
-    ("sample-unconditional-output-parent-is-a-file", lambda w: unconditional(w, w.prior, "-o", w.file("plain", "mine") + "/out"), ["plain", "cannot"]),
+    (
+        "sample-output-parent-is-a-file",
+        lambda w: sample(w, w.y, "-o", w.file("plain", "mine") + "/out"),
+        ["plain", "cannot"],
+    ),
+    (
+        "sample-unconditional-output-parent-is-a-file",
+        lambda w: unconditional(w, w.prior, "-o", w.file("plain", "mine") + "/out"),
+        ["plain", "cannot"],
+    ),
     ("eval-output-not-empty", lambda w: evaluate(w.previous(["results.json"])), ["exists", "not empty"]),
     ("eval-output-is-a-file", lambda w: evaluate(w, out=w.file("out.txt", "mine")), ["out.txt", "not a folder"]),
     ("eval-output-parent-is-a-file", lambda w: evaluate(w, out=w.file("plain", "mine") + "/out"), ["plain", "cannot"]),
-    ("finetune-run-dir-not-empty", lambda w: finetune(w, "--run-dir", w.folder("busy", {"notes.txt": "mine"})), ["busy", "not empty"]),
-    ("finetune-run-dir-parent-is-a-file", lambda w: finetune(w, "--run-dir", w.file("plain", "mine") + "/run"), ["plain", "cannot be created"]),
-    ("finetune-run-dir-is-a-file", lambda w: finetune(w, "--run-dir", w.file("run.txt", "mine")), ["run.txt", "not a folder"]),
-    ("pretrain-out-not-empty", lambda w: pretrain(w, "--out", w.folder("busy", {"notes.txt": "mine"})), ["busy", "not empty"]),
-    ("pretrain-out-is-a-file", lambda w: pretrain(w, "--out", w.file("prior.txt", "mine")), ["prior.txt", "not a folder"]),
-    ("pretrain-out-parent-is-a-file", lambda w: pretrain(w, "--out", w.file("plain", "mine") + "/prior"), ["plain", "cannot be created"]),
+    (
+        "finetune-run-dir-not-empty",
+        lambda w: finetune(w, "--run-dir", w.folder("busy", {"notes.txt": "mine"})),
+        ["busy", "not empty"],
+    ),
+    (
+        "finetune-run-dir-parent-is-a-file",
+        lambda w: finetune(w, "--run-dir", w.file("plain", "mine") + "/run"),
+        ["plain", "cannot be created"],
+    ),
+    (
+        "finetune-run-dir-is-a-file",
+        lambda w: finetune(w, "--run-dir", w.file("run.txt", "mine")),
+        ["run.txt", "not a folder"],
+    ),
+    (
+        "pretrain-out-not-empty",
+        lambda w: pretrain(w, "--out", w.folder("busy", {"notes.txt": "mine"})),
+        ["busy", "not empty"],
+    ),
+    (
+        "pretrain-out-is-a-file",
+        lambda w: pretrain(w, "--out", w.file("prior.txt", "mine")),
+        ["prior.txt", "not a folder"],
+    ),
+    (
+        "pretrain-out-parent-is-a-file",
+        lambda w: pretrain(w, "--out", w.file("plain", "mine") + "/prior"),
+        ["plain", "cannot be created"],
+    ),
 ]
 
 # Where the process itself matters: the console entry's exit status, and a pickle payload's side effect.
@@ -589,7 +1193,9 @@ def test_bad_input(request, build, needles, assets, tmp_path, monkeypatch, run_c
     argv = [str(a) for a in build(w)]
     before = snapshot(tmp_path, assets.root)
     if request.node.callspec.id in IN_A_REAL_PROCESS:
-        result = subprocess.run([sys.executable, "-m", "deftcli", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "deftcli", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         code, out, err = result.returncode, result.stdout, result.stderr
     else:
         code, out, err = run_cli(*argv)
@@ -601,6 +1207,7 @@ def test_bad_input(request, build, needles, assets, tmp_path, monkeypatch, run_c
 
 
 # ------------------------------------------------------------------ conversions that are accepted
+
 
 def expected_unit(mode: str, img: Image.Image) -> np.ndarray:
     """(C, H, W) in [0, 1], computed here independently of deftcli.images."""
@@ -642,8 +1249,20 @@ def test_sample_converts_an_rgba_measurement_to_rgb(run_cli, assets, tmp_path):
     rgba.save(tmp_path / "y.png")
     expected = torch.from_numpy(2 * expected_unit("RGBA", rgba) - 1).float()
     assert torch.allclose(read_measurement(tmp_path / "y.png"), expected, atol=1e-6)
-    code, out, err = run_cli("sample", str(tmp_path / "y.png"), "--run", str(assets.run), "-n", "2", "--steps", "3",
-                             "--device", "cpu", "-o", str(tmp_path / "s"))
+    code, out, err = run_cli(
+        "sample",
+        str(tmp_path / "y.png"),
+        "--run",
+        str(assets.run),
+        "-n",
+        "2",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "s"),
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert len(summary["data_residual"]) == 2
@@ -653,8 +1272,22 @@ def test_sample_converts_an_rgba_measurement_to_rgb(run_cli, assets, tmp_path):
 def test_sample_finds_a_moved_prior_through_prior_and_records_it(run_cli, assets, tmp_path):
     moved = tmp_path / "moved_prior"
     shutil.copytree(assets.prior, moved)
-    code, _, err = run_cli("sample", str(assets.y), "--run", str(assets.run), "--prior", str(moved), "-n", "1", "--steps", "3",
-                           "--device", "cpu", "-o", str(tmp_path / "s"))
+    code, _, err = run_cli(
+        "sample",
+        str(assets.y),
+        "--run",
+        str(assets.run),
+        "--prior",
+        str(moved),
+        "-n",
+        "1",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "s"),
+    )
     assert code == 0, err
     recorded = json.loads((tmp_path / "s" / "summary.json").read_text())["prior"]
     assert recorded["path"] == str(moved)
@@ -666,20 +1299,57 @@ def test_sample_converts_a_palette_measurement_to_rgb(run_cli, assets, tmp_path)
     palette.save(tmp_path / "y.png")
     expected = torch.from_numpy(2 * expected_unit("P", palette) - 1).float()
     assert torch.allclose(read_measurement(tmp_path / "y.png"), expected, atol=1e-6)
-    code, _, err = run_cli("sample", str(tmp_path / "y.png"), "--run", str(assets.run), "-n", "1", "--steps", "3",
-                           "--device", "cpu", "-o", str(tmp_path / "s"))
+    code, _, err = run_cli(
+        "sample",
+        str(tmp_path / "y.png"),
+        "--run",
+        str(assets.run),
+        "-n",
+        "1",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "s"),
+    )
     assert code == 0, err
     assert (tmp_path / "s" / "mean.png").exists()
 
 
-def test_a_run_keeps_its_mask_file_so_it_works_from_any_folder_and_ignores_later_edits(run_cli, assets, tmp_path, monkeypatch):
+def test_a_run_keeps_its_mask_file_so_it_works_from_any_folder_and_ignores_later_edits(
+    run_cli, assets, tmp_path, monkeypatch
+):
     mask = np.zeros((16, 16), np.uint8)
     mask[:, :8] = 255  # left half observed
     Image.fromarray(mask).save(tmp_path / "mask.png")
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli("finetune", "--prior", str(assets.prior), "--operator", "inpaint", "--mask", "mask.png", "--iterations", "1",
-                           "--time-steps", "3", "--measurements-per-batch", "1", "--trajectories", "2", "--hnet-channels", "8",
-                           "--hnet-mult", "1", "--device", "cpu", "--run-dir", "run", "--quiet")
+    code, _, err = run_cli(
+        "finetune",
+        "--prior",
+        str(assets.prior),
+        "--operator",
+        "inpaint",
+        "--mask",
+        "mask.png",
+        "--iterations",
+        "1",
+        "--time-steps",
+        "3",
+        "--measurements-per-batch",
+        "1",
+        "--trajectories",
+        "2",
+        "--hnet-channels",
+        "8",
+        "--hnet-mult",
+        "1",
+        "--device",
+        "cpu",
+        "--run-dir",
+        "run",
+        "--quiet",
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "spec.json").read_text())["operator"]["params"]["mask"] == "operator-mask.png"
     Image.fromarray(255 - mask).save(tmp_path / "mask.png")  # edited after fine-tuning: the run keeps its copy
@@ -689,15 +1359,46 @@ def test_a_run_keeps_its_mask_file_so_it_works_from_any_folder_and_ignores_later
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    code, _, err = run_cli("sample", str(tmp_path / "y.safetensors"), "--run", str(tmp_path / "run"), "-n", "1", "--steps", "3",
-                           "--method", "dagger", "--device", "cpu", "-o", "s")
+    code, _, err = run_cli(
+        "sample",
+        str(tmp_path / "y.safetensors"),
+        "--run",
+        str(tmp_path / "run"),
+        "-n",
+        "1",
+        "--steps",
+        "3",
+        "--method",
+        "dagger",
+        "--device",
+        "cpu",
+        "-o",
+        "s",
+    )
     assert code == 0, err
     assert json.loads((elsewhere / "s" / "summary.json").read_text())["data_residual"] == [0.0]
 
 
 def test_eval_accepts_the_largest_seed(run_cli, assets, tmp_path):
-    code, _, err = run_cli("eval", "--run", str(assets.run), "--n", "1", "-k", "1", "--methods", "deft", "--steps", "3", "--device", "cpu",
-                           "--seed", str(2**63 - 1), "-o", str(tmp_path / "e"))
+    code, _, err = run_cli(
+        "eval",
+        "--run",
+        str(assets.run),
+        "--n",
+        "1",
+        "-k",
+        "1",
+        "--methods",
+        "deft",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--seed",
+        str(2**63 - 1),
+        "-o",
+        str(tmp_path / "e"),
+    )
     assert code == 0, err
 
 
@@ -706,7 +1407,20 @@ def test_force_overwrites_only_when_asked(run_cli, assets, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
     (out / "mean.png").write_bytes(b"previous")
-    code, _, err = run_cli("sample", str(assets.y), "--run", str(assets.run), "-n", "1", "--steps", "3", "--device", "cpu",
-                           "-o", str(out), "--force")
+    code, _, err = run_cli(
+        "sample",
+        str(assets.y),
+        "--run",
+        str(assets.run),
+        "-n",
+        "1",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+        "--force",
+    )
     assert code == 0, err
     assert (out / "mean.png").read_bytes() != b"previous"

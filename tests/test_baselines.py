@@ -83,7 +83,9 @@ def test_samples_have_the_image_shape_and_follow_their_generators_whatever_the_b
     assert together.shape == (4, 3, 8, 8) and together.dtype == torch.float32 and torch.isfinite(together).all()
     assert torch.equal(together, sampler.sample(y, PerSampleNoise(generators())))
     streams = generators()
-    halves = torch.cat([sampler.sample(y[:2], PerSampleNoise(streams[:2])), sampler.sample(y[2:], PerSampleNoise(streams[2:]))])
+    halves = torch.cat(
+        [sampler.sample(y[:2], PerSampleNoise(streams[:2])), sampler.sample(y[2:], PerSampleNoise(streams[2:]))]
+    )
     torch.testing.assert_close(halves, together, rtol=0, atol=1e-6)
     assert not torch.allclose(together[0], together[1])  # different streams, different samples
     assert sampler.cost().as_dict() == {"nfe_prior": 20, "nfe_hnet": 0, "backward_prior": 0}
@@ -94,7 +96,9 @@ def test_samples_have_the_image_shape_and_follow_their_generators_whatever_the_b
 def test_the_sample_mean_is_the_exact_gaussian_posterior_mean(method, name):
     prior, operator, y = problem(name, batch=2000)
     posterior_mean = exact_posterior(prior, operator, y[:1]).mean
-    sampler = build_sampler(method, SamplingSetup(prior, steps=50), operator, settings={"diffpir_lambda": 1.0, "diffpir_zeta": 1.0})
+    sampler = build_sampler(
+        method, SamplingSetup(prior, steps=50), operator, settings={"diffpir_lambda": 1.0, "diffpir_zeta": 1.0}
+    )
     samples = sampler.sample(y, GeneratorNoise(torch.Generator().manual_seed(2)))
     error = float((samples.double().mean(0) - posterior_mean).pow(2).mean().sqrt())
     assert error < 0.02
@@ -106,8 +110,19 @@ def test_ddrm_with_eta_b_one_keeps_a_noiseless_measurement_exactly():
     prior, operator = gaussian_prior(), create("superres", factor=2, sigma=0.0)
     y = operator.A(prior.sample(1, torch.Generator().manual_seed(1))).expand(3, -1, -1, -1)
     grid = SamplingSetup(prior, steps=20).grid
-    x = sample_ddrm(prior.score, prior.sde, operator.svd(), y, 0.0, torch.randn(3, 1, 8, 8), grid, 0.85, 1.0,
-                    GeneratorNoise(torch.Generator().manual_seed(0)), True)
+    x = sample_ddrm(
+        prior.score,
+        prior.sde,
+        operator.svd(),
+        y,
+        0.0,
+        torch.randn(3, 1, 8, 8),
+        grid,
+        0.85,
+        1.0,
+        GeneratorNoise(torch.Generator().manual_seed(0)),
+        True,
+    )
     torch.testing.assert_close(operator.A(x), y, rtol=0, atol=1e-5)
 
 
@@ -116,8 +131,22 @@ def test_diffpir_with_zeta_zero_draws_no_fresh_noise():
     prior, operator, y = problem("superres", batch=2)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     grid = SamplingSetup(prior, steps=20).grid
-    runs = [sample_diffpir(prior.score, prior.sde, operator.svd(), y, operator.sigma, x, grid, 4.0, 0.0,
-                           GeneratorNoise(torch.Generator().manual_seed(seed)), True) for seed in (1, 2)]
+    runs = [
+        sample_diffpir(
+            prior.score,
+            prior.sde,
+            operator.svd(),
+            y,
+            operator.sigma,
+            x,
+            grid,
+            4.0,
+            0.0,
+            GeneratorNoise(torch.Generator().manual_seed(seed)),
+            True,
+        )
+        for seed in (1, 2)
+    ]
     torch.testing.assert_close(runs[0], runs[1])
 
 
@@ -159,11 +188,13 @@ def test_diffpir_reproduces_deepinv_iteration_by_iteration(name, monkeypatch):
         mask = operator.observed_mask(8, 8).float()[None]
         physics = dinv.physics.Inpainting(img_size=(1, 8, 8), mask=mask, noise_model=noise_model)
     else:
-        physics = dinv.physics.LinearPhysics(A=operator.A, A_adjoint=operator.A_adjoint, noise_model=noise_model,
-                                             solver="CG", max_iter=200, tol=1e-10)
+        physics = dinv.physics.LinearPhysics(
+            A=operator.A, A_adjoint=operator.A_adjoint, noise_model=noise_model, solver="CG", max_iter=200, tol=1e-10
+        )
     denoiser, lam, zeta = PriorAsDeepinvDenoiser(prior), 8.0, 0.4
-    diffpir = dinv.sampling.DiffPIR(model=denoiser, data_fidelity=dinv.optim.data_fidelity.L2(), max_iter=20, zeta=zeta,
-                                    lambda_=lam)
+    diffpir = dinv.sampling.DiffPIR(
+        model=denoiser, data_fidelity=dinv.optim.data_fidelity.L2(), max_iter=20, zeta=zeta, lambda_=lam
+    )
     noises, randn_like = [], torch.randn_like
     monkeypatch.setattr(torch, "randn_like", lambda like: noises.append(randn_like(like)) or noises[-1])
     output = 2 * diffpir((y + operator.A(torch.ones(2, 1, 8, 8))) / 2, physics) - 1
@@ -175,14 +206,26 @@ def test_diffpir_reproduces_deepinv_iteration_by_iteration(name, monkeypatch):
     for i in range(len(states) - 1):  # noises[0] made deepinv's start; step i draws noises[i + 1]
         unit = states[i] / (2 * levels[i][0]) + 0.5
         x0 = PriorAsDeepinvDenoiser(prior)(unit, torch.tensor(denoiser.calls[i][1] / 2)) * 2 - 1
-        step = diffpir_step(svd, y, operator.sigma, states[i], x0, levels[i], levels[i + 1], lam / 2, zeta,
-                            noises[i + 1])
+        step = diffpir_step(
+            svd, y, operator.sigma, states[i], x0, levels[i], levels[i + 1], lam / 2, zeta, noises[i + 1]
+        )
         torch.testing.assert_close(step, states[i + 1], rtol=0, atol=1e-5)
 
     grid = [1 - time_of_noise_level(prior.sde, s) for _, s in denoiser.calls]
     replay = iter(noises[1:])
-    ours = sample_diffpir(denoiser.score, prior.sde, svd, y, operator.sigma, states[0], grid, lam / 2, zeta,
-                          lambda shape, device, dtype: next(replay), denoise_final=False)
+    ours = sample_diffpir(
+        denoiser.score,
+        prior.sde,
+        svd,
+        y,
+        operator.sigma,
+        states[0],
+        grid,
+        lam / 2,
+        zeta,
+        lambda shape, device, dtype: next(replay),
+        denoise_final=False,
+    )
     torch.testing.assert_close(ours, output, rtol=0, atol=1e-5)
 
 
@@ -212,24 +255,45 @@ def test_an_operator_gives_no_svd_unless_it_defines_one():
 
 @pytest.mark.parametrize("method", SPECTRAL)
 def test_sample_with_ddrm_or_diffpir_records_its_settings_and_cost(method, run_cli, assets, tmp_path):  # noqa: F811
-    code, _, err = run_cli("sample", str(assets.y), "--run", str(assets.run), "--method", method, "-n", "2",
-                           "--steps", "4", "--device", "cpu", "-o", str(tmp_path / "s"))
+    code, _, err = run_cli(
+        "sample",
+        str(assets.y),
+        "--run",
+        str(assets.run),
+        "--method",
+        method,
+        "-n",
+        "2",
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "s"),
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
-    settings = {"ddrm": {"ddrm_eta": 0.85, "ddrm_eta_b": 1.0},
-                "diffpir": {"diffpir_lambda": DEFAULT_DIFFPIR_LAMBDA, "diffpir_zeta": DEFAULT_DIFFPIR_ZETA}}[method]
+    settings = {
+        "ddrm": {"ddrm_eta": 0.85, "ddrm_eta_b": 1.0},
+        "diffpir": {"diffpir_lambda": DEFAULT_DIFFPIR_LAMBDA, "diffpir_zeta": DEFAULT_DIFFPIR_ZETA},
+    }[method]
     assert summary["method"] == method and settings.items() <= summary.items()
     assert (summary["nfe_prior"], summary["nfe_hnet"], summary["backward_prior"]) == (4, 0, 0)
 
 
-@pytest.mark.parametrize("argv", [
-    ["sample", "{y}", "--run", "{run}", "--method", "ddrm"],
-    ["sample", "{y}", "--run", "{run}", "--method", "diffpir", "--diffpir-zeta", "0.5"],
-    ["eval", "--run", "{run}", "--methods", "dagger,diffpir"],
-    ["eval", "--run", "{run}", "--spec", "{spec}"],
-], ids=["sample-ddrm", "sample-diffpir", "eval-diffpir", "eval-ddrm-option"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "{y}", "--run", "{run}", "--method", "ddrm"],
+        ["sample", "{y}", "--run", "{run}", "--method", "diffpir", "--diffpir-zeta", "0.5"],
+        ["eval", "--run", "{run}", "--methods", "dagger,diffpir"],
+        ["eval", "--run", "{run}", "--spec", "{spec}"],
+    ],
+    ids=["sample-ddrm", "sample-diffpir", "eval-diffpir", "eval-ddrm-option"],
+)
 def test_spectral_methods_refuse_an_operator_without_svd_before_writing_anything(  # noqa: F811
-        argv, run_cli, assets, tmp_path, monkeypatch):
+    argv, run_cli, assets, tmp_path, monkeypatch
+):
     without_svd(monkeypatch)
     spec = tmp_path / "e.json"
     spec.write_text(json.dumps({"ddrm_eta": 0.5}))  # an option of ddrm asks for ddrm
@@ -241,10 +305,26 @@ def test_spectral_methods_refuse_an_operator_without_svd_before_writing_anything
 
 
 def test_eval_leaves_ddrm_and_diffpir_out_by_default_when_the_operator_has_no_svd(  # noqa: F811
-        run_cli, assets, tmp_path, monkeypatch):
+    run_cli, assets, tmp_path, monkeypatch
+):
     without_svd(monkeypatch)
-    code, _, err = run_cli("eval", "--run", str(assets.run), "--n", "1", "-k", "1", "--steps", "3", "--dps-zeta", "1",
-                           "--device", "cpu", "-o", str(tmp_path / "e"))
+    code, _, err = run_cli(
+        "eval",
+        "--run",
+        str(assets.run),
+        "--n",
+        "1",
+        "-k",
+        "1",
+        "--steps",
+        "3",
+        "--dps-zeta",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "e"),
+    )
     assert code == 0, err
     assert "operator 'superres' has no singular value decomposition, so ddrm and diffpir are not evaluated" in err
     results = json.loads((tmp_path / "e" / "results.json").read_text())

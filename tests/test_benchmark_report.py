@@ -24,9 +24,9 @@ report = load_report()
 
 
 def test_the_shipped_benchmarks_readme_is_the_generated_one():
-    assert (
-        ROOT / "benchmarks" / "README.md"
-    ).read_text() == report.render_readme(), "benchmarks/README.md is stale: run python benchmarks/report.py"
+    assert (ROOT / "benchmarks" / "README.md").read_text() == report.render_readme(), (
+        "benchmarks/README.md is stale: run python benchmarks/report.py"
+    )
 
 
 def test_the_benchmarks_readme_stays_short():

@@ -96,17 +96,42 @@ def tiny_run(tiny_prior, tmp_path):
     from deftcli.specs import FinetuneSpec, build_spec
 
     run_dir = tmp_path / "run"
-    overrides = {"prior.path": str(tiny_prior), "operator.params": {"factor": 2, "sigma": 0.1}, "iterations": 1,
-                 "time_steps": 3, "measurements_per_batch": 1, "trajectories": 2, "run_dir": str(run_dir),
-                 "device": "cpu", **TINY_HNET}
+    overrides = {
+        "prior.path": str(tiny_prior),
+        "operator.params": {"factor": 2, "sigma": 0.1},
+        "iterations": 1,
+        "time_steps": 3,
+        "measurements_per_batch": 1,
+        "trajectories": 2,
+        "run_dir": str(run_dir),
+        "device": "cpu",
+        **TINY_HNET,
+    }
     finetune(build_spec(FinetuneSpec, overrides=overrides), quiet=True)
     return run_dir
 
 
 def test_eval_reports_coverage_for_every_sampling_method_and_draws_the_calibration_plot(run_cli, tiny_run, tmp_path):
     out = tmp_path / "eval"
-    code, _, err = run_cli("eval", "--run", str(tiny_run), "--n", "2", "-k", "4", "--steps", "3", "--methods",
-                           "deft,dps,prior,dagger", "--dps-zeta", "1", "--device", "cpu", "-o", str(out))
+    code, _, err = run_cli(
+        "eval",
+        "--run",
+        str(tiny_run),
+        "--n",
+        "2",
+        "-k",
+        "4",
+        "--steps",
+        "3",
+        "--methods",
+        "deft,dps,prior,dagger",
+        "--dps-zeta",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+    )
     assert code == 0, err
     methods = json.loads((out / "results.json").read_text())["methods"]
     for name in ("deft", "dps", "prior"):
@@ -125,8 +150,9 @@ def test_eval_reports_coverage_for_every_sampling_method_and_draws_the_calibrati
 def test_check_gmm_reports_coverage_against_truths_of_the_exact_posterior(mode):
     from deftcli.check_gmm import GMMCheckSpec, check_gmm
 
-    spec = GMMCheckSpec(shape=(1, 4, 4), components=2, iterations=2, time_steps=5, samples=60, dps_sweep=[0.3],
-                        mode=mode)
+    spec = GMMCheckSpec(
+        shape=(1, 4, 4), components=2, iterations=2, time_steps=5, samples=60, dps_sweep=[0.3], mode=mode
+    )
     result = check_gmm(spec)
     coverage = result["coverage"]
     assert coverage["samples_per_measurement"] >= minimum_samples(0.9)

@@ -50,8 +50,16 @@ def test_the_defaults_that_help_texts_quote_are_the_specs_defaults():
     from deftcli.specs import EvalSpec, FinetuneSpec, PretrainSpec, SampleSpec
 
     group = typer.main.get_command(app)
-    commands = {name: group.commands[name] for name in ("finetune", "sample", "eval", "pretrain")} | {"gmm": group.commands["check"].commands["gmm"]}
-    specs = {"finetune": FinetuneSpec, "sample": SampleSpec, "eval": EvalSpec, "pretrain": PretrainSpec, "gmm": GMMCheckSpec}
+    commands = {name: group.commands[name] for name in ("finetune", "sample", "eval", "pretrain")} | {
+        "gmm": group.commands["check"].commands["gmm"]
+    }
+    specs = {
+        "finetune": FinetuneSpec,
+        "sample": SampleSpec,
+        "eval": EvalSpec,
+        "pretrain": PretrainSpec,
+        "gmm": GMMCheckSpec,
+    }
     checked = []
     for name, command in commands.items():
         for param in command.params:
@@ -83,7 +91,9 @@ def test_operators_lists_the_built_ins_with_parameters_and_provider(run_cli):
 
 def test_degrade_writes_a_measurement_of_the_operator_shape(run_cli, flower, tmp_path):
     out = tmp_path / "y.png"
-    code, _, err = run_cli("degrade", str(flower), "--operator", "superres", "--factor", "4", "--seed", "3", "-o", str(out))
+    code, _, err = run_cli(
+        "degrade", str(flower), "--operator", "superres", "--factor", "4", "--seed", "3", "-o", str(out)
+    )
     assert code == 0, err
     assert read_image(out).shape == (3, 8, 8)
 
@@ -91,7 +101,10 @@ def test_degrade_writes_a_measurement_of_the_operator_shape(run_cli, flower, tmp
 def test_degrade_is_reproducible_with_a_seed_and_exact_as_safetensors(run_cli, flower, tmp_path):
     paths = [tmp_path / f"y{i}.safetensors" for i in range(3)]
     for path, seed in zip(paths, (1, 1, 2)):
-        assert run_cli("degrade", str(flower), "--factor", "2", "--sigma", "0.1", "--seed", str(seed), "-o", str(path))[0] == 0
+        assert (
+            run_cli("degrade", str(flower), "--factor", "2", "--sigma", "0.1", "--seed", str(seed), "-o", str(path))[0]
+            == 0
+        )
     a, b, c = (read_measurement(p) for p in paths)
     assert torch.equal(a, b) and not torch.equal(a, c)
     clean = torch.nn.functional.avg_pool2d(read_image(flower)[None], 2)[0]
@@ -100,8 +113,20 @@ def test_degrade_is_reproducible_with_a_seed_and_exact_as_safetensors(run_cli, f
 
 def test_degrade_with_param_and_blur_applies_the_operator_it_was_given(run_cli, flower, tmp_path):
     out = tmp_path / "b.safetensors"
-    code, _, err = run_cli("degrade", str(flower), "--operator", "blur", "--param", "kernel=uniform", "--kernel-size", "5",
-                           "--sigma", "0", "-o", str(out))
+    code, _, err = run_cli(
+        "degrade",
+        str(flower),
+        "--operator",
+        "blur",
+        "--param",
+        "kernel=uniform",
+        "--kernel-size",
+        "5",
+        "--sigma",
+        "0",
+        "-o",
+        str(out),
+    )
     assert code == 0, err
     x = read_image(flower)
     box = torch.nn.functional.pad(x[None], (2, 2, 2, 2), mode="circular")
@@ -117,31 +142,44 @@ def test_degrade_refuses_to_overwrite_without_force(run_cli, flower, tmp_path):
     assert out.read_bytes() == b"previous"
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["degrade", "{missing}", "-o", "{out}"], ["no such file"]),
-    (["degrade", "{notimage}", "-o", "{out}"], ["not an image"]),
-    (["degrade", "{flower}", "--operator", "warp", "-o", "{out}"], ["warp", "superres"]),
-    (["degrade", "{flower}", "--factor", "3", "-o", "{out}"], ["3", "32"]),
-    (["degrade", "{flower}", "--factor", "1", "-o", "{out}"], ["factor"]),
-    (["degrade", "{flower}", "--sigma", "-0.1", "-o", "{out}"], ["sigma"]),
-    (["degrade", "{flower}", "--param", "nonsense", "-o", "{out}"], ["key=value"]),
-    (["degrade", "{flower}", "--operator", "blur", "--factor", "2", "-o", "{out}"], ["factor"]),
-    (["finetune", "--spec", "{badspec}"], ["bogus"]),
-    (["finetune", "--spec", "{typespec}"], ["iterations"]),
-    (["degrade", "{flower}", "--no-such-flag"], ["no-such-flag"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["degrade", "{missing}", "-o", "{out}"], ["no such file"]),
+        (["degrade", "{notimage}", "-o", "{out}"], ["not an image"]),
+        (["degrade", "{flower}", "--operator", "warp", "-o", "{out}"], ["warp", "superres"]),
+        (["degrade", "{flower}", "--factor", "3", "-o", "{out}"], ["3", "32"]),
+        (["degrade", "{flower}", "--factor", "1", "-o", "{out}"], ["factor"]),
+        (["degrade", "{flower}", "--sigma", "-0.1", "-o", "{out}"], ["sigma"]),
+        (["degrade", "{flower}", "--param", "nonsense", "-o", "{out}"], ["key=value"]),
+        (["degrade", "{flower}", "--operator", "blur", "--factor", "2", "-o", "{out}"], ["factor"]),
+        (["finetune", "--spec", "{badspec}"], ["bogus"]),
+        (["finetune", "--spec", "{typespec}"], ["iterations"]),
+        (["degrade", "{flower}", "--no-such-flag"], ["no-such-flag"]),
+    ],
+)
 def test_user_mistakes_are_one_line_errors_with_exit_code_2(run_cli, flower, tmp_path, args, needles):
     (tmp_path / "notimage.png").write_text("this is text")
     (tmp_path / "bad.yaml").write_text("bogus: 1\n")
     (tmp_path / "type.yaml").write_text("iterations: many\n")
-    paths = {"missing": tmp_path / "nope.png", "out": tmp_path / "y.png", "notimage": tmp_path / "notimage.png",
-             "flower": flower, "badspec": tmp_path / "bad.yaml", "typespec": tmp_path / "type.yaml"}
+    paths = {
+        "missing": tmp_path / "nope.png",
+        "out": tmp_path / "y.png",
+        "notimage": tmp_path / "notimage.png",
+        "flower": flower,
+        "badspec": tmp_path / "bad.yaml",
+        "typespec": tmp_path / "type.yaml",
+    }
     code, _, err = run_cli(*[a.format(**paths) for a in args])
     assert_user_error(code, err, *needles)
     assert not (tmp_path / "y.png").exists()
 
 
 def test_debug_shows_the_traceback(flower, tmp_path, python):
-    result = subprocess.run([python, "-m", "deftcli", "--debug", "degrade", str(tmp_path / "nope.png"), "-o", str(tmp_path / "y.png")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [python, "-m", "deftcli", "--debug", "degrade", str(tmp_path / "nope.png"), "-o", str(tmp_path / "y.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -71,7 +71,10 @@ def make_flowers(root: Path, images: dict[int, Image.Image] | None = None) -> Pa
     for k in range(1, 11):
         img = images.get(k) or Image.new("RGB", (70 + 7 * k, 90 - 3 * k), (k * 20, 255 - k * 20, 128))
         save_jpeg(img, base / "jpg" / f"image_{k:05d}.jpg")
-    savemat(base / "setid.mat", {"trnid": np.array(TRNID, np.uint16), "valid": np.array(VALID, np.uint16), "tstid": np.array(TSTID, np.uint16)})
+    savemat(
+        base / "setid.mat",
+        {"trnid": np.array(TRNID, np.uint16), "valid": np.array(VALID, np.uint16), "tstid": np.array(TSTID, np.uint16)},
+    )
     savemat(base / "imagelabels.mat", {"labels": np.arange(1, 11, dtype=np.uint8) % 3 + 1})
     return base
 
@@ -92,7 +95,10 @@ def offline(monkeypatch):
 
 def test_flowers_split_sizes_and_order(tmp_path, offline):
     make_flowers(tmp_path)
-    sizes = {split: len(open_dataset(DataSpec(dataset="flowers102", root=str(tmp_path)), split, 64)) for split in ("train", "val", "test")}
+    sizes = {
+        split: len(open_dataset(DataSpec(dataset="flowers102", root=str(tmp_path)), split, 64))
+        for split in ("train", "val", "test")
+    }
     assert sizes == {"train": len(TRNID) + len(TSTID), "val": len(VALID), "test": len(TSTID)}
 
     for split, ids in {"train": TRNID + TSTID, "val": VALID, "test": TSTID}.items():
@@ -130,7 +136,9 @@ def test_flowers_accepts_the_flowers102_folder_itself(tmp_path, offline):
     assert len(Flowers102Dataset(base, "val", 64, 3)) == len(VALID)
 
 
-@pytest.mark.parametrize("remove, needle", [("setid.mat", "setid.mat"), ("imagelabels.mat", "imagelabels.mat"), ("jpg", "jpg")])
+@pytest.mark.parametrize(
+    "remove, needle", [("setid.mat", "setid.mat"), ("imagelabels.mat", "imagelabels.mat"), ("jpg", "jpg")]
+)
 def test_flowers_partial_copy_names_the_missing_file(tmp_path, offline, remove, needle):
     base = make_flowers(tmp_path)
     target = base / remove
@@ -273,7 +281,9 @@ def test_flowers_transform_reproduces_the_original_preparation(tmp_path, offline
     assert (same - direct).abs().mean() < 0.02
 
     # a pipeline without the centre crop (squashing 192×128 to 64×64) is far off: the test can tell
-    squashed = (torch.from_numpy(np.array(img.convert("RGB").resize((64, 64), Image.BILINEAR))).permute(2, 0, 1) / 255 * 2 - 1)[None]
+    squashed = (
+        torch.from_numpy(np.array(img.convert("RGB").resize((64, 64), Image.BILINEAR))).permute(2, 0, 1) / 255 * 2 - 1
+    )[None]
     assert psnr(squashed, ref) < 20
 
 
@@ -292,7 +302,7 @@ def load_one(root: Path, rel: str, size: int, channels: int) -> torch.Tensor:
 def mixed_folder(tmp_path) -> Path:
     root = tmp_path / "images"
     root.mkdir()
-    bordered(GREEN, RED, 40, 10).save(root / "wide.png")                         # 60×40
+    bordered(GREEN, RED, 40, 10).save(root / "wide.png")  # 60×40
     save_jpeg(bordered(BLUE, RED, 48, 8, landscape=False), root / "a" / "b" / "tall.jpg")  # nested
     save_jpeg(Image.new("RGB", (20, 20), RED), root / "a" / "upper.JPEG")
     Image.new("L", (30, 30), 200).save(root / "a" / "grey.png")
@@ -313,7 +323,9 @@ def test_folder_discovers_images_recursively(mixed_folder):
     for split in ("train", "val", "test"):
         ds = open_dataset(DataSpec(dataset="folder", root=str(mixed_folder)), split, 16, 3)
         found |= {p.relative_to(mixed_folder).as_posix() for p in ds.files}
-    expected = {"wide.png", "a/b/tall.jpg", "a/upper.JPEG", "a/grey.png", "rgba.png", "c.bmp"} | {f"fill/{k:02d}.png" for k in range(40)}
+    expected = {"wide.png", "a/b/tall.jpg", "a/upper.JPEG", "a/grey.png", "rgba.png", "c.bmp"} | {
+        f"fill/{k:02d}.png" for k in range(40)
+    }
     assert found == expected  # no .txt, no hidden file or folder
 
 
@@ -332,7 +344,9 @@ def test_folder_centre_crop_resize_and_channels(mixed_folder):
     assert torch.allclose(rgba, unit(GREEN).expand(3, 16, 16), atol=1e-5)
     luma = load_one(mixed_folder, "wide.png", 16, 1)  # RGB file for a 1-channel prior: luma
     assert luma.shape == (1, 16, 16)
-    assert torch.allclose(luma, torch.full_like(luma, (0.299 * GREEN[0] + 0.587 * GREEN[1] + 0.114 * GREEN[2]) / 255 * 2 - 1), atol=1e-4)
+    assert torch.allclose(
+        luma, torch.full_like(luma, (0.299 * GREEN[0] + 0.587 * GREEN[1] + 0.114 * GREEN[2]) / 255 * 2 - 1), atol=1e-4
+    )
     batch = open_dataset(DataSpec(dataset="folder", root=str(mixed_folder)), "train", 16, 3).batch([0, 1, 2])
     assert batch.shape == (3, 3, 16, 16) and batch.min() >= -1 and batch.max() <= 1
 
@@ -344,7 +358,10 @@ def test_folder_warns_once_per_job_when_images_are_upscaled(mixed_folder, capsys
     ds = FolderDataset(mixed_folder, split, 64, 3)
     small = sum(min(Image.open(p).size) < 64 for p in ds.files)
     assert small == len(ds.files)  # every image here is below 64 px
-    assert f"{small} of the {len(ds.files)} {split} images have a short side below 64 px and are upscaled to 64×64" in capsys.readouterr().err
+    assert (
+        f"{small} of the {len(ds.files)} {split} images have a short side below 64 px and are upscaled to 64×64"
+        in capsys.readouterr().err
+    )
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # rank 1 of a torchrun job: rank 0 says it
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     FolderDataset(mixed_folder, split, 64, 3)
@@ -365,8 +382,13 @@ def test_folder_split_is_deterministic_disjoint_and_about_80_10_10(tmp_path):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (k, 0, 0)).save(root / name)
     spec = DataSpec(dataset="folder", root=str(root))
-    first = {s: [p.relative_to(root).as_posix() for p in FolderDataset(root, s, 8, 3).files] for s in ("train", "val", "test")}
-    again = {s: [p.relative_to(root).as_posix() for p in open_dataset(spec, s, 8, 3).files] for s in ("train", "val", "test")}
+    first = {
+        s: [p.relative_to(root).as_posix() for p in FolderDataset(root, s, 8, 3).files]
+        for s in ("train", "val", "test")
+    }
+    again = {
+        s: [p.relative_to(root).as_posix() for p in open_dataset(spec, s, 8, 3).files] for s in ("train", "val", "test")
+    }
     assert first == again
     # the split depends on relative paths only: a copy elsewhere splits the same way
     moved = shutil.copytree(root, tmp_path / "elsewhere" / "many")
@@ -380,7 +402,11 @@ def test_folder_split_is_deterministic_disjoint_and_about_80_10_10(tmp_path):
     counts = {"train": 0, "val": 0, "test": 0}
     for k in range(20000):
         counts[split_of(f"photos/{k}.jpg")] += 1
-    assert abs(counts["train"] / 20000 - 0.8) < 0.015 and abs(counts["val"] / 20000 - 0.1) < 0.01 and abs(counts["test"] / 20000 - 0.1) < 0.01
+    assert (
+        abs(counts["train"] / 20000 - 0.8) < 0.015
+        and abs(counts["val"] / 20000 - 0.1) < 0.01
+        and abs(counts["test"] / 20000 - 0.1) < 0.01
+    )
 
 
 def test_folder_errors(tmp_path):

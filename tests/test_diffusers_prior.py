@@ -22,14 +22,26 @@ from deftcli.sde import reverse_time_grid
 
 diffusers = pytest.importorskip("diffusers")
 
-SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear", "clip_sample": False}
+SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+}
 
 
 def tiny_unet(out_channels: int = 1, seed: int = 0) -> "diffusers.UNet2DModel":
     torch.manual_seed(seed)
     return diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=out_channels, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        sample_size=8,
+        in_channels=1,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
     ).eval()
 
 
@@ -109,7 +121,12 @@ def test_timestep_mapping_matches_alpha_bar(saved):
 
 @pytest.mark.parametrize(
     "prediction_type, out_channels, variance_type",
-    [("epsilon", 1, "fixed_small"), ("sample", 1, "fixed_small"), ("v_prediction", 1, "fixed_small"), ("epsilon", 2, "learned_range")],
+    [
+        ("epsilon", 1, "fixed_small"),
+        ("sample", 1, "fixed_small"),
+        ("v_prediction", 1, "fixed_small"),
+        ("epsilon", 2, "learned_range"),
+    ],
 )
 def test_tweedie_equals_the_schedulers_own_x0(tmp_path, prediction_type, out_channels, variance_type):
     """At t where τ(t) is an integer k, the prior's Tweedie x̂0 = (x + σ² s)/α is DDPMScheduler.step's x̂0."""
@@ -119,11 +136,18 @@ def test_tweedie_equals_the_schedulers_own_x0(tmp_path, prediction_type, out_cha
     scheduler = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     for k in (20, 400, 900):
-        t = torch.full((2,), t_at_timestep(k, scheduler.alphas_cumprod.double(), prior.sde.beta_min, prior.sde.beta_max))
+        t = torch.full(
+            (2,), t_at_timestep(k, scheduler.alphas_cumprod.double(), prior.sde.beta_min, prior.sde.beta_max)
+        )
         with torch.no_grad():
             x0 = prior.sde.tweedie_x0(x, prior.score(x, t), t)
-            reference = scheduler.step(net(x, k).sample, k, x, generator=torch.Generator().manual_seed(0)).pred_original_sample
-        assert torch.allclose(x0, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item()), (k, (x0 - reference).abs().max())
+            reference = scheduler.step(
+                net(x, k).sample, k, x, generator=torch.Generator().manual_seed(0)
+            ).pred_original_sample
+        assert torch.allclose(x0, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item()), (
+            k,
+            (x0 - reference).abs().max(),
+        )
 
 
 def edit_json(path: Path, **changes) -> None:
@@ -137,7 +161,11 @@ def edit_json(path: Path, **changes) -> None:
     "file, changes, needles",
     [
         ("scheduler/scheduler_config.json", {"prediction_type": "flow"}, ["prediction_type 'flow'", "v_prediction"]),
-        ("scheduler/scheduler_config.json", {"beta_schedule": "squaredcos_cap_v2"}, ["'squaredcos_cap_v2'", "not linear"]),
+        (
+            "scheduler/scheduler_config.json",
+            {"beta_schedule": "squaredcos_cap_v2"},
+            ["'squaredcos_cap_v2'", "not linear"],
+        ),
         ("scheduler/scheduler_config.json", {"beta_schedule": "scaled_linear"}, ["'scaled_linear'", "not linear"]),
         ("scheduler/scheduler_config.json", {"beta_schedule": "cubic"}, ["unsupported beta schedule 'cubic'"]),
         ("scheduler/scheduler_config.json", {"num_train_timesteps": ...}, ["not a DDPM-like scheduler"]),
@@ -145,7 +173,16 @@ def edit_json(path: Path, **changes) -> None:
         ("unet/config.json", {"num_class_embeds": 10}, ["class-conditional"]),
         ("unet/config.json", {"out_channels": 2}, ["out_channels 2"]),
     ],
-    ids=["prediction", "cosine", "scaled_linear", "unknown-schedule", "not-ddpm", "conditional", "class-conditional", "channels"],
+    ids=[
+        "prediction",
+        "cosine",
+        "scaled_linear",
+        "unknown-schedule",
+        "not-ddpm",
+        "conditional",
+        "class-conditional",
+        "channels",
+    ],
 )
 def test_unsupported_folders_are_one_line_errors(saved, tmp_path, file, changes, needles):
     folder = shutil.copytree(saved, tmp_path / "prior")
@@ -193,5 +230,7 @@ def test_other_priors_never_import_diffusers(tiny_prior):
 def test_plugs_into_the_reverse_sde_sampler(saved):
     prior = load_prior(saved)
     x = torch.randn(2, *prior.image_shape, generator=torch.Generator().manual_seed(4))
-    out = sample_reverse_sde(prior.score, prior.sde, x, reverse_time_grid(5), GeneratorNoise(torch.Generator().manual_seed(5)))
+    out = sample_reverse_sde(
+        prior.score, prior.sde, x, reverse_time_grid(5), GeneratorNoise(torch.Generator().manual_seed(5))
+    )
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()

@@ -22,9 +22,32 @@ from deftcli.training import GracefulInterrupt, MetricsLog
 
 def cli_args(problem, run_dir, iterations=6):
     hnet = ["--hnet-channels", "8", "--hnet-mult", "1"]
-    return [sys.executable, "-m", "deftcli", "finetune", "--prior", str(problem["prior_dir"]), "--factor", "2", "--sigma", "0.1",
-            "--measurement", str(problem["y_path"]), "--iterations", str(iterations), "--time-steps", "6", "--trajectories", "4",
-            *hnet, "--run-dir", str(run_dir), "--device", "cpu", "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "deftcli",
+        "finetune",
+        "--prior",
+        str(problem["prior_dir"]),
+        "--factor",
+        "2",
+        "--sigma",
+        "0.1",
+        "--measurement",
+        str(problem["y_path"]),
+        "--iterations",
+        str(iterations),
+        "--time-steps",
+        "6",
+        "--trajectories",
+        "4",
+        *hnet,
+        "--run-dir",
+        str(run_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
 
 
 def lines(run_dir):
@@ -40,10 +63,20 @@ def wait_for(predicate, timeout=120.0):
 
 
 def tiny_spec(problem, run_dir, iterations):
-    return build_spec(FinetuneSpec, overrides={
-        "prior.path": str(problem["prior_dir"]), "operator.params": {"factor": 2, "sigma": 0.1},
-        "measurement": str(problem["y_path"]), "iterations": iterations, "time_steps": 6, "trajectories": 4,
-        "checkpoint_every": 1, "run_dir": str(run_dir), **TINY_HNET})
+    return build_spec(
+        FinetuneSpec,
+        overrides={
+            "prior.path": str(problem["prior_dir"]),
+            "operator.params": {"factor": 2, "sigma": 0.1},
+            "measurement": str(problem["y_path"]),
+            "iterations": iterations,
+            "time_steps": 6,
+            "trajectories": 4,
+            "checkpoint_every": 1,
+            "run_dir": str(run_dir),
+            **TINY_HNET,
+        },
+    )
 
 
 def spec_file(tmp_path, every=1):
@@ -55,11 +88,22 @@ def spec_file(tmp_path, every=1):
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_finishes_the_run(gmm_problem, tmp_path):
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float reductions in every process
     straight = tmp_path / "straight"
-    subprocess.run(cli_args(gmm_problem, straight) + ["--spec", spec_file(tmp_path)], check=True, capture_output=True, timeout=300, env=one_thread)
+    subprocess.run(
+        cli_args(gmm_problem, straight) + ["--spec", spec_file(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=one_thread,
+    )
 
     run_dir = tmp_path / "killed"
     env = {**one_thread, "DEFT_TEST_PAUSE_BEFORE_RENAME": "state_last.safetensors:2:60"}
-    proc = subprocess.Popen(cli_args(gmm_problem, run_dir) + ["--spec", spec_file(tmp_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli_args(gmm_problem, run_dir) + ["--spec", spec_file(tmp_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: any(run_dir.glob(".state_last.safetensors.*.tmp")))  # the third save is half done
         proc.send_signal(signal.SIGKILL)
@@ -68,8 +112,13 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_fi
         proc.kill()
     assert int(load_state(run_dir / "state_last.safetensors")["step"]) == 2  # the previous checkpoint, intact
 
-    resumed = subprocess.run([sys.executable, "-m", "deftcli", "finetune", "--resume", "--run-dir", str(run_dir), "--quiet"],
-                             capture_output=True, text=True, timeout=300, env=one_thread)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "deftcli", "finetune", "--resume", "--run-dir", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=one_thread,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert not list(run_dir.glob(".*.tmp"))
     assert [line["loss"] for line in lines(run_dir)] == [line["loss"] for line in lines(straight)]
@@ -78,8 +127,13 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_fi
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; kill, timeout or a scheduler's preemption
 def test_an_interrupt_saves_a_checkpoint_and_exits_130_with_a_message(gmm_problem, tmp_path, signum):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(cli_args(gmm_problem, run_dir, iterations=100000), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli_args(gmm_problem, run_dir, iterations=100000),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -95,8 +149,18 @@ def test_a_signal_while_a_resumed_run_starts_stops_it_after_a_step_with_a_checkp
     finetune(tiny_spec(gmm_problem, run_dir, iterations=3), quiet=True)
     # the resumed leg pauses in its start-up, after loading its checkpoint, while it trims the metrics log
     env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_HOOK: "metrics.jsonl:0:5"}
-    resume = [sys.executable, "-m", "deftcli", "finetune", "--resume", "--run-dir", str(run_dir),
-              "--iterations", "9999", "--quiet"]
+    resume = [
+        sys.executable,
+        "-m",
+        "deftcli",
+        "finetune",
+        "--resume",
+        "--run-dir",
+        str(run_dir),
+        "--iterations",
+        "9999",
+        "--quiet",
+    ]
     proc = subprocess.Popen(resume, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: any(run_dir.glob(".metrics.jsonl.*.tmp")))
     proc.send_signal(signum)
@@ -192,8 +256,26 @@ def test_written_files_get_the_permissions_of_the_umask_like_any_other_file(tmp_
 
 def test_same_seed_gives_bit_identical_samples_and_the_same_eval_metrics(run_cli, tiny_prior, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--factor", "2", "--iterations", "2", "--time-steps", "4",
-                           "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1", "--run-dir", str(run_dir), "--quiet")
+    code, _, err = run_cli(
+        "finetune",
+        "--prior",
+        str(tiny_prior),
+        "--factor",
+        "2",
+        "--iterations",
+        "2",
+        "--time-steps",
+        "4",
+        "--trajectories",
+        "2",
+        "--hnet-channels",
+        "8",
+        "--hnet-mult",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+    )
     assert code == 0, err
     import torch
 
@@ -203,13 +285,38 @@ def test_same_seed_gives_bit_identical_samples_and_the_same_eval_metrics(run_cli
     save_image(torch.nn.functional.avg_pool2d(render_petals("val", [0], 16), 2)[0], tmp_path / "y.safetensors")
     outs = []
     for i in range(2):
-        code, _, err = run_cli("sample", str(tmp_path / "y.safetensors"), "--run", str(run_dir), "-n", "3", "--seed", "5", "-o", str(tmp_path / f"s{i}"))
+        code, _, err = run_cli(
+            "sample",
+            str(tmp_path / "y.safetensors"),
+            "--run",
+            str(run_dir),
+            "-n",
+            "3",
+            "--seed",
+            "5",
+            "-o",
+            str(tmp_path / f"s{i}"),
+        )
         assert code == 0, err
         outs.append([(tmp_path / f"s{i}" / f"sample_{j:03d}.png").read_bytes() for j in range(3)])
     assert outs[0] == outs[1]
     results = []
     for i in range(2):
-        code, _, err = run_cli("eval", "--run", str(run_dir), "--n", "3", "-k", "2", "--steps", "4", "--methods", "deft,dagger", "-o", str(tmp_path / f"e{i}"))
+        code, _, err = run_cli(
+            "eval",
+            "--run",
+            str(run_dir),
+            "--n",
+            "3",
+            "-k",
+            "2",
+            "--steps",
+            "4",
+            "--methods",
+            "deft,dagger",
+            "-o",
+            str(tmp_path / f"e{i}"),
+        )
         assert code == 0, err
         metrics = json.loads((tmp_path / f"e{i}" / "results.json").read_text())["methods"]
         results.append({m: {k: v for k, v in row.items() if not k.startswith("seconds")} for m, row in metrics.items()})

@@ -19,9 +19,19 @@ from deftcli.tuning import with_tuned_defaults
 
 
 def gmm_spec(problem, run_dir, **extra) -> FinetuneSpec:
-    overrides = {"prior.path": str(problem["prior_dir"]), "operator.params": {"factor": 2, "sigma": 0.1},
-                 "measurement": str(problem["y_path"]), "iterations": 4, "time_steps": 8, "trajectories": 4,
-                 "run_dir": str(run_dir), "preview_every": 2, "checkpoint_every": 1, "lr": 1e-3, **TINY_HNET}
+    overrides = {
+        "prior.path": str(problem["prior_dir"]),
+        "operator.params": {"factor": 2, "sigma": 0.1},
+        "measurement": str(problem["y_path"]),
+        "iterations": 4,
+        "time_steps": 8,
+        "trajectories": 4,
+        "run_dir": str(run_dir),
+        "preview_every": 2,
+        "checkpoint_every": 1,
+        "lr": 1e-3,
+        **TINY_HNET,
+    }
     overrides.update(extra)
     return build_spec(FinetuneSpec, overrides=overrides)
 
@@ -34,8 +44,16 @@ def test_run_folder_holds_spec_info_checkpoints_metrics_and_preview(gmm_problem,
     run_dir = tmp_path / "run"
     summary = finetune(gmm_spec(gmm_problem, run_dir), quiet=True)
     assert summary["steps"] == 4
-    for name in ("spec.json", "run.json", "hnet_last.safetensors", "hnet_best.safetensors", "state_last.safetensors",
-                 "metrics.jsonl", "preview.png", "measurement.safetensors"):
+    for name in (
+        "spec.json",
+        "run.json",
+        "hnet_last.safetensors",
+        "hnet_best.safetensors",
+        "state_last.safetensors",
+        "metrics.jsonl",
+        "preview.png",
+        "measurement.safetensors",
+    ):
         assert (run_dir / name).exists(), name
     info = json.loads((run_dir / "run.json").read_text())
     assert info["mode"] == "per-measurement" and info["prior"]["format"] == "gaussian-mixture"
@@ -82,7 +100,14 @@ def test_a_time_budget_stops_and_saves_and_counts_every_leg_of_a_resumed_run(gmm
     run_dir = tmp_path / "run"
     first = finetune(gmm_spec(gmm_problem, run_dir, max_minutes=1e-6), quiet=True)
     assert first["stopped_by"] == "max_minutes" and first["steps"] == 1
-    files = ("hnet_last.safetensors", "hnet_best.safetensors", "state_last.safetensors", "metrics.jsonl", "spec.json", "run.json")
+    files = (
+        "hnet_last.safetensors",
+        "hnet_best.safetensors",
+        "state_last.safetensors",
+        "metrics.jsonl",
+        "spec.json",
+        "run.json",
+    )
     before = {name: (run_dir / name).read_bytes() for name in files}
     with pytest.raises(DeftError, match="already spent"):  # a per-leg budget would train one more step
         finetune(gmm_spec(gmm_problem, run_dir, max_minutes=1e-6), resume=True, quiet=True)
@@ -95,12 +120,23 @@ def test_a_time_budget_stops_and_saves_and_counts_every_leg_of_a_resumed_run(gmm
 def test_a_resumed_leg_may_change_the_schedule_and_is_recorded(gmm_problem, tmp_path):
     run_dir = tmp_path / "run"
     finetune(gmm_spec(gmm_problem, run_dir, iterations=2), quiet=True)
-    summary = finetune(gmm_spec(gmm_problem, run_dir, iterations=3, lr=2e-3), resume=True, quiet=True, command=["deft", "finetune", "--resume"])
+    summary = finetune(
+        gmm_spec(gmm_problem, run_dir, iterations=3, lr=2e-3),
+        resume=True,
+        quiet=True,
+        command=["deft", "finetune", "--resume"],
+    )
     assert summary["steps"] == 3
     spec = json.loads((run_dir / "spec.json").read_text())
-    assert (spec["iterations"], spec["lr"]) == (3, 2e-3)  # what `deft eval` and a later --resume read is the last leg's spec
+    assert (spec["iterations"], spec["lr"]) == (
+        3,
+        2e-3,
+    )  # what `deft eval` and a later --resume read is the last leg's spec
     assert json.loads((run_dir / "run.json").read_text())["resumed"][0] | {"started": None} == {
-        "command": "deft finetune --resume", "started": None, "at_step": 2}
+        "command": "deft finetune --resume",
+        "started": None,
+        "at_step": 2,
+    }
 
 
 def test_a_resumed_leg_may_not_change_the_measurement(gmm_problem, tmp_path):
@@ -118,7 +154,9 @@ def test_a_failed_start_leaves_no_half_made_run_folder(gmm_problem, tmp_path, mo
     def unreadable(self):
         raise DeftError("an image of the data set cannot be read")
 
-    monkeypatch.setattr(Finetuner, "step", unreadable)  # fails at the first step, after spec.json and run.json were written
+    monkeypatch.setattr(
+        Finetuner, "step", unreadable
+    )  # fails at the first step, after spec.json and run.json were written
     with pytest.raises(DeftError, match="cannot be read"):
         finetune(gmm_spec(gmm_problem, tmp_path / "run"), quiet=True)
     assert not (tmp_path / "run").exists()  # so the same command can be run again, and `deft sample` finds no stub
@@ -129,28 +167,84 @@ def test_an_amortised_batch_holds_m_measurements_each_repeated_for_its_k_traject
     from deftcli.distributed import Distributed
 
     spec = gmm_spec(gmm_problem, tmp_path / "run", measurement=None, measurements_per_batch=3, trajectories=2)
-    batch = MeasurementSource(spec, gmm_problem["prior"], gmm_problem["operator"], torch.device("cpu")).draw(torch.Generator().manual_seed(0), Distributed())
+    batch = MeasurementSource(spec, gmm_problem["prior"], gmm_problem["operator"], torch.device("cpu")).draw(
+        torch.Generator().manual_seed(0), Distributed()
+    )
     assert batch.groups.tolist() == [0, 0, 1, 1, 2, 2]  # the variance is taken within these groups, never across y
     assert torch.equal(batch.y, batch.y_unique.repeat_interleave(2, dim=0))
     assert all(not torch.equal(batch.y_unique[i], batch.y_unique[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
-    torch.testing.assert_close(gmm_problem["operator"].A(batch.x_true), batch.y_unique, atol=0.5, rtol=0)  # y = A x + σ noise
+    torch.testing.assert_close(
+        gmm_problem["operator"].A(batch.x_true), batch.y_unique, atol=0.5, rtol=0
+    )  # y = A x + σ noise
 
 
-def test_a_diverging_run_ends_with_exit_code_1_and_one_line_from_the_command_line(run_cli, gmm_problem, tmp_path, monkeypatch):
+def test_a_diverging_run_ends_with_exit_code_1_and_one_line_from_the_command_line(
+    run_cli, gmm_problem, tmp_path, monkeypatch
+):
     monkeypatch.setattr(type(gmm_problem["prior"]), "score", lambda self, x, t: torch.full_like(x, float("nan")))
     (tmp_path / "spec.yaml").write_text("max_bad_steps: 2\n")
-    code, _, err = run_cli("finetune", "--spec", str(tmp_path / "spec.yaml"), "--prior", str(gmm_problem["prior_dir"]),
-                           "--measurement", str(gmm_problem["y_path"]), "--factor", "2", "--sigma", "0.1", "--iterations", "5",
-                           "--time-steps", "4", "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1",
-                           "--device", "cpu", "--run-dir", str(tmp_path / "run"), "--quiet")
+    code, _, err = run_cli(
+        "finetune",
+        "--spec",
+        str(tmp_path / "spec.yaml"),
+        "--prior",
+        str(gmm_problem["prior_dir"]),
+        "--measurement",
+        str(gmm_problem["y_path"]),
+        "--factor",
+        "2",
+        "--sigma",
+        "0.1",
+        "--iterations",
+        "5",
+        "--time-steps",
+        "4",
+        "--trajectories",
+        "2",
+        "--hnet-channels",
+        "8",
+        "--hnet-mult",
+        "1",
+        "--device",
+        "cpu",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--quiet",
+    )
     assert code == 1  # not a user mistake (2): the training itself failed
     assert len(err.strip().splitlines()) == 1 and "2 skipped steps in a row" in err and "Traceback" not in err
 
-    (tmp_path / "spec.yaml").write_text("max_bad_steps: 20\n")  # too few steps for the guard: the run ends, untrained, and says so
-    code, _, err = run_cli("finetune", "--spec", str(tmp_path / "spec.yaml"), "--prior", str(gmm_problem["prior_dir"]),
-                           "--measurement", str(gmm_problem["y_path"]), "--factor", "2", "--sigma", "0.1", "--iterations", "2",
-                           "--time-steps", "4", "--trajectories", "2", "--hnet-channels", "8", "--hnet-mult", "1",
-                           "--device", "cpu", "--run-dir", str(tmp_path / "run2"), "--quiet")
+    (tmp_path / "spec.yaml").write_text(
+        "max_bad_steps: 20\n"
+    )  # too few steps for the guard: the run ends, untrained, and says so
+    code, _, err = run_cli(
+        "finetune",
+        "--spec",
+        str(tmp_path / "spec.yaml"),
+        "--prior",
+        str(gmm_problem["prior_dir"]),
+        "--measurement",
+        str(gmm_problem["y_path"]),
+        "--factor",
+        "2",
+        "--sigma",
+        "0.1",
+        "--iterations",
+        "2",
+        "--time-steps",
+        "4",
+        "--trajectories",
+        "2",
+        "--hnet-channels",
+        "8",
+        "--hnet-mult",
+        "1",
+        "--device",
+        "cpu",
+        "--run-dir",
+        str(tmp_path / "run2"),
+        "--quiet",
+    )
     assert code == 0 and "warning: all 2 steps were skipped" in err
 
 
@@ -160,14 +254,23 @@ def test_the_default_loss_threshold_grows_with_the_number_of_measured_values(gmm
     assert default_loss_threshold((3, 8, 8)) == 5e4  # 4× super-resolution of 32×32: the original's 5e4
     assert default_loss_threshold((3, 32, 32)) == 5e4  # the original's own m = 3072
     assert default_loss_threshold((3, 64, 64)) == 2e5  # inpainting 64×64 measures 4× as many values
-    assert Finetuner(gmm_spec(gmm_problem, tmp_path / "a"), tmp_path / "a", resume=False, quiet=True).loss_threshold == 5e4
-    assert Finetuner(gmm_spec(gmm_problem, tmp_path / "b", loss_threshold=123.0), tmp_path / "b", resume=False, quiet=True).loss_threshold == 123.0
+    assert (
+        Finetuner(gmm_spec(gmm_problem, tmp_path / "a"), tmp_path / "a", resume=False, quiet=True).loss_threshold == 5e4
+    )
+    assert (
+        Finetuner(
+            gmm_spec(gmm_problem, tmp_path / "b", loss_threshold=123.0), tmp_path / "b", resume=False, quiet=True
+        ).loss_threshold
+        == 123.0
+    )
 
 
 @pytest.mark.parametrize("method", ["vargrad", "backprop"])
 def test_a_likelihood_weight_multiplies_the_data_term_and_its_default_threshold(gmm_problem, tmp_path, method):
     run_dir = tmp_path / method
-    trainer = Finetuner(gmm_spec(gmm_problem, run_dir, method=method, likelihood_weight=3.0), run_dir, resume=False, quiet=True)
+    trainer = Finetuner(
+        gmm_spec(gmm_problem, run_dir, method=method, likelihood_weight=3.0), run_dir, resume=False, quiet=True
+    )
     assert trainer.loss_threshold == 1.5e5 and trainer.htransform.config.likelihood_weight == 3.0
     record, batch, x_final = trainer.step()
     unweighted = (trainer.operator.A(x_final) - batch.y).flatten(1).pow(2).sum(1) / (2 * trainer.operator.sigma**2)
@@ -175,7 +278,10 @@ def test_a_likelihood_weight_multiplies_the_data_term_and_its_default_threshold(
 
 
 def test_the_default_learning_rate_is_divided_by_the_likelihood_weight(gmm_problem, tmp_path):
-    assert FinetuneSpec(likelihood_weight=1.0).learning_rate() == 5e-4 and FinetuneSpec(likelihood_weight=4.0).learning_rate() == 1.25e-4
+    assert (
+        FinetuneSpec(likelihood_weight=1.0).learning_rate() == 5e-4
+        and FinetuneSpec(likelihood_weight=4.0).learning_rate() == 1.25e-4
+    )
     assert FinetuneSpec(likelihood_weight=4.0, lr=1e-3).learning_rate() == 1e-3  # a given --lr is kept
     spec = gmm_spec(gmm_problem, tmp_path / "run", likelihood_weight=2.0).model_copy(update={"lr": None})
     cond_group, time_group = Finetuner(spec, tmp_path / "run", resume=False, quiet=True).optimizer.param_groups
@@ -185,7 +291,12 @@ def test_the_default_learning_rate_is_divided_by_the_likelihood_weight(gmm_probl
 def test_a_resumed_leg_may_not_change_the_likelihood_weight(gmm_problem, tmp_path):
     run_dir = tmp_path / "run"
     finetune(gmm_spec(gmm_problem, run_dir, iterations=2, likelihood_weight=2.0), quiet=True)
-    assert load_htransform(run_dir / "hnet_last.safetensors", load_prior(gmm_problem["prior_dir"]))[0].config.likelihood_weight == 2.0
+    assert (
+        load_htransform(run_dir / "hnet_last.safetensors", load_prior(gmm_problem["prior_dir"]))[
+            0
+        ].config.likelihood_weight
+        == 2.0
+    )
     with pytest.raises(DeftError, match=r"likelihood weight \(2.0 → 1.0\)"):
         finetune(gmm_spec(gmm_problem, run_dir, iterations=3, likelihood_weight=1.0), resume=True, quiet=True)
 
@@ -216,7 +327,9 @@ def test_the_latest_run_is_the_newest_with_a_checkpoint(tmp_path):
     assert latest_run(tmp_path) == tmp_path / "newer"
 
 
-def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(gmm_problem, tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(
+    gmm_problem, tmp_path, monkeypatch
+):
     run_dir = tmp_path / "run"
     prior_cls = type(gmm_problem["prior"])
     original_score = prior_cls.score
@@ -249,16 +362,41 @@ def test_existing_run_folder_is_not_overwritten(gmm_problem, tmp_path):
 
 
 def test_backprop_method_logs_J_as_its_loss(gmm_problem, tmp_path):
-    summary = finetune(gmm_spec(gmm_problem, tmp_path / "bp", method="backprop", iterations=2, micro_batch=2), quiet=True)
+    summary = finetune(
+        gmm_spec(gmm_problem, tmp_path / "bp", method="backprop", iterations=2, micro_batch=2), quiet=True
+    )
     lines = metric_lines(tmp_path / "bp")
     assert summary["steps"] == 2 and all(line["loss"] == line["J"] for line in lines)
 
 
 def test_cli_amortised_finetune_then_sample_and_eval_on_a_tiny_prior(run_cli, tiny_prior, tmp_path):
     run_dir = tmp_path / "run"
-    code, out, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2",
-                             "--iterations", "3", "--time-steps", "5", "--measurements-per-batch", "2", "--trajectories", "2",
-                             "--hnet-channels", "8", "--hnet-mult", "1", "--likelihood-weight", "2", "--run-dir", str(run_dir), "--quiet")
+    code, out, err = run_cli(
+        "finetune",
+        "--prior",
+        str(tiny_prior),
+        "--operator",
+        "superres",
+        "--factor",
+        "2",
+        "--iterations",
+        "3",
+        "--time-steps",
+        "5",
+        "--measurements-per-batch",
+        "2",
+        "--trajectories",
+        "2",
+        "--hnet-channels",
+        "8",
+        "--hnet-mult",
+        "1",
+        "--likelihood-weight",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+    )
     assert code == 0, err
     assert json.loads(out)["steps"] == 3
     info = json.loads((run_dir / "run.json").read_text())
@@ -271,13 +409,18 @@ def test_cli_amortised_finetune_then_sample_and_eval_on_a_tiny_prior(run_cli, ti
     (tmp_path / "ys").mkdir()
     save_image(y[0], tmp_path / "ys" / "a.png")
     save_image(y[1], tmp_path / "ys" / "b.safetensors")
-    code, out, err = run_cli("sample", str(tmp_path / "ys" / "a.png"), "--run", str(run_dir), "-n", "3", "-o", str(tmp_path / "s1"))
+    code, out, err = run_cli(
+        "sample", str(tmp_path / "ys" / "a.png"), "--run", str(run_dir), "-n", "3", "-o", str(tmp_path / "s1")
+    )
     assert code == 0, err
     for name in ("sample_000.png", "sample_002.png", "mean.png", "std.png", "summary.json"):
         assert (tmp_path / "s1" / name).exists()
     summary = json.loads((tmp_path / "s1" / "summary.json").read_text())
     assert len(summary["data_residual"]) == 3 and summary["nfe_prior"] == 5 and summary["nfe_hnet"] == 5
-    assert (summary["guidance_scale"], summary["likelihood_weight"]) == (1.0, 2.0)  # the run's tempered likelihood, on the record
+    assert (summary["guidance_scale"], summary["likelihood_weight"]) == (
+        1.0,
+        2.0,
+    )  # the run's tempered likelihood, on the record
     code, _, err = run_cli("sample", str(tmp_path / "ys"), "--run", str(run_dir), "-n", "2", "-o", str(tmp_path / "s2"))
     assert code == 0, err
     assert (tmp_path / "s2" / "a" / "mean.png").exists() and (tmp_path / "s2" / "b" / "mean.png").exists()
@@ -298,7 +441,9 @@ def test_default_h_network_is_sized_to_the_prior():
     from deftcli.sde import VPSDE
     from deftcli.unet import UNet, UNetConfig
 
-    prior = UNetPrior(UNet(UNetConfig(model_channels=16, channel_mult=(1, 2)), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
+    prior = UNetPrior(
+        UNet(UNetConfig(model_channels=16, channel_mult=(1, 2)), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {}
+    )
     prior_params = sum(p.numel() for p in prior.parameters())
     sizes = []
     for fraction in (0.1, 0.5):
@@ -306,7 +451,7 @@ def test_default_h_network_is_sized_to_the_prior():
         spec, _ = with_tuned_defaults(FinetuneSpec(hnet=hnet), None)
         htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
         assert htransform.num_parameters() <= fraction * prior_params
-        blocks = htransform.config.space_to_depth ** 2
+        blocks = htransform.config.space_to_depth**2
         assert htransform.config.network.in_channels == 2 * prior.image_shape[0] * blocks
         sizes.append(htransform.config.network.model_channels)
     assert sizes[0] < sizes[1]
@@ -321,7 +466,13 @@ def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size
     from deftcli.sde import VPSDE
     from deftcli.unet import UNet, UNetConfig
 
-    prior = UNetPrior(UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), norm_groups=8), VPSDE().sigma), VPSDE(), (3, 16, 16), "p", {})
+    prior = UNetPrior(
+        UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), norm_groups=8), VPSDE().sigma),
+        VPSDE(),
+        (3, 16, 16),
+        "p",
+        {},
+    )
     hnet = {"space_to_depth": 4, "model_channels": 8, "channel_mult": [1], "time_embedding_dim": 16, "time_hidden": 16}
     spec, _ = with_tuned_defaults(FinetuneSpec(hnet=hnet), None)
     htransform = htransform_for(spec, prior, create("superres", factor=4, sigma=0.05))
@@ -339,7 +490,9 @@ def test_space_to_depth_h_network_maps_images_to_images_and_keeps_its_block_size
 
 
 def test_the_time_scaling_network_learns_at_its_own_rate(gmm_problem, tmp_path):
-    trainer = Finetuner(gmm_spec(gmm_problem, tmp_path / "run", lr=1e-3, time_lr_factor=3.0), tmp_path / "run", resume=False, quiet=True)
+    trainer = Finetuner(
+        gmm_spec(gmm_problem, tmp_path / "run", lr=1e-3, time_lr_factor=3.0), tmp_path / "run", resume=False, quiet=True
+    )
     cond_group, time_group = trainer.optimizer.param_groups
     assert {id(p) for p in time_group["params"]} == {id(p) for p in trainer.htransform.time_model.parameters()}
     trainer.step()  # inside the warm-up: both rates scaled by the same factor

@@ -86,7 +86,13 @@ class ExactHTransform(nn.Module):
 def test_sampler_with_the_exact_h_transform_reproduces_the_posterior(problem):
     _, prior, _, posterior = problem
     gen = torch.Generator().manual_seed(3)
-    samples = sample_reverse_sde(lambda x, t: posterior.score(x, t, prior.sde), prior.sde, torch.randn(2000, 1, 8, 8, generator=gen), reverse_time_grid(100), GeneratorNoise(gen))
+    samples = sample_reverse_sde(
+        lambda x, t: posterior.score(x, t, prior.sde),
+        prior.sde,
+        torch.randn(2000, 1, 8, 8, generator=gen),
+        reverse_time_grid(100),
+        GeneratorNoise(gen),
+    )
     assert float((samples.double().mean(0) - posterior.mean).norm() / posterior.mean.norm()) < 0.03
     weights = posterior.responsibilities(samples).mean(0)
     assert float(0.5 * (weights - posterior.weights).abs().sum()) < 0.04
@@ -99,15 +105,36 @@ def test_log_rnd_under_the_exact_control_is_constant_and_equals_minus_log_eviden
     op, prior, y, posterior = problem
     n, gen = 128, torch.Generator().manual_seed(4)
     ys = y.expand(n, -1, -1, -1)
-    exact = rollout(prior, ExactHTransform(prior, posterior), op, ys, torch.randn(n, 1, 8, 8, generator=gen), reverse_time_grid(100), GeneratorNoise(gen))
+    exact = rollout(
+        prior,
+        ExactHTransform(prior, posterior),
+        op,
+        ys,
+        torch.randn(n, 1, 8, 8, generator=gen),
+        reverse_time_grid(100),
+        GeneratorNoise(gen),
+    )
     log_rnd = exact.log_rnd(data_term(op, exact.x_final, ys))
-    uncontrolled = rollout(prior, ExactHTransform(prior, prior_as_posterior(prior)), op, ys, torch.randn(n, 1, 8, 8, generator=gen), reverse_time_grid(100), GeneratorNoise(gen))
+    uncontrolled = rollout(
+        prior,
+        ExactHTransform(prior, prior_as_posterior(prior)),
+        op,
+        ys,
+        torch.randn(n, 1, 8, 8, generator=gen),
+        reverse_time_grid(100),
+        GeneratorNoise(gen),
+    )
     log_rnd_prior = uncontrolled.log_rnd(data_term(op, uncontrolled.x_final, ys))
 
     a = op.matrix((1, 8, 8))
     m = a.shape[0]
     cov = prior.std**2 * a @ a.T + op.sigma**2 * torch.eye(m, dtype=torch.float64)
-    comps = torch.stack([torch.distributions.MultivariateNormal(a @ mu, cov).log_prob(y.double().flatten()) for mu in prior.means.flatten(1)])
+    comps = torch.stack(
+        [
+            torch.distributions.MultivariateNormal(a @ mu, cov).log_prob(y.double().flatten())
+            for mu in prior.means.flatten(1)
+        ]
+    )
     log_evidence = torch.logsumexp(comps + prior.log_weights, 0)
     expected = float(-log_evidence - m / 2 * math.log(2 * math.pi * op.sigma**2))
     assert float(log_rnd.std()) < 0.02 * float(log_rnd_prior.std())
@@ -119,7 +146,9 @@ def prior_as_posterior(prior):
     from deftcli.gmm import GaussianMixturePosterior
 
     d = prior.means[0].numel()
-    return GaussianMixturePosterior(prior.weights, prior.means.flatten(1), prior.std**2 * torch.eye(d, dtype=torch.float64), prior.image_shape)
+    return GaussianMixturePosterior(
+        prior.weights, prior.means.flatten(1), prior.std**2 * torch.eye(d, dtype=torch.float64), prior.image_shape
+    )
 
 
 def test_a_short_fine_tuning_run_lowers_the_posterior_mean_error():
@@ -129,11 +158,18 @@ def test_a_short_fine_tuning_run_lowers_the_posterior_mean_error():
     assert after["deft"]["mean_rel_error"] < 0.5 * before["deft"]["mean_rel_error"]
     assert after["deft"]["weight_tv"] < before["prior"]["weight_tv"]
     exact = after["exact_score"]  # the sampler driven by the exact posterior score: only discretisation error
-    assert exact["mean_rel_error"] < after["deft"]["mean_rel_error"] and exact["weight_tv"] < 0.5 * before["prior"]["weight_tv"]
+    assert (
+        exact["mean_rel_error"] < after["deft"]["mean_rel_error"]
+        and exact["weight_tv"] < 0.5 * before["prior"]["weight_tv"]
+    )
 
 
 def test_fine_tuning_with_a_likelihood_weight_samples_the_tempered_posterior():
-    result = check_gmm(GMMCheckSpec(iterations=60, time_steps=30, trajectories=32, samples=400, dps_sweep=[0.3], lr=2e-3, likelihood_weight=4.0))
+    result = check_gmm(
+        GMMCheckSpec(
+            iterations=60, time_steps=30, trajectories=32, samples=400, dps_sweep=[0.3], lr=2e-3, likelihood_weight=4.0
+        )
+    )
     shift = result["problem"]["posterior_mean_rel_distance_to_target"]  # p(x | y) against p(x) p(y | x)^4
     assert shift > 0.08
     # scored against the tempered posterior; a run that ignored w (fine-tuned for p(x | y)) errs by ≈ the shift (0.094 here)
@@ -141,8 +177,28 @@ def test_fine_tuning_with_a_likelihood_weight_samples_the_tempered_posterior():
 
 
 def test_check_gmm_cli_prints_one_json_object_with_a_section_per_method(run_cli):
-    code, out, err = run_cli("check", "gmm", "--shape", "1,4,4", "--components", "2", "--operator", "inpaint", "--mask", "box",
-                             "--sigma", "0.1", "--iterations", "2", "--time-steps", "5", "--samples", "50", "--seed", "3")
+    code, out, err = run_cli(
+        "check",
+        "gmm",
+        "--shape",
+        "1,4,4",
+        "--components",
+        "2",
+        "--operator",
+        "inpaint",
+        "--mask",
+        "box",
+        "--sigma",
+        "0.1",
+        "--iterations",
+        "2",
+        "--time-steps",
+        "5",
+        "--samples",
+        "50",
+        "--seed",
+        "3",
+    )
     assert code == 0, err
     result = json.loads(out)
     for section in ("problem", "exact", "deft", "dps", "prior", "exact_score"):

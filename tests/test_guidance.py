@@ -12,8 +12,14 @@ from deftcli.tuning import with_tuned_defaults
 
 IMAGE_SHAPE = (2, 4, 4)
 VARIANCE = 0.3
-HNET = {"start": "gaussian", "model_channels": 8, "channel_mult": [1], "space_to_depth": 1,
-        "time_embedding_dim": 16, "time_hidden": 16}
+HNET = {
+    "start": "gaussian",
+    "model_channels": 8,
+    "channel_mult": [1],
+    "space_to_depth": 1,
+    "time_embedding_dim": 16,
+    "time_hidden": 16,
+}
 SPEC, _ = with_tuned_defaults(FinetuneSpec(hnet=HNET), None)
 
 
@@ -24,7 +30,12 @@ def gaussian_prior() -> GaussianMixturePrior:
 
 
 def exact_log_likelihood(
-    operator: Operator, prior: GaussianMixturePrior, x_t: torch.Tensor, t: float, y: torch.Tensor, likelihood_weight: float = 1.0
+    operator: Operator,
+    prior: GaussianMixturePrior,
+    x_t: torch.Tensor,
+    t: float,
+    y: torch.Tensor,
+    likelihood_weight: float = 1.0,
 ) -> torch.Tensor:
     """log p(y | x_t) of the joint Gaussian of (x0, x_t, y), by dense conditioning (no scalar shortcut).
 
@@ -35,11 +46,17 @@ def exact_log_likelihood(
     mu = prior.means[0].flatten()
     gain = alpha * VARIANCE / (alpha**2 * VARIANCE + sigma**2)
     mean = matrix @ (mu + gain * (x_t.flatten() - alpha * mu))
-    covariance = VARIANCE * (1 - alpha * gain) * matrix @ matrix.T + operator.sigma**2 / likelihood_weight * torch.eye(matrix.shape[0], dtype=torch.float64)
+    covariance = VARIANCE * (1 - alpha * gain) * matrix @ matrix.T + operator.sigma**2 / likelihood_weight * torch.eye(
+        matrix.shape[0], dtype=torch.float64
+    )
     return torch.distributions.MultivariateNormal(mean, covariance).log_prob(y.flatten())
 
 
-@pytest.mark.parametrize("operator", [create("superres", factor=2, sigma=0.1), create("inpaint", mask="random", sigma=0.05)], ids=["superres", "inpaint"])
+@pytest.mark.parametrize(
+    "operator",
+    [create("superres", factor=2, sigma=0.1), create("inpaint", mask="random", sigma=0.05)],
+    ids=["superres", "inpaint"],
+)
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_start_is_the_exact_score_of_the_likelihood_for_a_gaussian_prior(operator: Operator, t: float) -> None:
     prior = gaussian_prior()
@@ -68,7 +85,9 @@ def test_with_a_likelihood_weight_the_start_is_the_exact_score_of_the_tempered_l
     (expected,) = torch.autograd.grad(exact_log_likelihood(operator, prior, x_t, t, y, weight), x_t)
     time = torch.tensor([t])
     x0_hat = prior.sde.tweedie_x0(x_t.detach(), prior.score(x_t.detach(), time), time)
-    h = htransform(x_t.detach().float(), time, operator.likelihood_grad(x0_hat, y).float())  # the sampler's unweighted g
+    h = htransform(
+        x_t.detach().float(), time, operator.likelihood_grad(x0_hat, y).float()
+    )  # the sampler's unweighted g
     torch.testing.assert_close(h, expected.float(), rtol=1e-4, atol=1e-5)
     (untempered,) = torch.autograd.grad(exact_log_likelihood(operator, prior, x_t, t, y), x_t)
     assert not torch.allclose(h, untempered.float(), rtol=0.05)
@@ -110,7 +129,9 @@ def test_h_is_its_network_term_minus_the_scaled_weighted_gradient() -> None:
     network = htransform.network(x, t, wg)
     assert network.abs().mean() > 0.1 * (htransform.scale(t) * wg).abs().mean()
     torch.testing.assert_close(htransform(x, t, g), network - htransform.scale(t) * wg)
-    torch.testing.assert_close(htransform.scale(t), htransform.config.guidance.scale(t, prior.sde) + htransform.time_model(t))
+    torch.testing.assert_close(
+        htransform.scale(t), htransform.config.guidance.scale(t, prior.sde) + htransform.time_model(t)
+    )
 
 
 def test_zero_start_the_default_and_noiseless_measurements_have_no_start() -> None:

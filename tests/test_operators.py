@@ -202,9 +202,7 @@ def test_cuda_matches_cpu(case: Case, image_files: dict[str, Path]) -> None:
 
 def test_describe() -> None:
     assert create("superres", factor=4).describe() == "superres(factor=4, sigma=0.05)"
-    assert create("blur", sigma=0.1).describe() == (
-        "blur(kernel=gaussian, kernel_size=9, kernel_std=2.0, sigma=0.1)"
-    )
+    assert create("blur", sigma=0.1).describe() == ("blur(kernel=gaussian, kernel_size=9, kernel_std=2.0, sigma=0.1)")
 
 
 def test_parameters_given_as_strings_are_converted() -> None:
@@ -216,7 +214,11 @@ def test_operator_param_names() -> None:
     assert registry.operator_param_names("superres") == ["sigma", "factor"]
     assert registry.operator_param_names("blur") == ["sigma", "kernel", "kernel_size", "kernel_std"]
     assert registry.operator_param_names("inpaint") == [
-        "sigma", "mask", "box_fraction", "missing_fraction", "mask_seed"
+        "sigma",
+        "mask",
+        "box_fraction",
+        "missing_fraction",
+        "mask_seed",
     ]
     for info in available().values():
         for field_info in info.params_model.model_fields.values():
@@ -239,8 +241,12 @@ def test_superres_dagger_is_a_right_inverse_and_block_constant(case: Case) -> No
 
 @pytest.mark.parametrize(
     "name, params",
-    [("superres", {"factor": 2}), ("superres", {"factor": 4}), ("inpaint", {"mask": "box"}),
-     ("inpaint", {"mask": "random"})],
+    [
+        ("superres", {"factor": 2}),
+        ("superres", {"factor": 4}),
+        ("inpaint", {"mask": "box"}),
+        ("inpaint", {"mask": "random"}),
+    ],
 )
 def test_dagger_is_the_moore_penrose_pseudo_inverse(name: str, params: dict[str, Any]) -> None:
     operator = create(name, **params)
@@ -271,8 +277,9 @@ def test_blur_is_a_centred_convolution(tmp_path: Path) -> None:
     torch.testing.assert_close(create("blur", kernel=str(path)).A(x), torch.roll(x, shifts=-1, dims=-2))
 
 
-@pytest.mark.parametrize("params", [{"kernel": "gaussian"}, {"kernel": "uniform", "kernel_size": 5},
-                                    {"kernel": KERNEL_FILE}])
+@pytest.mark.parametrize(
+    "params", [{"kernel": "gaussian"}, {"kernel": "uniform", "kernel_size": 5}, {"kernel": KERNEL_FILE}]
+)
 def test_blur_kernels_are_normalised(params: dict[str, Any], image_files: dict[str, Path]) -> None:
     operator = build(Case("blur", params), image_files)
     assert abs(operator.kernel.sum().item() - 1) < 1e-12
@@ -493,14 +500,16 @@ class Unfinished(Operator):
 @pytest.mark.parametrize(
     "plugin, expected",
     [
-        (FakeEntryPoint("broken", "deft_broken:Broken", failing_import),
-         "ImportError: No module named 'deft_broken'"),
-        (FakeEntryPoint("plain", "deft_extra:NotAnOperator", lambda: NotAnOperator),
-         "is not a subclass of deftcli.operators.Operator"),
-        (FakeEntryPoint("unfinished", "deft_extra:Unfinished", lambda: Unfinished),
-         "Unfinished does not implement A, A_adjoint, A_dagger"),
-        (FakeEntryPoint("renamed", "deft_extra.scale:Scale", lambda: Scale),
-         "Scale.name is 'scale', not 'renamed'"),
+        (FakeEntryPoint("broken", "deft_broken:Broken", failing_import), "ImportError: No module named 'deft_broken'"),
+        (
+            FakeEntryPoint("plain", "deft_extra:NotAnOperator", lambda: NotAnOperator),
+            "is not a subclass of deftcli.operators.Operator",
+        ),
+        (
+            FakeEntryPoint("unfinished", "deft_extra:Unfinished", lambda: Unfinished),
+            "Unfinished does not implement A, A_adjoint, A_dagger",
+        ),
+        (FakeEntryPoint("renamed", "deft_extra.scale:Scale", lambda: Scale), "Scale.name is 'scale', not 'renamed'"),
     ],
     ids=["import-error", "not-an-operator", "abstract", "wrong-name"],
 )
@@ -552,7 +561,9 @@ def test_a_run_keeps_only_the_files_an_operator_reads_not_files_named_like_its_n
     run = tmp_path / "run"
     run.mkdir()
     spec = FinetuneSpec(operator={"name": "inpaint", "params": {"mask": "box"}})
-    assert keep_operator_files(spec, create("inpaint", mask="box"), run).operator.params["mask"] == "box" and not any(run.iterdir())
+    assert keep_operator_files(spec, create("inpaint", mask="box"), run).operator.params["mask"] == "box" and not any(
+        run.iterdir()
+    )
 
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "observed.png")
     assert create("inpaint", mask="observed.png").parameter_files() == {"mask": Path("observed.png")}

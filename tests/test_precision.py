@@ -7,7 +7,6 @@ VarGrad gradient (direction) likewise; a compiled graph reorders float32 arithme
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
@@ -117,8 +116,10 @@ def test_one_bf16_vargrad_gradient_points_where_the_fp32_gradient_does(tiny_prio
     assert abs(float(low.norm() / fp32.norm()) - 1) < 0.05
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
 def test_compiled_prior_score_equals_eager(tiny_prior, inputs):
     x, t, _ = inputs
     eager, compiled = load_prior(tiny_prior), load_prior(tiny_prior)
@@ -166,10 +167,32 @@ def test_an_unknown_precision_is_a_one_line_error(run_cli, tmp_path):
 
 def test_finetune_at_bf16_records_the_precision_and_the_cpu_in_run_json(run_cli, tiny_prior, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli("finetune", "--prior", str(tiny_prior), "--operator", "superres", "--factor", "2",
-                           "--iterations", "1", "--time-steps", "4", "--trajectories", "2",
-                           "--measurements-per-batch", "1", "--hnet-channels", "8", "--hnet-mult", "1",
-                           "--precision", "bf16", "--run-dir", str(run_dir), "--quiet")
+    code, _, err = run_cli(
+        "finetune",
+        "--prior",
+        str(tiny_prior),
+        "--operator",
+        "superres",
+        "--factor",
+        "2",
+        "--iterations",
+        "1",
+        "--time-steps",
+        "4",
+        "--trajectories",
+        "2",
+        "--measurements-per-batch",
+        "1",
+        "--hnet-channels",
+        "8",
+        "--hnet-mult",
+        "1",
+        "--precision",
+        "bf16",
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+    )
     assert code == 0, err
     runtime = json.loads((run_dir / "run.json").read_text())["runtime"]
     assert runtime["precision"] == runtime["precision_requested"] == "bf16" and runtime["compile"] is False

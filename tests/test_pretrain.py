@@ -15,8 +15,19 @@ from deftcli.specs import PretrainSpec, build_spec
 
 
 def tiny_spec(out, **extra) -> PretrainSpec:
-    overrides = {"image_size": 16, "unet.model_channels": 8, "unet.channel_mult": [1, 2], "iterations": 4, "batch_size": 4,
-                 "sample_every": 4, "sample_steps": 3, "checkpoint_every": 1, "warmup": 2, "out": str(out), **extra}
+    overrides = {
+        "image_size": 16,
+        "unet.model_channels": 8,
+        "unet.channel_mult": [1, 2],
+        "iterations": 4,
+        "batch_size": 4,
+        "sample_every": 4,
+        "sample_steps": 3,
+        "checkpoint_every": 1,
+        "warmup": 2,
+        "out": str(out),
+        **extra,
+    }
     return build_spec(PretrainSpec, overrides=overrides)
 
 
@@ -61,7 +72,9 @@ def test_pretrain_resume_gives_the_same_loss_curve(tmp_path, monkeypatch):
 def test_resuming_with_a_time_budget_already_spent_is_a_user_error_that_keeps_the_run(tmp_path):
     out = tmp_path / "run"
     pretrain(tiny_spec(out), quiet=True)
-    before = {name: (out / name).read_bytes() for name in ("model.safetensors", "spec.json", "config.json", "metrics.jsonl")}
+    before = {
+        name: (out / name).read_bytes() for name in ("model.safetensors", "spec.json", "config.json", "metrics.jsonl")
+    }
     with pytest.raises(DeftError, match="already spent"):
         pretrain(tiny_spec(out, iterations=6, max_minutes=1e-6), resume=True, quiet=True)
     assert {name: (out / name).read_bytes() for name in before} == before
@@ -90,7 +103,9 @@ def test_a_failed_start_leaves_no_half_made_prior_folder(tmp_path, monkeypatch):
     (tmp_path / "q").mkdir()
     with pytest.raises(DeftError, match="cannot be read"):
         pretrain(tiny_spec(tmp_path / "q"), quiet=True)
-    assert (tmp_path / "q").is_dir() and not any((tmp_path / "q").iterdir())  # the user's empty folder stays, emptied again
+    assert (tmp_path / "q").is_dir() and not any(
+        (tmp_path / "q").iterdir()
+    )  # the user's empty folder stays, emptied again
     monkeypatch.undo()
     assert pretrain(tiny_spec(tmp_path / "q"), quiet=True)["steps"] == 4  # so a retry is not blocked
 
@@ -123,10 +138,31 @@ def test_pretrain_cli_on_an_image_folder(run_cli, tmp_path):
     images = tmp_path / "imgs"
     for i, x in enumerate(render_petals("train", range(40), 24)):
         save_image(x, images / f"sub{i % 2}" / f"img_{i}.png")
-    code, out, err = run_cli("pretrain", "--dataset", "folder", "--data-root", str(images), "--image-size", "16",
-                             "--model-channels", "8", "--channel-mult", "1,2", "--iterations", "2", "--batch-size", "2",
-                             "--sample-every", "2", "--out", str(tmp_path / "fp"), "--quiet")
+    code, out, err = run_cli(
+        "pretrain",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(images),
+        "--image-size",
+        "16",
+        "--model-channels",
+        "8",
+        "--channel-mult",
+        "1,2",
+        "--iterations",
+        "2",
+        "--batch-size",
+        "2",
+        "--sample-every",
+        "2",
+        "--out",
+        str(tmp_path / "fp"),
+        "--quiet",
+    )
     assert code == 0, err
     assert json.loads(out)["steps"] == 2 and load_prior(tmp_path / "fp").image_shape == (3, 16, 16)
-    code, _, err = run_cli("pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "empty_missing"), "--out", str(tmp_path / "x"))
+    code, _, err = run_cli(
+        "pretrain", "--dataset", "folder", "--data-root", str(tmp_path / "empty_missing"), "--out", str(tmp_path / "x")
+    )
     assert_user_error(code, err, "no such folder")

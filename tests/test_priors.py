@@ -21,7 +21,9 @@ def original_format_folder(tmp_path, state, model_cfg):
     folder = tmp_path / "original"
     folder.mkdir()
     torch.save(state, folder / "model.pt")
-    (folder / "report.yaml").write_text(yaml.safe_dump({"model": model_cfg, "diffusion": {"sde": "VPSDE", "beta_min": 0.1, "beta_max": 20}}))
+    (folder / "report.yaml").write_text(
+        yaml.safe_dump({"model": model_cfg, "diffusion": {"sde": "VPSDE", "beta_min": 0.1, "beta_max": 20}})
+    )
     return folder
 
 
@@ -40,7 +42,9 @@ def test_original_format_loads_a_gpu_saved_state_dict_on_cpu(tmp_path):
     folder = tmp_path / "orig"
     folder.mkdir()
     shutil.copy(upstream("cond_weights_rtb/cond_model.pt"), folder / "model.pt")
-    (folder / "report.yaml").write_text(yaml.safe_dump({"model": report["model"], "diffusion": {"sde": "VPSDE", "beta_min": 0.1, "beta_max": 20}}))
+    (folder / "report.yaml").write_text(
+        yaml.safe_dump({"model": report["model"], "diffusion": {"sde": "VPSDE", "beta_min": 0.1, "beta_max": 20}})
+    )
     prior = load_prior(folder)
     assert prior.identity()["format"] == "original" and prior.image_shape == (3, 64, 64)
     ref = load_file(Path(__file__).parent / "data" / "original_cond_model_reference.safetensors")
@@ -49,7 +53,15 @@ def test_original_format_loads_a_gpu_saved_state_dict_on_cpu(tmp_path):
 
 
 def test_original_format_round_trip_with_a_small_config(tmp_path):
-    cfg = {"in_channels": 3, "out_channels": 3, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "max_period": 0.005}
+    cfg = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "model_channels": 8,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [],
+        "max_period": 0.005,
+    }
     unet = UNet(UNetConfig(**cfg, norm_groups=8), VPSDE().sigma)
     folder = original_format_folder(tmp_path, unet.state_dict(), {**cfg, "norm_groups": 8})
     prior = load_prior(folder)
@@ -113,16 +125,29 @@ def test_bad_prior_folders_are_one_line_cli_errors(run_cli, tmp_path):
     wrong_format = tmp_path / "wrong"
     wrong_format.mkdir()
     (wrong_format / "weights.bin").write_bytes(b"1234")
-    for folder, needle in ((truncated, "truncated"), (garbage, "corrupt"), (missing, "format"), (wrong_format, "unrecognised"), (tmp_path / "nope", "no such")):
-        code, _, err = run_cli("sample", "--unconditional", "-n", "1", "--prior", str(folder), "-o", str(tmp_path / "out"))
+    for folder, needle in (
+        (truncated, "truncated"),
+        (garbage, "corrupt"),
+        (missing, "format"),
+        (wrong_format, "unrecognised"),
+        (tmp_path / "nope", "no such"),
+    ):
+        code, _, err = run_cli(
+            "sample", "--unconditional", "-n", "1", "--prior", str(folder), "-o", str(tmp_path / "out")
+        )
         assert_user_error(code, err, needle)
     assert not (tmp_path / "out").exists()
 
 
 def test_unconditional_samples_from_the_cli(run_cli, tiny_prior, tmp_path):
-    code, out, err = run_cli("sample", "--unconditional", "-n", "3", "--steps", "4", "--prior", str(tiny_prior), "-o", str(tmp_path / "u"))
+    code, out, err = run_cli(
+        "sample", "--unconditional", "-n", "3", "--steps", "4", "--prior", str(tiny_prior), "-o", str(tmp_path / "u")
+    )
     assert code == 0, err
-    assert all((tmp_path / "u" / f"sample_{i:03d}.png").exists() for i in range(3)) and (tmp_path / "u" / "grid.png").exists()
+    assert (
+        all((tmp_path / "u" / f"sample_{i:03d}.png").exists() for i in range(3))
+        and (tmp_path / "u" / "grid.png").exists()
+    )
 
 
 def test_a_unet_prior_runs_channels_last_on_the_cpu_only_and_scores_the_same_either_way(tiny_prior):
@@ -136,7 +161,15 @@ def test_a_unet_prior_runs_channels_last_on_the_cpu_only_and_scores_the_same_eit
         prior.unet.to(memory_format=torch.contiguous_format)
         torch.testing.assert_close(prior.score(x, t), score, rtol=1e-5, atol=1e-5)
     prior.double()  # any _apply (.to, .double, .cuda) restores the device's layout
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in prior.unet.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    )
     prior.to("meta")  # not the CPU: contiguous
     assert all(m.weight.is_contiguous() for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d))
-    assert not all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in prior.unet.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    )

@@ -61,7 +61,9 @@ def test_the_loop_calls_back_after_every_step_and_adds_the_guidance_shift():
     grid = reverse_time_grid(6)
     x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     steps = []
-    plain = sample_reverse_sde(gaussian_score, SDE, x, grid, GeneratorNoise(torch.Generator().manual_seed(1)), callback=steps.append)
+    plain = sample_reverse_sde(
+        gaussian_score, SDE, x, grid, GeneratorNoise(torch.Generator().manual_seed(1)), callback=steps.append
+    )
     assert [step.k for step in steps] == list(range(len(grid) - 1))
     assert torch.equal(steps[-1].x_next, plain) and torch.equal(steps[0].x, x)
     assert all(torch.equal(a.x_next, b.x) for a, b in zip(steps, steps[1:]))
@@ -69,7 +71,9 @@ def test_the_loop_calls_back_after_every_step_and_adds_the_guidance_shift():
     def shifted(score_fn, x, t):
         return score_fn(x, t), torch.full_like(x, 0.01)
 
-    guided = sample_reverse_sde(gaussian_score, SDE, x, grid, GeneratorNoise(torch.Generator().manual_seed(1)), guidance=shifted)
+    guided = sample_reverse_sde(
+        gaussian_score, SDE, x, grid, GeneratorNoise(torch.Generator().manual_seed(1)), guidance=shifted
+    )
     assert not torch.allclose(guided, plain)
     replayed = ReplayedNoise([step.xi for step in steps])
     again = sample_reverse_sde(gaussian_score, SDE, x, grid, replayed)
@@ -87,5 +91,7 @@ def test_per_sample_noise_does_not_depend_on_the_batch_a_sample_is_drawn_in():
     generators = lambda: [torch.Generator().manual_seed(10 + i) for i in range(4)]  # noqa: E731
     together = PerSampleNoise(generators())((4, 1, 2, 2), "cpu")
     streams = generators()
-    halves = torch.cat([PerSampleNoise(streams[:2])((2, 1, 2, 2), "cpu"), PerSampleNoise(streams[2:])((2, 1, 2, 2), "cpu")])
+    halves = torch.cat(
+        [PerSampleNoise(streams[:2])((2, 1, 2, 2), "cpu"), PerSampleNoise(streams[2:])((2, 1, 2, 2), "cpu")]
+    )
     assert torch.equal(together, halves)

@@ -67,7 +67,11 @@ def test_log_rnd_terms_match_a_hand_computation_for_a_linear_toy():
     d = float((x.mean() - 0.4) ** 2) / (2 * 0.2**2)
 
     assert torch.allclose(traj.x_final, x)
-    assert traj.t1.item() == pytest.approx(t1) and traj.t2.item() == pytest.approx(t2) and traj.t3.item() == pytest.approx(t3)
+    assert (
+        traj.t1.item() == pytest.approx(t1)
+        and traj.t2.item() == pytest.approx(t2)
+        and traj.t3.item() == pytest.approx(t3)
+    )
     assert data_term(op, traj.x_final, y).item() == pytest.approx(d)
     assert traj.log_rnd(data_term(op, traj.x_final, y)).item() == pytest.approx(d + t1 + t2 + t3)
 
@@ -90,9 +94,16 @@ def test_backprop_gradient_equals_autograd_of_j_written_out_for_a_linear_toy():
     y = torch.tensor([0.4, -0.1], dtype=torch.float64).reshape(2, 1, 1, 1)
     x0 = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     grid = reverse_time_grid(4)
-    backprop_soc_gradient(prior, control, op, y, x0, grid, GeneratorNoise(torch.Generator().manual_seed(5)), None, False)
+    backprop_soc_gradient(
+        prior, control, op, y, x0, grid, GeneratorNoise(torch.Generator().manual_seed(5)), None, False
+    )
 
-    a, gen, x, kl = torch.tensor(0.3, dtype=torch.float64, requires_grad=True), torch.Generator().manual_seed(5), x0.clone(), 0.0
+    a, gen, x, kl = (
+        torch.tensor(0.3, dtype=torch.float64, requires_grad=True),
+        torch.Generator().manual_seed(5),
+        x0.clone(),
+        0.0,
+    )
     for k in range(len(grid) - 1):  # J = mean(D + ½ Σ β ‖h‖² Δs) along the same noise, by hand
         s, ds = grid[k], grid[k + 1] - grid[k]
         beta = 0.1 + (1 - s) * 19.9
@@ -130,7 +141,9 @@ def test_filtering_drops_non_finite_and_huge_values_and_skips_when_too_few_remai
     assert not result.skipped
     assert result.loss.item() == pytest.approx(torch.tensor([1.0, 2.0, 4.0]).var().item())
     mean = 7 / 3
-    assert torch.allclose(result.weights, torch.tensor([2 * (1 - mean) / 2, 0, 2 * (2 - mean) / 2, 0, 2 * (4 - mean) / 2, 0]))
+    assert torch.allclose(
+        result.weights, torch.tensor([2 * (1 - mean) / 2, 0, 2 * (2 - mean) / 2, 0, 2 * (4 - mean) / 2, 0])
+    )
     assert vargrad_weights(log_rnd, groups, threshold=1.5, min_kept_fraction=0.3).skipped
 
 
@@ -142,7 +155,9 @@ def test_gradient_steps_are_a_random_subset_plus_the_last_two():
 
 def tiny_htransform(channels: int = 1) -> HTransform:
     torch.manual_seed(0)
-    config = HTransformConfig.from_spec(HNetSpec(model_channels=8, channel_mult=(1,), time_embedding_dim=16, time_hidden=16), (channels, 8, 8), 0.005)
+    config = HTransformConfig.from_spec(
+        HNetSpec(model_channels=8, channel_mult=(1,), time_embedding_dim=16, time_hidden=16), (channels, 8, 8), 0.005
+    )
     h = HTransform(config, VPSDE())
     with torch.no_grad():  # leave the zero-initialised output layers: make h non-trivial
         for p in h.parameters():
@@ -156,7 +171,11 @@ def test_two_pass_gradient_equals_direct_backward_of_the_variance(gmm_problem, g
     prior, op = gmm_problem["prior"], gmm_problem["operator"]
     h = tiny_htransform()
     groups = torch.tensor(groups)
-    y = torch.cat([gmm_problem["y"], 0.5 * gmm_problem["y"]]).repeat_interleave(3, 0) if groups.max() else gmm_problem["y"].expand(6, -1, -1, -1)
+    y = (
+        torch.cat([gmm_problem["y"], 0.5 * gmm_problem["y"]]).repeat_interleave(3, 0)
+        if groups.max()
+        else gmm_problem["y"].expand(6, -1, -1, -1)
+    )
     grid = reverse_time_grid(12)
     steps = gradient_steps(len(grid) - 1, 0.3, torch.Generator().manual_seed(3))
     x_init = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -199,7 +218,9 @@ def test_backprop_gradient_is_the_gradient_of_J_with_and_without_checkpointing_a
     grads = []
     for micro, ckpt in ((None, False), (2, True)):
         h.zero_grad()
-        d, kl, _ = backprop_soc_gradient(prior, h, op, y, x_init, grid, GeneratorNoise(torch.Generator().manual_seed(8)), micro, ckpt)
+        d, kl, _ = backprop_soc_gradient(
+            prior, h, op, y, x_init, grid, GeneratorNoise(torch.Generator().manual_seed(8)), micro, ckpt
+        )
         grads.append(torch.cat([p.grad.flatten() for p in h.parameters()]))
     assert torch.isfinite(d).all() and (kl > 0).all()
     assert grads[0].abs().max() > 0

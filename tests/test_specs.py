@@ -8,11 +8,14 @@ from deftcli.errors import DeftError
 from deftcli.specs import EvalSpec, FinetuneSpec, PretrainSpec, SampleSpec, build_spec
 
 
-@pytest.mark.parametrize("suffix, text", [
-    (".yaml", "iterations: 7\noperator:\n  name: blur\n  params: {kernel_std: 1.5}\n"),
-    (".toml", "iterations = 7\n[operator]\nname = 'blur'\n[operator.params]\nkernel_std = 1.5\n"),
-    (".json", json.dumps({"iterations": 7, "operator": {"name": "blur", "params": {"kernel_std": 1.5}}})),
-])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".yaml", "iterations: 7\noperator:\n  name: blur\n  params: {kernel_std: 1.5}\n"),
+        (".toml", "iterations = 7\n[operator]\nname = 'blur'\n[operator.params]\nkernel_std = 1.5\n"),
+        (".json", json.dumps({"iterations": 7, "operator": {"name": "blur", "params": {"kernel_std": 1.5}}})),
+    ],
+)
 def test_spec_files_in_every_format(tmp_path, suffix, text):
     path = tmp_path / f"spec{suffix}"
     path.write_text(text)
@@ -36,13 +39,16 @@ def test_unknown_keys_are_rejected_with_the_field_name(tmp_path, model):
         build_spec(model, path)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("lr: -1\n", "lr"),
-    ("iterations: lots\n", "iterations"),
-    ("time_steps: 1\n", "time_steps"),
-    ("method: adjoint\n", "method"),
-    ("hnet: {model_channels: 0}\n", "hnet.model_channels"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("lr: -1\n", "lr"),
+        ("iterations: lots\n", "iterations"),
+        ("time_steps: 1\n", "time_steps"),
+        ("method: adjoint\n", "method"),
+        ("hnet: {model_channels: 0}\n", "hnet.model_channels"),
+    ],
+)
 def test_out_of_range_and_wrong_types_name_the_field(tmp_path, text, field):
     path = tmp_path / "spec.yaml"
     path.write_text(text)

@@ -35,7 +35,9 @@ def test_outputs_equal_the_original_code_for_its_weights():
     unet = UNet(original_cond_config(), VPSDE().sigma).eval()
     unet.load_state_dict(torch.load(upstream("cond_weights_rtb/cond_model.pt"), weights_only=True, map_location="cpu"))
     time_model = TimeScaling(TimeScalingConfig())
-    time_model.load_state_dict(torch.load(upstream("cond_weights_rtb/time_model.pt"), weights_only=True, map_location="cpu"))
+    time_model.load_state_dict(
+        torch.load(upstream("cond_weights_rtb/time_model.pt"), weights_only=True, map_location="cpu")
+    )
     with torch.no_grad():
         assert torch.allclose(unet(ref["x"], ref["t"]), ref["unet_out"], rtol=1e-4, atol=1e-5)
         assert torch.allclose(time_model(ref["t"]).reshape(-1, 1), ref["time_scaling_out"], rtol=1e-5, atol=1e-7)

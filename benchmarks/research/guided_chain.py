@@ -64,13 +64,21 @@ class PathKL:
         self.kl += ((beta_ds * control + correction).pow(2) / (2 * beta_ds)).flatten(1).sum(1)
 
 
-def guided_chain(setup: SamplingSetup, guidance: ChainGuidance, n: int, device: torch.device, noise: NoiseSampler
-                 ) -> tuple[Tensor, Tensor]:
+def guided_chain(
+    setup: SamplingSetup, guidance: ChainGuidance, n: int, device: torch.device, noise: NoiseSampler
+) -> tuple[Tensor, Tensor]:
     """n guided chains from x at t = 1 (:meth:`~deftcli.methods.SamplingSetup.start`) over the setup's grid:
     x_N at t = ε and, per row, the path KL Σ_k ‖d_k‖² / (2 β_k Δs_k) to the prior chain (module docstring)."""
     path = PathKL(setup.sde, guidance, n, device)
-    x = sample_reverse_sde(setup.prior_score(), setup.sde, setup.start(n, device, noise), setup.grid, noise,
-                           guidance=path.hook, callback=path.record)
+    x = sample_reverse_sde(
+        setup.prior_score(),
+        setup.sde,
+        setup.start(n, device, noise),
+        setup.grid,
+        noise,
+        guidance=path.hook,
+        callback=path.record,
+    )
     return x, path.kl
 
 

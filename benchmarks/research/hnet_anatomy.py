@@ -115,15 +115,17 @@ def trace(sampler: DeftSampler, y: Tensor, reference: GaussianGuidance, every: i
         assert score.last is not None
         wg, network, h = score.last
         t = step.t
-        rows.append({
-            "t": round(1 - grid[step.k], 4),
-            "h_norm": round(float(h.flatten(1).norm(dim=1).mean()), 3),
-            "network_norm": round(float(network.flatten(1).norm(dim=1).mean()), 3),
-            "cos_h_minus_wg": round(float(cosine_similarity(h.flatten(1), -wg.flatten(1), dim=1).mean()), 4),
-            "wg_norm": round(float(wg.flatten(1).norm(dim=1).mean()), 3),
-            "learnt_scale": round(float(htransform.scale(t[:1]).flatten()[0]), 5),
-            "gaussian_scale": round(float(reference.scale(t[:1], setup.sde).flatten()[0]), 5),
-        })
+        rows.append(
+            {
+                "t": round(1 - grid[step.k], 4),
+                "h_norm": round(float(h.flatten(1).norm(dim=1).mean()), 3),
+                "network_norm": round(float(network.flatten(1).norm(dim=1).mean()), 3),
+                "cos_h_minus_wg": round(float(cosine_similarity(h.flatten(1), -wg.flatten(1), dim=1).mean()), 4),
+                "wg_norm": round(float(wg.flatten(1).norm(dim=1).mean()), 3),
+                "learnt_scale": round(float(htransform.scale(t[:1]).flatten()[0]), 5),
+                "gaussian_scale": round(float(reference.scale(t[:1], setup.sde).flatten()[0]), 5),
+            }
+        )
 
     noise = PerSampleNoise(sample_generators(0, range(y.shape[0]), 1, y.device))
     sample_reverse_sde(score, setup.sde, setup.start(y.shape[0], y.device, noise), grid, noise, callback=record)
@@ -136,12 +138,21 @@ def main() -> None:
     parser.add_argument("--gammas", default="1,3", help="deft's guidance scales γ")
     parser.add_argument("--dps-zeta", type=float, default=10.0)
     parser.add_argument("--jacobian-free-zetas", default="3,10,30")
-    parser.add_argument("--jacobian-gammas", default="1,1.5,2",
-                        help="γ of the learnt schedule along the prior's Jacobian")
-    parser.add_argument("--jacobian-part-gamma", type=float, default=2.0,
-                        help="γ at which the Jacobian direction's range and null-space parts are evaluated apart")
-    parser.add_argument("--prior-truth", type=int, default=32,
-                        help="also evaluate every sampler on this many ground truths drawn from the prior (0: none)")
+    parser.add_argument(
+        "--jacobian-gammas", default="1,1.5,2", help="γ of the learnt schedule along the prior's Jacobian"
+    )
+    parser.add_argument(
+        "--jacobian-part-gamma",
+        type=float,
+        default=2.0,
+        help="γ at which the Jacobian direction's range and null-space parts are evaluated apart",
+    )
+    parser.add_argument(
+        "--prior-truth",
+        type=int,
+        default=32,
+        help="also evaluate every sampler on this many ground truths drawn from the prior (0: none)",
+    )
     parser.add_argument("--trace-images", type=int, default=32)
     parser.add_argument("--trace-every", type=int, default=4, help="record every this many steps (and the last)")
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/hnet_anatomy.json"))
@@ -152,8 +163,11 @@ def main() -> None:
     images, x = val_images(run, args.n)
     setup = SamplingSetup(run.prior, run.spec.time_steps, denoise_final=True)
     deft = DeftSampler(setup, run.operator, run.htransform)
-    reference = GaussianGuidance(sigma_y=run.operator.sigma, gram_norm=run.operator.gram_norm(run.prior.image_shape),
-                                 data_variance=run.prior.pixel_variance())
+    reference = GaussianGuidance(
+        sigma_y=run.operator.sigma,
+        gram_norm=run.operator.gram_norm(run.prior.image_shape),
+        data_variance=run.prior.pixel_variance(),
+    )
 
     y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
     steps = trace(deft, y[: args.trace_images], reference, args.trace_every)
@@ -164,11 +178,15 @@ def main() -> None:
         """Every sampler of this script on ground truths x and their measurements y, PSNR etc. of the posterior mean."""
 
         def evaluate(name: str, sampler: Sampler | GuidedChainSampler) -> dict[str, float]:
-            per_image, _, seconds = per_image_metrics(sampler, run.operator, x, y, images, args.k, args.batch_size,
-                                                      seed=0)
+            per_image, _, seconds = per_image_metrics(
+                sampler, run.operator, x, y, images, args.k, args.batch_size, seed=0
+            )
             summary = summarise(per_image, seconds, len(images), args.k)
-            print(f"{name}: PSNR of the posterior mean {summary['psnr_mean']:.3f}, SSIM {summary['ssim_mean']:.3f}, "
-                  f"residual {summary['data_residual']:.3f}", flush=True)
+            print(
+                f"{name}: PSNR of the posterior mean {summary['psnr_mean']:.3f}, SSIM {summary['ssim_mean']:.3f}, "
+                f"residual {summary['data_residual']:.3f}",
+                flush=True,
+            )
             return summary
 
         results: dict[str, dict[str, float]] = {}
@@ -180,11 +198,13 @@ def main() -> None:
         along = LearntScheduleAlongJacobian(setup, run.operator, run.htransform)
         for gamma in (float(v) for v in args.jacobian_gammas.split(",")):
             results[f"learnt_schedule_along_jacobian_gamma_{gamma:g}"] = evaluate(
-                f"learnt schedule along Jᵀg, γ {gamma:g}", along.with_settings(guidance_scale=gamma))
+                f"learnt schedule along Jᵀg, γ {gamma:g}", along.with_settings(guidance_scale=gamma)
+            )
         for part in ("range", "null-space"):
             results[f"learnt_schedule_along_jacobian_{part}_gamma_{args.jacobian_part_gamma:g}"] = evaluate(
                 f"learnt schedule along the {part} part of Jᵀg, γ {args.jacobian_part_gamma:g}",
-                along.with_settings(guidance_scale=args.jacobian_part_gamma, part=part))
+                along.with_settings(guidance_scale=args.jacobian_part_gamma, part=part),
+            )
         dps = DPSSampler(setup, run.operator, zeta=args.dps_zeta)
         results[f"dps_zeta_{args.dps_zeta:g}"] = evaluate(f"DPS ζ {args.dps_zeta:g}", dps)
         for zeta in (float(v) for v in args.jacobian_free_zetas.split(",")):
@@ -198,15 +218,25 @@ def main() -> None:
         print(f"on {args.prior_truth} {PRIOR_TRUTH}:", flush=True)
         truth = prior_truth_images(run.prior, args.prior_truth)
         truth_y = run.operator.measure(truth, generator=torch.Generator().manual_seed(0))
-        prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}",
-                       "posterior_mean": evaluate_samplers(truth, truth_y, list(range(args.prior_truth)))}
+        prior_truth = {
+            "images": f"{args.prior_truth} {PRIOR_TRUTH}",
+            "posterior_mean": evaluate_samplers(truth, truth_y, list(range(args.prior_truth))),
+        }
 
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(),
-                  "time_steps": run.spec.time_steps, "k": args.k, "run": str(args.run),
-                  "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "gaussian_start": run.htransform.config.guidance is not None, "trace_images": args.trace_images,
-                  "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {
+            "data": f"petals val, first {len(images)}",
+            "operator": run.operator.describe(),
+            "time_steps": run.spec.time_steps,
+            "k": args.k,
+            "run": str(args.run),
+            "likelihood_weight": run.htransform.config.likelihood_weight,
+            "gaussian_start": run.htransform.config.guidance is not None,
+            "trace_images": args.trace_images,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         "trace_gamma_1": steps,
         "posterior_mean": results,
         "prior_truth": prior_truth,

@@ -79,18 +79,34 @@ def main() -> None:
     operator = create("superres", factor=4, sigma=0.05)
     chosen = [CANDIDATES[int(i)] for i in args.candidates.split(",")] if args.candidates else CANDIDATES
     for hnet in chosen:
-        htransform = htransform_for(with_tuned_defaults(FinetuneSpec(hnet=hnet), prior.tuning)[0], prior, operator).eval()
+        htransform = htransform_for(
+            with_tuned_defaults(FinetuneSpec(hnet=hnet), prior.tuning)[0], prior, operator
+        ).eval()
         ms = milliseconds(lambda: htransform(x, t, x), args.repeats)
         r = hnet["space_to_depth"]
         name = f"{hnet['model_channels']} ch {tuple(hnet['channel_mult'])}, {r}×{r} blocks"
         parameters = htransform.num_parameters()
-        rows.append({"name": name, **hnet, "ms": round(ms, 2), "fraction_of_prior_time": round(ms / prior_ms, 3),
-                     "parameters": parameters, "fraction_of_prior_parameters": round(parameters / prior_params, 3)})
+        rows.append(
+            {
+                "name": name,
+                **hnet,
+                "ms": round(ms, 2),
+                "fraction_of_prior_time": round(ms / prior_ms, 3),
+                "parameters": parameters,
+                "fraction_of_prior_parameters": round(parameters / prior_params, 3),
+            }
+        )
         deft_samplers[f"deft, {name}"] = DeftSampler(setup, operator, htransform)
-        print(f"{name}: {ms:.1f} ms = {ms / prior_ms:.0%} of the prior's time, "
-              f"{rows[-1]['fraction_of_prior_parameters']:.1%} of its parameters", flush=True)
-    samplers: dict[str, Sampler] = {"prior": PriorSampler(setup), "dps": DPSSampler(setup, operator, zeta=10.0),
-                                    **deft_samplers}
+        print(
+            f"{name}: {ms:.1f} ms = {ms / prior_ms:.0%} of the prior's time, "
+            f"{rows[-1]['fraction_of_prior_parameters']:.1%} of its parameters",
+            flush=True,
+        )
+    samplers: dict[str, Sampler] = {
+        "prior": PriorSampler(setup),
+        "dps": DPSSampler(setup, operator, zeta=10.0),
+        **deft_samplers,
+    }
     val = open_dataset(DataSpec(), "val", prior.image_shape[-1], prior.image_shape[0])
     y = operator.measure(val.batch(range(args.batch)), generator=torch.Generator().manual_seed(0))
     speed = interleaved_seconds_per_image(samplers, y, args.rounds)
@@ -98,12 +114,24 @@ def main() -> None:
     for name, row in speed.items():
         row["dps_over_this"] = round(dps / row["median"], 2)
         row["over_prior"] = round(row["median"] / speed["prior"]["median"], 3)
-        print(f"{name:40s} {row['median']:.4f} s/sample  DPS/this {row['dps_over_this']:.2f}  "
-              f"this/prior {row['over_prior']:.3f}")
-    result = {"setup": {"prior": prior.name, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-                        "torch": torch.__version__, "platform": platform.platform()},
-              "prior_ms": round(prior_ms, 2), "prior_parameters": prior_params, "hnets": rows,
-              "sampling": {"steps": args.steps, "rounds": args.rounds, "seconds_per_sample": speed}}
+        print(
+            f"{name:40s} {row['median']:.4f} s/sample  DPS/this {row['dps_over_this']:.2f}  "
+            f"this/prior {row['over_prior']:.3f}"
+        )
+    result = {
+        "setup": {
+            "prior": prior.name,
+            "batch": args.batch,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "prior_ms": round(prior_ms, 2),
+        "prior_parameters": prior_params,
+        "hnets": rows,
+        "sampling": {"steps": args.steps, "rounds": args.rounds, "seconds_per_sample": speed},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -61,8 +61,9 @@ def as_before(prior: Prior) -> Prior:
     return prior
 
 
-def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int, repeats: int = 3
-                   ) -> dict[str, dict[str, object]]:
+def interleaved_ms(
+    calls: dict[str, Callable[[], object]], rounds: int, repeats: int = 3
+) -> dict[str, dict[str, object]]:
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(rounds + 1):
         for name, call in calls.items():
@@ -71,8 +72,9 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int, repeats:
                 call()
             if round_index:
                 times[name].append((time.perf_counter() - began) / repeats * 1e3)
-    return {name: {"median": round(statistics.median(t), 2), "all": [round(v, 2) for v in t]}
-            for name, t in times.items()}
+    return {
+        name: {"median": round(statistics.median(t), 2), "all": [round(v, 2) for v in t]} for name, t in times.items()
+    }
 
 
 def main() -> None:
@@ -94,27 +96,33 @@ def main() -> None:
         def call() -> object:
             with torch.inference_mode():
                 return prior.score(x, t)
+
         return call
 
     def forward_backward(prior: Prior) -> Callable[[], object]:
         def call() -> object:
             x_in = x.detach().requires_grad_(True)
             return torch.autograd.grad(prior.score(x_in, t).square().sum(), x_in)[0]
+
         return call
 
     with torch.inference_mode():
         difference = float((priors["channels_last"].score(x, t) - priors["contiguous"].score(x, t)).abs().max())
     passes = (("forward", forward), ("forward+input-backward", forward_backward))
-    network = interleaved_ms({f"{kind}, {layout}": make(priors[layout]) for layout in LAYOUTS for kind, make in passes},
-                             args.rounds)
+    network = interleaved_ms(
+        {f"{kind}, {layout}": make(priors[layout]) for layout in LAYOUTS for kind, make in passes}, args.rounds
+    )
 
     samplers: dict[str, Sampler] = {}
     for layout in LAYOUTS:
         prior = priors[layout]
         setup = SamplingSetup(prior, args.steps)
         htransform = htransform_for(with_tuned_defaults(FinetuneSpec(), prior.tuning)[0], prior, operator).eval()
-        samplers |= {f"prior, {layout}": PriorSampler(setup), f"dps, {layout}": DPSSampler(setup, operator, zeta=10.0),
-                     f"deft, {layout}": DeftSampler(setup, operator, htransform)}
+        samplers |= {
+            f"prior, {layout}": PriorSampler(setup),
+            f"dps, {layout}": DPSSampler(setup, operator, zeta=10.0),
+            f"deft, {layout}": DeftSampler(setup, operator, htransform),
+        }
     val = open_dataset(DataSpec(), "val", x.shape[-1], x.shape[1])
     y = operator.measure(val.batch(range(args.batch)), generator=torch.Generator().manual_seed(0))
     speed = interleaved_seconds_per_image(samplers, y, args.rounds)
@@ -122,23 +130,38 @@ def main() -> None:
     def median(name: str) -> float:
         return speed[name]["median"]
 
-    summary = {layout: {"dps_over_deft": round(median(f"dps, {layout}") / median(f"deft, {layout}"), 3),
-                        "deft_over_prior": round(median(f"deft, {layout}") / median(f"prior, {layout}"), 3),
-                        "dps_over_prior": round(median(f"dps, {layout}") / median(f"prior, {layout}"), 3)}
-               for layout in LAYOUTS}
-    summary["speed-up of channels_last"] = {method: round(median(f"{method}, contiguous")
-                                                          / median(f"{method}, channels_last"), 3)
-                                            for method in ("prior", "dps", "deft")}
+    summary = {
+        layout: {
+            "dps_over_deft": round(median(f"dps, {layout}") / median(f"deft, {layout}"), 3),
+            "deft_over_prior": round(median(f"deft, {layout}") / median(f"prior, {layout}"), 3),
+            "dps_over_prior": round(median(f"dps, {layout}") / median(f"prior, {layout}"), 3),
+        }
+        for layout in LAYOUTS
+    }
+    summary["speed-up of channels_last"] = {
+        method: round(median(f"{method}, contiguous") / median(f"{method}, channels_last"), 3)
+        for method in ("prior", "dps", "deft")
+    }
     for name, row in network.items():
         print(f"{name:40s} {row['median']:8.2f} ms per batch of {args.batch}")
     for name, row in speed.items():
         print(f"{name:40s} {row['median']:.4f} s/sample")
     print(json.dumps(summary, indent=2))
-    result = {"setup": {"prior": priors["contiguous"].name, "batch": args.batch, "steps": args.steps,
-                        "threads": args.threads, "rounds": args.rounds,
-                        "torch": torch.__version__, "platform": platform.platform()},
-              "max_abs_score_difference": difference, "network_ms": network, "sampling_seconds_per_sample": speed,
-              "summary": summary}
+    result = {
+        "setup": {
+            "prior": priors["contiguous"].name,
+            "batch": args.batch,
+            "steps": args.steps,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "max_abs_score_difference": difference,
+        "network_ms": network,
+        "sampling_seconds_per_sample": speed,
+        "summary": summary,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

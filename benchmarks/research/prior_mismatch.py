@@ -63,8 +63,9 @@ def null_space_energy(operator: Operator, x: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_deft_against_dps_arguments(parser)
-    parser.add_argument("--t-star", default="0,0.1,0.2,0.3,0.5,1",
-                        help="comma-separated SDEdit times t* of the projection")
+    parser.add_argument(
+        "--t-star", default="0,0.1,0.2,0.3,0.5,1", help="comma-separated SDEdit times t* of the projection"
+    )
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/prior_mismatch.json"))
 
     run, images, petals, methods = deft_against_dps(args)
@@ -73,23 +74,33 @@ def main() -> None:
     for t_star in (float(t) for t in args.t_star.split(",")):
         x = project_onto_prior(run.prior, petals, t_star, torch.Generator().manual_seed(7))
         y = run.operator.measure(x, generator=torch.Generator().manual_seed(0))
-        row = {"t_star": t_star,
-               "truth_psnr_against_petals": round(float(psnr(x, petals).mean()), 3) if t_star > 0 else None,
-               "truth_channel_std": [round(float(v), 4) for v in x.std(dim=(0, 2, 3))],
-               "truth_null_space_energy": null_space_energy(run.operator, x),
-               "dagger_psnr": round(float(psnr(run.operator.A_dagger(y), x).mean()), 4),
-               **deft_against_dps_row(methods, run.operator, x, y, images, args, seed=0)}
+        row = {
+            "t_star": t_star,
+            "truth_psnr_against_petals": round(float(psnr(x, petals).mean()), 3) if t_star > 0 else None,
+            "truth_channel_std": [round(float(v), 4) for v in x.std(dim=(0, 2, 3))],
+            "truth_null_space_energy": null_space_energy(run.operator, x),
+            "dagger_psnr": round(float(psnr(run.operator.A_dagger(y), x).mean()), 4),
+            **deft_against_dps_row(methods, run.operator, x, y, images, args, seed=0),
+        }
         rows.append(row)
         against_petals = row["truth_psnr_against_petals"] or float("inf")
         print(f"t* {t_star:4.2f} (truth vs petals {against_petals:6.2f} dB): {describe_gap(row)}", flush=True)
 
     result = {
-        "setup": {"data": f"petals val, first {len(images)}, projected onto the prior by SDEdit from t* "
-                          f"(seed 7, {PROJECTION_POINTS}-point grid)",
-                  "operator": run.operator.describe(), "time_steps": run.spec.time_steps, "k": args.k,
-                  "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "guidance_scale": args.guidance_scale, "dps_zeta": args.dps_zeta, "threads": args.threads,
-                  "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {
+            "data": f"petals val, first {len(images)}, projected onto the prior by SDEdit from t* "
+            f"(seed 7, {PROJECTION_POINTS}-point grid)",
+            "operator": run.operator.describe(),
+            "time_steps": run.spec.time_steps,
+            "k": args.k,
+            "run": str(args.run),
+            "likelihood_weight": run.htransform.config.likelihood_weight,
+            "guidance_scale": args.guidance_scale,
+            "dps_zeta": args.dps_zeta,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         "petals_channel_std": [round(float(v), 4) for v in petals.std(dim=(0, 2, 3))],
         "petals_null_space_energy": null_space_energy(run.operator, petals),
         "t_star": rows,

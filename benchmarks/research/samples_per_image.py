@@ -32,14 +32,18 @@ from deftcli.evaluate import per_image_metrics
 from deftcli.metrics import psnr, ssim
 
 
-def posterior_means_by_k(samples: torch.Tensor, x_true: torch.Tensor, seconds_per_sample: float
-                         ) -> dict[int, dict[str, object]]:
+def posterior_means_by_k(
+    samples: torch.Tensor, x_true: torch.Tensor, seconds_per_sample: float
+) -> dict[int, dict[str, object]]:
     """Per-image PSNR / SSIM of the mean of the first k samples of (n, k_max, C, H, W), for k = 1 … k_max."""
     rows = {}
     for k in range(1, samples.shape[1] + 1):
         mean = samples[:, :k].mean(1)
-        rows[k] = {"psnr_mean": psnr(mean, x_true), "ssim_mean": ssim(mean, x_true),
-                   "seconds_per_image": k * seconds_per_sample}
+        rows[k] = {
+            "psnr_mean": psnr(mean, x_true),
+            "ssim_mean": ssim(mean, x_true),
+            "seconds_per_image": k * seconds_per_sample,
+        }
     return rows
 
 
@@ -59,9 +63,11 @@ def main() -> None:
         print(f"{name}: {seconds:.1f} s for {args.k} samples of {len(images)} images", flush=True)
 
     def summary(row: dict[str, object]) -> dict[str, float]:
-        return {"psnr_mean": round(float(row["psnr_mean"].mean()), 4),
-                "ssim_mean": round(float(row["ssim_mean"].mean()), 4),
-                "seconds_per_image": round(row["seconds_per_image"], 3)}
+        return {
+            "psnr_mean": round(float(row["psnr_mean"].mean()), 4),
+            "ssim_mean": round(float(row["ssim_mean"].mean()), 4),
+            "seconds_per_image": round(row["seconds_per_image"], 3),
+        }
 
     powers_of_two = [k for k in by_k["dps"] if k & (k - 1) == 0]
     equal_time = []
@@ -72,18 +78,35 @@ def main() -> None:
         if affordable and not capped:
             k_deft = max(affordable)
             deft = by_k["deft"][k_deft]
-            equal_time.append({"k_dps": k_dps, "k_deft": k_deft, "dps": summary(dps), "deft": summary(deft),
-                               "deft_minus_dps": paired_difference(deft["psnr_mean"], dps["psnr_mean"])})
+            equal_time.append(
+                {
+                    "k_dps": k_dps,
+                    "k_deft": k_deft,
+                    "dps": summary(dps),
+                    "deft": summary(deft),
+                    "deft_minus_dps": paired_difference(deft["psnr_mean"], dps["psnr_mean"]),
+                }
+            )
 
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(),
-                  "time_steps": run.spec.time_steps, "run": str(args.run),
-                  "likelihood_weight": run.htransform.config.likelihood_weight, "guidance_scale": args.guidance_scale,
-                  "dps_zeta": args.dps_zeta, "measurement_seed": 0, "batch_size": args.batch_size,
-                  "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {
+            "data": f"petals val, first {len(images)}",
+            "operator": run.operator.describe(),
+            "time_steps": run.spec.time_steps,
+            "run": str(args.run),
+            "likelihood_weight": run.htransform.config.likelihood_weight,
+            "guidance_scale": args.guidance_scale,
+            "dps_zeta": args.dps_zeta,
+            "measurement_seed": 0,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         "by_k": {name: {str(k): summary(row) for k, row in rows.items()} for name, rows in by_k.items()},
-        "same_k": {str(k): paired_difference(by_k["deft"][k]["psnr_mean"], by_k["dps"][k]["psnr_mean"])
-                   for k in by_k["deft"]},
+        "same_k": {
+            str(k): paired_difference(by_k["deft"][k]["psnr_mean"], by_k["dps"][k]["psnr_mean"]) for k in by_k["deft"]
+        },
         "equal_time": equal_time,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,14 +114,18 @@ def main() -> None:
     print("k    deft PSNR / SSIM / s     DPS PSNR / SSIM / s     deft − DPS")
     for k in powers_of_two:
         d, p, gap = result["by_k"]["deft"][str(k)], result["by_k"]["dps"][str(k)], result["same_k"][str(k)]
-        print(f"{k:<4d} {d['psnr_mean']:.3f} / {d['ssim_mean']:.3f} / {d['seconds_per_image']:.2f}   "
-              f"{p['psnr_mean']:.3f} / {p['ssim_mean']:.3f} / {p['seconds_per_image']:.2f}   "
-              f"{gap['mean_db']:+.3f} ± {gap['standard_error_db']:.3f}")
+        print(
+            f"{k:<4d} {d['psnr_mean']:.3f} / {d['ssim_mean']:.3f} / {d['seconds_per_image']:.2f}   "
+            f"{p['psnr_mean']:.3f} / {p['ssim_mean']:.3f} / {p['seconds_per_image']:.2f}   "
+            f"{gap['mean_db']:+.3f} ± {gap['standard_error_db']:.3f}"
+        )
     for row in equal_time:
-        print(f"equal time: deft k = {row['k_deft']} ({row['deft']['seconds_per_image']:.2f} s, "
-              f"{row['deft']['psnr_mean']:.3f}) against "
-              f"DPS k = {row['k_dps']} ({row['dps']['seconds_per_image']:.2f} s, {row['dps']['psnr_mean']:.3f}): "
-              f"{row['deft_minus_dps']['mean_db']:+.3f} ± {row['deft_minus_dps']['standard_error_db']:.3f} dB")
+        print(
+            f"equal time: deft k = {row['k_deft']} ({row['deft']['seconds_per_image']:.2f} s, "
+            f"{row['deft']['psnr_mean']:.3f}) against "
+            f"DPS k = {row['k_dps']} ({row['dps']['seconds_per_image']:.2f} s, {row['dps']['psnr_mean']:.3f}): "
+            f"{row['deft_minus_dps']['mean_db']:+.3f} ± {row['deft_minus_dps']['standard_error_db']:.3f} dB"
+        )
 
 
 if __name__ == "__main__":

@@ -49,16 +49,27 @@ def main() -> None:
 
     gaps = [row["deft_minus_dps"]["mean_db"] for row in rows]
     result = {
-        "setup": {"data": f"petals val, first {len(images)}", "operator": run.operator.describe(),
-                  "time_steps": run.spec.time_steps, "k": args.k,
-                  "run": str(args.run), "likelihood_weight": run.htransform.config.likelihood_weight,
-                  "guidance_scale": args.guidance_scale, "dps_zeta": args.dps_zeta, "threads": args.threads,
-                  "torch": torch.__version__,
-                  "platform": platform.platform()},
+        "setup": {
+            "data": f"petals val, first {len(images)}",
+            "operator": run.operator.describe(),
+            "time_steps": run.spec.time_steps,
+            "k": args.k,
+            "run": str(args.run),
+            "likelihood_weight": run.htransform.config.likelihood_weight,
+            "guidance_scale": args.guidance_scale,
+            "dps_zeta": args.dps_zeta,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         "seeds": rows,
-        "deft_minus_dps_over_seeds": {"mean_db": round(statistics.mean(gaps), 4), "min_db": min(gaps),
-                                      "max_db": max(gaps),
-                                      "seeds_with_deft_above": sum(g > 0 for g in gaps), "seeds": len(gaps)},
+        "deft_minus_dps_over_seeds": {
+            "mean_db": round(statistics.mean(gaps), 4),
+            "min_db": min(gaps),
+            "max_db": max(gaps),
+            "seeds_with_deft_above": sum(g > 0 for g in gaps),
+            "seeds": len(gaps),
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

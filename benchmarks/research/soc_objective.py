@@ -95,8 +95,9 @@ class DPSChain(GuidedChainSampler):
         return Cost(prior=self.setup.evaluations(), prior_backward=self.setup.steps - 1)
 
 
-def controlled_chain(sampler: GuidedChainSampler, operator: Operator, y: Tensor, generators: list[torch.Generator]
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def controlled_chain(
+    sampler: GuidedChainSampler, operator: Operator, y: Tensor, generators: list[torch.Generator]
+) -> tuple[Tensor, Tensor, Tensor]:
     """One chain per row of y: (D(x_N) with w = 1, Σ_k ‖d_k‖²/(2 β_k Δs_k), the sample: Tweedie's x̂0 at t = ε)."""
     x, kl = sampler.chain(y, PerSampleNoise(generators))
     with torch.no_grad():
@@ -106,14 +107,17 @@ def controlled_chain(sampler: GuidedChainSampler, operator: Operator, y: Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, action="append", required=True,
-                        help="a finished 4× super-resolution run, repeatable")
+    parser.add_argument(
+        "--run", type=Path, action="append", required=True, help="a finished 4× super-resolution run, repeatable"
+    )
     parser.add_argument("--gammas", default="1,3", help="deft's guidance scales γ, for every run")
-    parser.add_argument("--jacobian-gammas", default="1",
-                        help="γ of the learnt schedule along the prior's Jacobian, for every run")
+    parser.add_argument(
+        "--jacobian-gammas", default="1", help="γ of the learnt schedule along the prior's Jacobian, for every run"
+    )
     parser.add_argument("--dps-zetas", default="3,10")
-    parser.add_argument("--prior-truth", type=int, default=32,
-                        help="also on this many ground truths drawn from the prior (0: none)")
+    parser.add_argument(
+        "--prior-truth", type=int, default=32, help="also on this many ground truths drawn from the prior (0: none)"
+    )
     args = parse_with_evaluation_arguments(parser, Path("benchmarks/research/results/soc_objective.json"))
 
     opened = (open_run(path, torch.device("cpu")) for path in args.run)
@@ -149,16 +153,24 @@ def main() -> None:
             data, kl, x0 = (torch.cat(part) for part in zip(*parts))
             j1 = (data + kl).reshape(n, k).mean(1)
             first = j1 if first is None else first
-            row = {"data_term": round(float(data.mean()), 2), "kl_to_prior_chain": round(float(kl.mean()), 2),
-                   **{f"J_{w:g}": round(float((w * data + kl).mean()), 2) for w in weights},
-                   "J_1_minus_first_sampler": {"mean": round(float((j1 - first).mean()), 2),
-                                               "standard_error": round(float((j1 - first).std() / n**0.5), 2)},
-                   "psnr_mean": round(float(psnr(x0.reshape(n, k, *x0.shape[1:]).mean(1), x).mean()), 4)}
+            row = {
+                "data_term": round(float(data.mean()), 2),
+                "kl_to_prior_chain": round(float(kl.mean()), 2),
+                **{f"J_{w:g}": round(float((w * data + kl).mean()), 2) for w in weights},
+                "J_1_minus_first_sampler": {
+                    "mean": round(float((j1 - first).mean()), 2),
+                    "standard_error": round(float((j1 - first).std() / n**0.5), 2),
+                },
+                "psnr_mean": round(float(psnr(x0.reshape(n, k, *x0.shape[1:]).mean(1), x).mean()), 4),
+            }
             rows[name] = row
             gap = row["J_1_minus_first_sampler"]
-            print(f"{name:40s} E[D] {row['data_term']:9.2f}  KL term {row['kl_to_prior_chain']:10.2f}  "
-                  f"J_1 {row['J_1']:10.2f} ({gap['mean']:+10.2f} ± {gap['standard_error']:.2f})  "
-                  f"PSNR of the mean {row['psnr_mean']:.3f}", flush=True)
+            print(
+                f"{name:40s} E[D] {row['data_term']:9.2f}  KL term {row['kl_to_prior_chain']:10.2f}  "
+                f"J_1 {row['J_1']:10.2f} ({gap['mean']:+10.2f} ± {gap['standard_error']:.2f})  "
+                f"PSNR of the mean {row['psnr_mean']:.3f}",
+                flush=True,
+            )
         return rows
 
     images, x = val_images(base, args.n)
@@ -172,11 +184,18 @@ def main() -> None:
         results["prior_truth"] = evaluate(truth, truth_y)
 
     result = {
-        "setup": {"data": f"petals val, first {len(images)}",
-                  "prior_truth": f"{args.prior_truth} {PRIOR_TRUTH}" if args.prior_truth else None,
-                  "operator": base.operator.describe(), "time_steps": base.spec.time_steps, "k": args.k,
-                  "runs": {label: str(path) for label, path in zip(runs, args.run)}, "measurement_seed": 0,
-                  "threads": args.threads, "torch": torch.__version__, "platform": platform.platform()},
+        "setup": {
+            "data": f"petals val, first {len(images)}",
+            "prior_truth": f"{args.prior_truth} {PRIOR_TRUTH}" if args.prior_truth else None,
+            "operator": base.operator.describe(),
+            "time_steps": base.spec.time_steps,
+            "k": args.k,
+            "runs": {label: str(path) for label, path in zip(runs, args.run)},
+            "measurement_seed": 0,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         **results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
