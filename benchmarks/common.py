@@ -110,7 +110,8 @@ def describe_gap(row: dict[str, object]) -> str:
     """One line for a :func:`deft_against_dps_row`."""
     gap = row["deft_minus_dps"]
     return (
-        f"PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; deft − DPS {gap['mean_db']:+.3f} "
+        f"PSNR mean deft {row['deft']['psnr_mean']:.3f}, DPS {row['dps']['psnr_mean']:.3f}; "
+        f"deft − DPS {gap['mean_db']:+.3f} "
         f"± {gap['standard_error_db']:.3f} dB, above on {gap['images_above']} of {gap['images']}"
     )
 
@@ -123,7 +124,8 @@ def val_images(run: FinetunedRun, n: int) -> tuple[list[int], torch.Tensor]:
 
 
 def paired_difference(psnr: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Per-image posterior-mean PSNR minus the reference's on the same images: mean, its standard error, and the images above."""
+    """Per-image posterior-mean PSNR minus the reference's on the same images: mean, its standard error, and the
+    images above."""
     difference = psnr - reference
     return {
         "mean_db": round(float(difference.mean()), 4),
@@ -147,7 +149,8 @@ SIZE, BATCH, FACTOR, SIGMA_Y = 64, 14, 4, 0.05
 
 
 def write_random_prior(folder: Path) -> None:
-    """A deft prior folder with a randomly initialised UNet of the original's sizes (cost does not depend on the weights)."""
+    """A deft prior folder with a randomly initialised UNet of the original's sizes (cost does not depend on the
+    weights)."""
     config = UNetConfig(**ORIGINAL_PRIOR)
     torch.manual_seed(0)
     unet = UNet(config, VPSDE().sigma)

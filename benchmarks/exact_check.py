@@ -74,8 +74,11 @@ def main() -> None:
             rows.append(row)
             d, p, e = (row["result"][k] for k in ("deft", "dps", "exact_score"))
             print(
-                f"{row['mode']:15s} {row['operator']:11s} seed {row['seed']}: deft err {d['mean_rel_error']:.4f} tv {d['weight_tv']:.4f} sw2/floor {d['sliced_w2_over_floor']:.2f} | "
-                f"dps(ζ={p['zeta']:g}) err {p['mean_rel_error']:.4f} tv {p['weight_tv']:.4f} sw2/floor {p['sliced_w2_over_floor']:.2f} | "
+                f"{row['mode']:15s} {row['operator']:11s} seed {row['seed']}: "
+                f"deft err {d['mean_rel_error']:.4f} tv {d['weight_tv']:.4f} "
+                f"sw2/floor {d['sliced_w2_over_floor']:.2f} | "
+                f"dps(ζ={p['zeta']:g}) err {p['mean_rel_error']:.4f} tv {p['weight_tv']:.4f} "
+                f"sw2/floor {p['sliced_w2_over_floor']:.2f} | "
                 f"exact score sw2/floor {e['sliced_w2_over_floor']:.2f} | {row['seconds']} s",
                 flush=True,
             )

@@ -181,7 +181,8 @@ def main() -> None:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(
-                f"{method:22s} N={steps:4d}  {row['seconds_per_iteration']:8.2f} s/it  peak RSS {row['peak_rss_mb']:8.1f} MB",
+                f"{method:22s} N={steps:4d}  {row['seconds_per_iteration']:8.2f} s/it  "
+                f"peak RSS {row['peak_rss_mb']:8.1f} MB",
                 flush=True,
             )
     summary = {}

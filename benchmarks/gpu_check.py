@@ -259,13 +259,16 @@ def main() -> None:
             rows.append(finetune_and_sample(tmp, steps, args, device))
             r = rows[-1]
             print(
-                f"N={steps:4d}  vargrad {r['vargrad_seconds_per_iteration']:.3f} s/it, peak {r['vargrad_peak_memory_mb']} MB;  samples/s: "
-                f"deft {r['deft_samples_per_second']}, DPS {r['dps_samples_per_second']}, prior {r['prior_samples_per_second']}",
+                f"N={steps:4d}  vargrad {r['vargrad_seconds_per_iteration']:.3f} s/it, "
+                f"peak {r['vargrad_peak_memory_mb']} MB;  samples/s: "
+                f"deft {r['deft_samples_per_second']}, DPS {r['dps_samples_per_second']}, "
+                f"prior {r['prior_samples_per_second']}",
                 flush=True,
             )
         shipped = shipped_prior_sampling(args, device)
         print(
-            f"petals32 N=50 samples/s: deft {shipped['deft_samples_per_second']}, DPS {shipped['dps_samples_per_second']}, "
+            "petals32 N=50 samples/s: "
+            f"deft {shipped['deft_samples_per_second']}, DPS {shipped['dps_samples_per_second']}, "
             f"prior {shipped['prior_samples_per_second']}",
             flush=True,
         )

@@ -15,7 +15,8 @@ baseline, every method on ``--prior-truth`` images drawn from the prior itself (
 posterior is exact), and sampling speed (one batch per method, the methods interleaved over
 ``--speed-rounds`` rounds after a warm-up round, the median per method). Writes JSON and prints::
 
-    python benchmarks/sample_quality.py [--run DIR --run DIR | --configs "1:gaussian,3:zero"] [--write-tuning model_weights/petals32/tuning.json]
+    python benchmarks/sample_quality.py [--run DIR --run DIR | --configs "1:gaussian,3:zero"]
+        [--write-tuning model_weights/petals32/tuning.json]
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def main() -> None:
             )
             rows[name] = summarise(per_image, seconds, args.prior_truth, k)
             print(
-                f"prior truth  {name:20s} PSNR mean {rows[name]['psnr_mean']:6.2f}  SSIM mean {rows[name]['ssim_mean']:.3f}",
+                f"prior truth  {name:20s} PSNR mean {rows[name]['psnr_mean']:6.2f}  "
+                f"SSIM mean {rows[name]['ssim_mean']:.3f}",
                 flush=True,
             )
         prior_truth = {"images": f"{args.prior_truth} {PRIOR_TRUTH}", "methods": rows}

@@ -241,7 +241,8 @@ def check_gmm(spec: GMMCheckSpec) -> dict[str, Any]:
             for path in kept_inputs:
                 if path.exists():
                     raise DeftError(
-                        f"{path}: exists (--run-dir {work} keeps its prior and measurement there; choose another --run-dir)"
+                        f"{path}: exists (--run-dir {work} keeps its prior and measurement there; "
+                        "choose another --run-dir)"
                     )
         prior.save(kept_inputs[0])
         save_image(y[0], kept_inputs[1])

@@ -34,7 +34,8 @@ _saves: Counter[str] = Counter()
 
 
 def write_checkpoint_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write atomically (:func:`~deftcli.images.atomic_write`: a failure is one line and leaves the old file as it was)."""
+    """Write atomically (:func:`~deftcli.images.atomic_write`: a failure is one line and leaves the old file as it
+    was)."""
     path = Path(path)
     hook = os.environ.get(PAUSE_HOOK)
 

@@ -45,7 +45,8 @@ SamplerOpt = Annotated[
     Optional[str],
     typer.Option(
         "--sampler",
-        help="deft's sampler: sde (Euler–Maruyama on the reverse SDE) or renoise (denoise and re-noise; default: the run's tuned one, else sde)",
+        help="deft's sampler: sde (Euler–Maruyama on the reverse SDE) or renoise (denoise and re-noise; "
+        "default: the run's tuned one, else sde)",
     ),
 ]
 RenoiseZetaOpt = Annotated[
@@ -77,7 +78,8 @@ PrecisionOpt = Annotated[
     Optional[str],
     typer.Option(
         "--precision",
-        help="the networks' precision: fp32 (default), bf16, or auto (bf16 on a CPU with AMX-BF16/AVX512-BF16, else fp32)",
+        help="the networks' precision: fp32 (default), bf16, or "
+        "auto (bf16 on a CPU with AMX-BF16/AVX512-BF16, else fp32)",
     ),
 ]
 CompileOpt = Annotated[
@@ -117,7 +119,8 @@ def operator_overrides(
         name = key.strip().replace("-", "_")
         if name in params:
             raise DeftError(
-                f"operator parameter '{name}' is given twice (--param {item} and --{name.replace('_', '-')} or another --param)"
+                f"operator parameter '{name}' is given twice "
+                f"(--param {item} and --{name.replace('_', '-')} or another --param)"
             )
         try:
             params[name] = yaml.safe_load(value)
@@ -305,7 +308,8 @@ def finetune_cmd(
         Optional[float],
         typer.Option(
             "--likelihood-weight",
-            help="w: fine-tune for the tempered posterior p(x) p(y|x)^w (default: the prior's tuned w, else 1, the posterior)",
+            help="w: fine-tune for the tempered posterior p(x) p(y|x)^w "
+            "(default: the prior's tuned w, else 1, the posterior)",
         ),
     ] = None,
     hnet_channels: Annotated[
@@ -322,7 +326,8 @@ def finetune_cmd(
         Optional[str],
         typer.Option(
             "--hnet-start",
-            help="gaussian (h starts at the Gaussian-approximation guidance) or zero (as the original; default: the prior's tuned start, else zero)",
+            help="gaussian (h starts at the Gaussian-approximation guidance) or zero "
+            "(as the original; default: the prior's tuned start, else zero)",
         ),
     ] = None,
     precision: PrecisionOpt = None,
@@ -366,7 +371,8 @@ def finetune_cmd(
     }
     if measurement is not None and measurements_per_batch is not None and measurements_per_batch > 1:
         raise DeftError(
-            "--measurements-per-batch sets M for amortised fine-tuning; with --measurement there is one, use --trajectories for K"
+            "--measurements-per-batch sets M for amortised fine-tuning; "
+            "with --measurement there is one, use --trajectories for K"
         )
     base = None
     if resume:
@@ -378,14 +384,20 @@ def finetune_cmd(
     print_json(summary)
     if summary["steps"] and summary["skipped_steps"] >= summary["steps"]:
         print(
-            f"deft: warning: all {summary['steps']} steps were skipped (non-finite or filtered losses): the h-network is untrained",
+            f"deft: warning: all {summary['steps']} steps were skipped "
+            "(non-finite or filtered losses): the h-network is untrained",
             file=sys.stderr,
         )
     if summary["stopped_by"] == "interrupt":
         raise typer.Exit(130)
 
 
-@app.command("sample")
+@app.command(
+    "sample",
+    # the help in one line: typer keeps a docstring's line breaks in `deft --help`
+    help="Posterior samples: sample_###.png, mean.png, std.png, summary.json "
+    "(with --unconditional, prior samples: sample_###.png, grid.png, summary.json).",
+)
 def sample_cmd(
     measurement: Annotated[
         Optional[Path], typer.Argument(help="measurement image, .safetensors tensor, or a folder of them")
@@ -439,7 +451,6 @@ def sample_cmd(
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing outputs")] = False,
 ) -> None:
-    """Posterior samples: sample_###.png, mean.png, std.png, summary.json (with --unconditional, prior samples: sample_###.png, grid.png, summary.json)."""
     from .sample import sample_command
     from .specs import SampleSpec, build_spec
 

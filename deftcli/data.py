@@ -101,7 +101,8 @@ class FolderDataset:
                 ) from None
         if smaller and is_main_process():  # once per job, not once per torchrun rank
             print(
-                f"deft: warning: image folder '{root}': {smaller} of the {len(self.files)} {split} images have a short side below "
+                f"deft: warning: image folder '{root}': {smaller} of the {len(self.files)} {split} images "
+                "have a short side below "
                 f"{size} px and are upscaled to {size}×{size}",
                 file=sys.stderr,
             )

@@ -139,7 +139,8 @@ def load_diffusers_prior(folder: Path) -> DiffusersPrior:
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise DeftError(
-            f"{scheduler_path}: prediction_type {prediction_type!r} is not supported (supported: {', '.join(PREDICTION_TYPES)})"
+            f"{scheduler_path}: prediction_type {prediction_type!r} is not supported "
+            f"(supported: {', '.join(PREDICTION_TYPES)})"
         )
 
     unet_path = folder / "unet" / "config.json"
@@ -206,7 +207,8 @@ def unet_image_shape(config: Any, variance_type: str | None, path: Path) -> tupl
     out_channels = config.get("out_channels", 3)
     if out_channels != channels and not (out_channels == 2 * channels and variance_type in LEARNED_VARIANCE):
         raise DeftError(
-            f"{path}: out_channels {out_channels} does not match in_channels {channels} (variance_type {variance_type!r})"
+            f"{path}: out_channels {out_channels} does not match in_channels {channels} "
+            f"(variance_type {variance_type!r})"
         )
     if isinstance(size, int):
         return (int(channels), size, size)

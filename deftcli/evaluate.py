@@ -3,11 +3,11 @@
 For the first n images of the split, measurements are made once with a fixed seed; every method
 then draws k samples per measurement from the same starting noise. Sample j of image i has its
 own random stream (seed, i, j), so results do not depend on batching or on how ``torchrun``
-shards the images over processes (rank r evaluates images r, r + R, …; rank 0 gathers and writes). Reported per method: PSNR and
-SSIM (torchmetrics, images mapped to [0, 1]) of the samples (averaged) and of the posterior mean
-over k, the data residual ‖A x̂ − y‖/√m against σ_y, seconds and network evaluations per image, and,
-for every method that samples (all but the deterministic A†y), the coverage of its
-central credible intervals by the truth (:mod:`deftcli.calibration`), plotted in ``calibration.png``.
+shards the images over processes (rank r evaluates images r, r + R, …; rank 0 gathers and writes).
+Reported per method: PSNR and SSIM (torchmetrics, images mapped to [0, 1]) of the samples (averaged)
+and of the posterior mean over k, the data residual ‖A x̂ − y‖/√m against σ_y, seconds and network
+evaluations per image, and, for every method that samples (all but the deterministic A†y), the
+coverage of its central credible intervals by the truth (:mod:`deftcli.calibration`), plotted in ``calibration.png``.
 DPS uses the ζ that a small sweep on *training* images selects (reported), unless ζ is given; deft
 samples its fine-tuned posterior (γ = 1) unless a guidance scale γ is given, or ``sweep`` selects γ
 on the same training images.
@@ -80,7 +80,8 @@ def per_image_metrics(
     batch_size: int,
     seed: int,
 ) -> tuple[dict[str, Tensor], Tensor, float]:
-    """Per-image PSNR/SSIM of samples (averaged over k) and of their mean, data residual ‖A x − y‖/√m; samples; seconds."""
+    """Per-image PSNR/SSIM of samples (averaged over k) and of their mean, data residual ‖A x − y‖/√m; samples;
+    seconds."""
     start = time.perf_counter()
     samples = draw_per_image(sampler, y, images, k, batch_size, seed)
     seconds = time.perf_counter() - start
@@ -120,8 +121,8 @@ SWEPT: dict[str, dict[str, str]] = {
     "deft": {"guidance_scale": "gamma"},
     "diffpir": {"diffpir_lambda": "lambda", "diffpir_zeta": "zeta"},
 }
-"""The knobs of each tunable method: its setting (:meth:`~deftcli.methods.Sampler.settings`) → its key in a sweep table (DPS's step size ζ,
-deft's guidance scale γ, DiffPIR's λ and ζ)."""
+"""The knobs of each tunable method: its setting (:meth:`~deftcli.methods.Sampler.settings`) → its key in a sweep
+table (DPS's step size ζ, deft's guidance scale γ, DiffPIR's λ and ζ)."""
 
 
 def knob_candidates(spec: EvalSpec, method: str) -> tuple[list[dict[str, float]], bool]:
@@ -193,7 +194,8 @@ def evaluated_methods(spec: EvalSpec, operator: Operator, tell: bool = True) -> 
 
 
 def output_folder(spec: EvalSpec, run: FinetunedRun, force: bool) -> Path:
-    """The output folder, made once the data set has opened and before any sampling, so that a location that cannot be written fails at once."""
+    """The output folder, made once the data set has opened and before any sampling, so that a location that cannot
+    be written fails at once."""
     out = Path(spec.out) if spec.out else run.path / f"eval-{spec.split}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DeftError(f"{out}: exists and is not empty (choose another -o or pass --force)")
@@ -351,7 +353,8 @@ def print_table(results: dict[str, Any]) -> None:
     an over-confident sampler shows, at a nominal value that holds for any posterior (the one-std fraction's 68 %
     holds only for Gaussian ones)."""
     table = Table(
-        title=f"deft eval — {results['operator']}, {results['split']} (n={results['n']}, k={results['k']}, {results['steps']} steps)"
+        title=f"deft eval — {results['operator']}, {results['split']} "
+        f"(n={results['n']}, k={results['k']}, {results['steps']} steps)"
     )
     level = calibration.widest_headline_level(results["k"])
     cover = f"cover {level:.0%}" if level else "cover"
@@ -385,7 +388,8 @@ def print_table(results: dict[str, Any]) -> None:
             if results.get("sampler") == "renoise":
                 knobs.append(f"renoise ζ={results['renoise_zeta']:g}")
             label = f"deft ({', '.join(knobs)})" if knobs else name
-        nfe = f"{m['nfe_prior_per_image']}/{m['nfe_hnet_per_image']}/{m['backward_prior_per_image']}"  # DPS's cost is its backward passes
+        # DPS's cost is its backward passes
+        nfe = f"{m['nfe_prior_per_image']}/{m['nfe_hnet_per_image']}/{m['backward_prior_per_image']}"
         covered = m.get("calibration", {}).get("coverage", {}).get(f"{level:g}") if level else None
         table.add_row(
             label,

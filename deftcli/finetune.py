@@ -184,7 +184,8 @@ class Finetuner:
             "runtime": self.runtime.describe(),
             "processes": self.ctx.world_size,
             "global_batch": self.global_batch,
-            "random_streams": "data/gradient steps: seed, noise: seed + 1; drawn for the global batch, each process keeps its rows",
+            "random_streams": "data/gradient steps: seed, noise: seed + 1; "
+            "drawn for the global batch, each process keeps its rows",
             "command": command_line(command),
             "started": started_now(),
             "tuned_defaults": run_record(self.prior.tuning, spec.operator.name, self.tuned_fields),
@@ -411,7 +412,8 @@ class Finetuner:
                 if interrupted:
                     stopped_by = "interrupt"
                     progress.log(
-                        f"interrupted at step {self.step_count}: checkpoint saved in {self.run_dir} (continue with --resume)"
+                        f"interrupted at step {self.step_count}: checkpoint saved in {self.run_dir} "
+                        "(continue with --resume)"
                     )
                     break
                 if timed_out:
@@ -494,6 +496,7 @@ def refuse_problem_change(run_dir: Path, resumed: FinetuneSpec) -> FinetuneSpec:
         and not torch.equal(read_measurement(resumed.measurement), read_measurement(kept))
     ):
         raise DeftError(
-            f"--resume cannot change the run's measurement ({resumed.measurement} differs from the {kept} it was fine-tuned for)"
+            "--resume cannot change the run's measurement "
+            f"({resumed.measurement} differs from the {kept} it was fine-tuned for)"
         )
     return resumed

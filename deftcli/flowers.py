@@ -72,7 +72,8 @@ def ensure_downloaded(root: Path) -> Path:
     local copy (say, ``jpg/`` without ``setid.mat``) should name what is missing rather than start a
     330 MB download.
     """
-    # --data-root may name the flowers-102 folder itself: then its own files count, and a partial copy's error names them
+    # --data-root may name the flowers-102 folder itself: then its own files count, and a partial copy's error
+    # names them
     base = root if root.name == "flowers-102" and len(missing_files(root)) < 3 else root / "flowers-102"
     missing = missing_files(base)
     note = ""
@@ -89,7 +90,8 @@ def ensure_downloaded(root: Path) -> Path:
         missing = missing_files(base)
     if missing:
         raise DeftError(
-            f"Flowers102: {missing[0]} is missing{note} (download {SOURCE} into {base}, or pass --data-root DIR holding flowers-102/)"
+            f"Flowers102: {missing[0]} is missing{note} (download {SOURCE} into {base}, "
+            "or pass --data-root DIR holding flowers-102/)"
         )
     return base
 

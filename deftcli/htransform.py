@@ -140,7 +140,8 @@ class HTransformConfig(BaseModel):
 
 
 class HTransform(nn.Module):
-    """h(x_t, t, g) = NN_φ([w g, x_t], t) − (c_0(t) + c_ψ(t)) w g, with w the config's likelihood weight (1 by default)."""
+    """h(x_t, t, g) = NN_φ([w g, x_t], t) − (c_0(t) + c_ψ(t)) w g, with w the config's likelihood weight (1 by
+    default)."""
 
     def __init__(self, config: HTransformConfig, sde: VPSDE) -> None:
         super().__init__()
@@ -173,8 +174,8 @@ class HTransform(nn.Module):
         return scale if self.config.guidance is None else scale + self.config.guidance.scale(t, self.sde)
 
     def run_networks_with(self, adapt: Callable[[Callable[..., Tensor]], Callable[..., Tensor]]) -> None:
-        """Evaluate h as ``adapt(forward)`` from now on (mixed precision, compilation: :class:`~deftcli.devices.Runtime`);
-        the parameters and the state dict are unchanged."""
+        """Evaluate h as ``adapt(forward)`` from now on (mixed precision, compilation:
+        :class:`~deftcli.devices.Runtime`); the parameters and the state dict are unchanged."""
         self.forward = adapt(self.forward)  # type: ignore[method-assign]
 
     def num_parameters(self) -> int:

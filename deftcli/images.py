@@ -102,7 +102,8 @@ def read_tensor(path: str | os.PathLike) -> Tensor:
         raise DeftError(f"{path}: expected a tensor named 'image', found {sorted(tensors)}")
     if not tensors["image"].is_floating_point():
         raise DeftError(
-            f"{path}: the image tensor is {str(tensors['image'].dtype).removeprefix('torch.')}; expected floating point in the model's [-1, 1] scale"
+            f"{path}: the image tensor is {str(tensors['image'].dtype).removeprefix('torch.')}; "
+            "expected floating point in the model's [-1, 1] scale"
         )
     x = tensors["image"].float()
     if x.ndim == 4 and x.shape[0] == 1:

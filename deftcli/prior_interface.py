@@ -45,5 +45,6 @@ class Prior(nn.Module):
         return None
 
     def run_networks_with(self, adapt: Callable[[ScoreFn], ScoreFn]) -> None:
-        """Evaluate the score as ``adapt(score)`` from now on (mixed precision, compilation: :class:`~deftcli.devices.Runtime`)."""
+        """Evaluate the score as ``adapt(score)`` from now on (mixed precision, compilation:
+        :class:`~deftcli.devices.Runtime`)."""
         self.score = adapt(self.score)  # type: ignore[method-assign]

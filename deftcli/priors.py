@@ -249,7 +249,8 @@ def load_torch_state_dict(path: Path) -> dict[str, Tensor]:
             state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise DeftError(
-            f"{path}: refused to load: not a plain tensor state dict, unpickling it could run code ({_unpickler_refusal(exc)})"
+            f"{path}: refused to load: not a plain tensor state dict, "
+            f"unpickling it could run code ({_unpickler_refusal(exc)})"
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise DeftError(f"{path}: cannot read torch file ({' '.join(str(exc).split())[:200]})") from None
@@ -278,7 +279,8 @@ def prior_folder(path_or_name: str | os.PathLike | None) -> Path:
         folder = model_weights_dir() / str(path_or_name)
     if not folder.exists():
         raise DeftError(
-            f"prior '{path_or_name}': no such folder or shipped prior (shipped: {', '.join(shipped_priors()) or 'none'})"
+            f"prior '{path_or_name}': no such folder or shipped prior "
+            f"(shipped: {', '.join(shipped_priors()) or 'none'})"
         )
     if not folder.is_dir():
         raise DeftError(

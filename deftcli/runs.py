@@ -159,7 +159,8 @@ def refuse_other_prior(run_dir: Path, info: dict[str, Any], prior: Prior) -> Non
     recorded, current = info["prior"].get("sha256"), prior.identity().get("sha256")
     if recorded is not None and recorded != current:
         raise DeftError(
-            f"{run_dir}: the prior's weights changed since fine-tuning (sha256 {str(current)[:12]}… ≠ recorded {recorded[:12]}…)"
+            f"{run_dir}: the prior's weights changed since fine-tuning "
+            f"(sha256 {str(current)[:12]}… ≠ recorded {recorded[:12]}…)"
         )
 
 
@@ -215,11 +216,13 @@ def check_htransform_belongs_to_run(htransform: HTransform, info: dict[str, Any]
     network, blocks = htransform.config.network, htransform.config.space_to_depth**2
     if (network.in_channels, network.out_channels) != (2 * channels * blocks, channels * blocks):
         raise DeftError(
-            f"{weights}: checkpoint does not match the prior: its h-network takes {network.in_channels // blocks} input channels, "
+            f"{weights}: checkpoint does not match the prior: "
+            f"its h-network takes {network.in_channels // blocks} input channels, "
             f"the prior's {channels}-channel images need {2 * channels}"
         )
     size = getattr(network, "image_size", None)
     if size is not None and tuple(size) != (height, width):
         raise DeftError(
-            f"{weights}: checkpoint does not match the prior: its h-network is for {tuple(size)} images, the prior's are {(height, width)}"
+            f"{weights}: checkpoint does not match the prior: "
+            f"its h-network is for {tuple(size)} images, the prior's are {(height, width)}"
         )

@@ -20,18 +20,24 @@ from .errors import DeftError
 from .samplers import SamplerKind
 from .unet import UNetConfig
 
-DEFAULT_DPS_ZETA = 10.0  # best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50 (benchmarks/results/sample_quality.json, sweeps.dps)
-DEFAULT_DIFFPIR_LAMBDA = 0.25  # DiffPIR's λ and ζ: the best pair of `deft eval`'s sweep on petals train,
-DEFAULT_DIFFPIR_ZETA = (
-    1.0  # 4× super-resolution, σ_y 0.05, N = 50, the shipped prior (sample_quality.json, sweeps.diffpir)
-)
+# DPS's ζ: the best of 0.3…30 on petals train, 4× super-resolution, σ_y 0.05, N = 50
+# (benchmarks/results/sample_quality.json, sweeps.dps)
+DEFAULT_DPS_ZETA = 10.0
+# DiffPIR's λ and ζ: the best pair of `deft eval`'s sweep on petals train, 4× super-resolution, σ_y 0.05, N = 50,
+# the shipped prior (sample_quality.json, sweeps.diffpir)
+DEFAULT_DIFFPIR_LAMBDA = 0.25
+DEFAULT_DIFFPIR_ZETA = 1.0
 DEFAULT_DDRM_ETA = 0.85  # DDRM's η and η_b as in Kawar et al. 2022
 DEFAULT_DDRM_ETA_B = 1.0
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 Precision = Literal["auto", "fp32", "bf16"]
-"""The networks' precision: auto is bf16 on a CPU with native bf16 (AMX-BF16 or AVX512-BF16), else fp32 (deftcli.devices)."""
-PRECISION_HELP = "the networks' precision: fp32 (default), bf16 (CUDA, CPU) or auto (bf16 on a CPU with AMX-BF16 or AVX512-BF16, else fp32)"
+"""The networks' precision: auto is bf16 on a CPU with native bf16 (AMX-BF16 or AVX512-BF16), else fp32
+(deftcli.devices)."""
+PRECISION_HELP = (
+    "the networks' precision: fp32 (default), bf16 (CUDA, CPU) "
+    "or auto (bf16 on a CPU with AMX-BF16 or AVX512-BF16, else fp32)"
+)
 COMPILE_HELP = (
     "torch.compile the prior and the h-network (inductor; compiles once per batch size, minutes on a small CPU)"
 )
@@ -148,7 +154,8 @@ class HNetSpec(StrictModel):
         None,
         ge=1,
         le=1024,
-        description="UNet base channels; None: the largest multiple of 4 within size_fraction of the prior's parameters",
+        description="UNet base channels; "
+        "None: the largest multiple of 4 within size_fraction of the prior's parameters",
     )
     size_fraction: float = Field(
         0.09, gt=0, le=1, description="automatic size: h-network parameters / prior parameters at most this"
@@ -159,14 +166,16 @@ class HNetSpec(StrictModel):
     space_to_depth: int = Field(
         2,
         ge=1,
-        description="UNet on r×r pixel blocks stacked as channels (r² fewer positions); 1: full resolution, as the original",
+        description="UNet on r×r pixel blocks stacked as channels (r² fewer positions); "
+        "1: full resolution, as the original",
     )
     time_embedding_dim: int = Field(64, ge=2)
     time_hidden: int = Field(64, ge=1)
     init_scale: float = 5e-3
     start: Literal["zero", "gaussian"] | None = Field(
         None,
-        description="zero: h starts at ≈ 0, the prior, as the original; gaussian: h starts at the exact h-transform of the "
+        description="zero: h starts at ≈ 0, the prior, as the original; "
+        "gaussian: h starts at the exact h-transform of the "
         "prior's Gaussian approximation, −c_0(t) g, and learns the rest (needs σ_y > 0): a lower J and a data residual "
         "at σ_y sooner; None: the prior's tuned choice for the operator (its tuning.json), else zero",
     )
@@ -186,7 +195,8 @@ class FinetuneSpec(StrictModel):
     data: DataSpec = DataSpec()
     measurement: str | None = Field(
         None,
-        description="fine-tune for this one measurement (image or .safetensors) instead of amortising over the train split",
+        description="fine-tune for this one measurement (image or .safetensors) "
+        "instead of amortising over the train split",
     )
     method: Method = "vargrad"
     iterations: int | None = Field(
@@ -205,14 +215,16 @@ class FinetuneSpec(StrictModel):
         None,
         gt=0,
         le=100,
-        description="w: fine-tune for the tempered posterior p(x) p(y | x)^w, i.e. the likelihood with σ_y/√w (measurements keep σ_y); "
+        description="w: fine-tune for the tempered posterior p(x) p(y | x)^w, "
+        "i.e. the likelihood with σ_y/√w (measurements keep σ_y); "
         "1 is the posterior, w > 1 a sharper one; None: the prior's tuned value for the operator, else 1",
     )
     lr: float | None = Field(
         None,
         gt=0,
         le=1,
-        description="Adam learning rate of the h-network (c_ψ: × time_lr_factor); default 5e-4 / w: h's input and guidance term "
+        description="Adam learning rate of the h-network (c_ψ: × time_lr_factor); "
+        "default 5e-4 / w: h's input and guidance term "
         "scale with w, and w = 3 diverged at 5e-4",
     )
     time_lr_factor: float = Field(
@@ -231,7 +243,8 @@ class FinetuneSpec(StrictModel):
     loss_threshold: float | None = Field(
         None,
         gt=0,
-        description="log-RND values above this are dropped before the variance (default 5e4 · max(1, m/3072) · w for m measured values)",
+        description="log-RND values above this are dropped before the variance "
+        "(default 5e4 · max(1, m/3072) · w for m measured values)",
     )
     min_kept_fraction: float = Field(0.3, ge=0, le=1)
     max_bad_steps: int = Field(20, ge=1, description="stop after this many skipped steps in a row")
@@ -330,7 +343,8 @@ class SampleSpec(StrictModel):
         given = {field: options[field] for field in options if field in self.model_fields_set}
         if self.unconditional and given:
             raise ValueError(
-                f"{', '.join(flag for flag, _ in given.values())}: a posterior sampler's option, but --unconditional draws prior samples"
+                f"{', '.join(flag for flag, _ in given.values())}: a posterior sampler's option, "
+                "but --unconditional draws prior samples"
             )
         for flag, method in given.values():
             if method is not None and self.method != method:
@@ -525,7 +539,8 @@ def build_spec(
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DeftError(
-                    f"{source}: {'.'.join(parents[: depth + 1])} must be a mapping of fields, got {type(node).__name__} {node!r}"
+                    f"{source}: {'.'.join(parents[: depth + 1])} must be a mapping of fields, "
+                    f"got {type(node).__name__} {node!r}"
                 )
         if isinstance(value, dict) and isinstance(node.get(leaf), dict):
             node[leaf].update(value)

@@ -24,7 +24,8 @@ from .errors import DeftError
 
 
 def warmup_cosine_factor(step: int, warmup: int, total: int, final_factor: float) -> float:
-    """Learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine from 1 to ``final_factor`` at ``total``."""
+    """Learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine from 1 to ``final_factor``
+    at ``total``."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -70,7 +70,8 @@ class Inpaint(Operator):
         return image_shape
 
     def observed_mask(self, height: int, width: int) -> Tensor:
-        """The boolean (H, W) CPU mask M of an H × W image, True where a pixel is observed (made and checked once per size)."""
+        """The boolean (H, W) CPU mask M of an H × W image, True where a pixel is observed (made and checked once per
+        size)."""
         if (height, width) not in self._observed:
             self._observed[height, width] = self._checked_mask(height, width)
         return self._observed[height, width]
@@ -94,7 +95,8 @@ class Inpaint(Operator):
             observed[top : top + box_height, left : left + box_width] = False
         if not observed.any():
             raise DeftError(
-                f"inpaint mask {self.params.mask!r} observes no pixel of a {height}x{width} image: there is nothing to condition on"
+                f"inpaint mask {self.params.mask!r} observes no pixel of a {height}x{width} image: "
+                "there is nothing to condition on"
             )
         return observed
 

@@ -1,12 +1,17 @@
-"""Shared fixtures: paths to the upstream files, tiny priors, and a CLI runner that returns (code, out, err)."""
+"""Shared fixtures: paths to the upstream files, tiny priors, a CLI runner that returns (code, out, err), and the
+command-line tests' assets (a tiny prior, two runs, images) with a snapshot of the files under them."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "upstream"
@@ -114,3 +119,59 @@ def gmm_problem(tmp_path):
 
 
 TINY_HNET = {"hnet.model_channels": 8, "hnet.channel_mult": [1], "hnet.time_embedding_dim": 16, "hnet.time_hidden": 16}
+
+
+# ------------------------------------------------------------------ the command-line tests' shared assets
+
+
+@dataclass(frozen=True)
+class Assets:
+    root: Path
+    prior: Path  # 16×16 RGB UNet prior, deft format
+    run: Path  # fine-tuned on `prior`, superres ×2, h-net 8 channels [1]
+    other_run: Path  # same prior and operator, h-net 16 channels [1, 2]
+    flower: Path  # 32×32 RGB png
+    y: Path  # a valid 8×8 RGB measurement png for `run`
+
+
+def _finetune(prior: Path, run_dir: Path, **hnet) -> None:
+    from deftcli.finetune import finetune
+    from deftcli.specs import FinetuneSpec, build_spec
+
+    overrides = {
+        "prior.path": str(prior),
+        "operator.params": {"factor": 2, "sigma": 0.1},
+        "iterations": 1,
+        "time_steps": 3,
+        "measurements_per_batch": 1,
+        "trajectories": 2,
+        "run_dir": str(run_dir),
+        "device": "cpu",
+        **TINY_HNET,
+        **hnet,
+    }
+    finetune(build_spec(FinetuneSpec, overrides=overrides), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    root = tmp_path_factory.mktemp("assets")
+    prior = write_tiny_unet_prior(root / "prior", size=16)
+    _finetune(prior, root / "run")
+    _finetune(prior, root / "other_run", **{"hnet.model_channels": 16, "hnet.channel_mult": [1, 2]})
+    rng = np.random.default_rng(0)
+    flower = root / "flower.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "RGB").save(flower)
+    y = root / "y.png"
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB").save(y)
+    return Assets(root, prior, root / "run", root / "other_run", flower, y)
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """SHA-256 of every file under the roots."""
+    files = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return files

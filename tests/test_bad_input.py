@@ -27,7 +27,6 @@ measurements), two fine-tuned runs of 1 iteration with h-networks of different s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -35,64 +34,17 @@ import pickle
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_HNET, assert_user_error, write_tiny_unet_prior
+from conftest import Assets, assert_user_error, snapshot
 from PIL import Image
 from safetensors.torch import save_file
 
 from deftcli.images import read_measurement, read_tensor
-
-# ------------------------------------------------------------------ shared assets (built once)
-
-
-@dataclass(frozen=True)
-class Assets:
-    root: Path
-    prior: Path  # 16×16 RGB UNet prior, deft format
-    run: Path  # fine-tuned on `prior`, superres ×2, h-net 8 channels [1]
-    other_run: Path  # same prior and operator, h-net 16 channels [1, 2]
-    flower: Path  # 32×32 RGB png
-    y: Path  # a valid 8×8 RGB measurement png for `run`
-
-
-def _finetune(prior: Path, run_dir: Path, **hnet) -> None:
-    from deftcli.finetune import finetune
-    from deftcli.specs import FinetuneSpec, build_spec
-
-    overrides = {
-        "prior.path": str(prior),
-        "operator.params": {"factor": 2, "sigma": 0.1},
-        "iterations": 1,
-        "time_steps": 3,
-        "measurements_per_batch": 1,
-        "trajectories": 2,
-        "run_dir": str(run_dir),
-        "device": "cpu",
-        **TINY_HNET,
-        **hnet,
-    }
-    finetune(build_spec(FinetuneSpec, overrides=overrides), quiet=True)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Assets:
-    root = tmp_path_factory.mktemp("assets")
-    prior = write_tiny_unet_prior(root / "prior", size=16)
-    _finetune(prior, root / "run")
-    _finetune(prior, root / "other_run", **{"hnet.model_channels": 16, "hnet.channel_mult": [1, 2]})
-    rng = np.random.default_rng(0)
-    flower = root / "flower.png"
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "RGB").save(flower)
-    y = root / "y.png"
-    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB").save(y)
-    return Assets(root, prior, root / "run", root / "other_run", flower, y)
-
 
 # ------------------------------------------------------------------ the workspace a case builds its input in
 
@@ -173,7 +125,8 @@ class Workspace:
         return str(self.tmp / name)
 
     def unreadable(self, name: str) -> str:
-        """A file with mode 000; root reads it anyway, so the case is skipped there (the folder-as-file cases cover it)."""
+        """A file with mode 000; root reads it anyway, so the case is skipped there (the folder-as-file cases cover
+        it)."""
         p = Path(self.image(name, "RGB", (32, 32)))
         p.chmod(0)
         if os.access(p, os.R_OK):
@@ -1161,16 +1114,6 @@ MATRIX: list[tuple[str, Callable[[Workspace], list[str]], list[str]]] = [
 
 # Where the process itself matters: the console entry's exit status, and a pickle payload's side effect.
 IN_A_REAL_PROCESS = {"sample-prior-pickle-os-system", "degrade-output-exists"}
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """SHA-256 of every file under the roots."""
-    files = {}
-    for root in roots:
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return files
 
 
 def matrix_params() -> list:

@@ -23,8 +23,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_user_error
-from test_bad_input import assets, snapshot  # noqa: F401  (a fixture and a helper shared with the bad-input matrix)
+from conftest import assert_user_error, snapshot
 
 from deftcli.ddrm import sample_ddrm
 from deftcli.diffpir import diffpir_step, proximal_step, sample_diffpir
@@ -254,7 +253,7 @@ def test_an_operator_gives_no_svd_unless_it_defines_one():
 
 
 @pytest.mark.parametrize("method", SPECTRAL)
-def test_sample_with_ddrm_or_diffpir_records_its_settings_and_cost(method, run_cli, assets, tmp_path):  # noqa: F811
+def test_sample_with_ddrm_or_diffpir_records_its_settings_and_cost(method, run_cli, assets, tmp_path):
     code, _, err = run_cli(
         "sample",
         str(assets.y),
@@ -291,7 +290,7 @@ def test_sample_with_ddrm_or_diffpir_records_its_settings_and_cost(method, run_c
     ],
     ids=["sample-ddrm", "sample-diffpir", "eval-diffpir", "eval-ddrm-option"],
 )
-def test_spectral_methods_refuse_an_operator_without_svd_before_writing_anything(  # noqa: F811
+def test_spectral_methods_refuse_an_operator_without_svd_before_writing_anything(
     argv, run_cli, assets, tmp_path, monkeypatch
 ):
     without_svd(monkeypatch)
@@ -304,7 +303,7 @@ def test_spectral_methods_refuse_an_operator_without_svd_before_writing_anything
     assert snapshot(tmp_path, assets.root) == before
 
 
-def test_eval_leaves_ddrm_and_diffpir_out_by_default_when_the_operator_has_no_svd(  # noqa: F811
+def test_eval_leaves_ddrm_and_diffpir_out_by_default_when_the_operator_has_no_svd(
     run_cli, assets, tmp_path, monkeypatch
 ):
     without_svd(monkeypatch)
@@ -331,7 +330,7 @@ def test_eval_leaves_ddrm_and_diffpir_out_by_default_when_the_operator_has_no_sv
     assert list(results["methods"]) == ["deft", "dps", "prior", "dagger"]
 
 
-def test_eval_selects_diffpir_lambda_and_zeta_on_training_images(run_cli, assets, tmp_path):  # noqa: F811
+def test_eval_selects_diffpir_lambda_and_zeta_on_training_images(run_cli, assets, tmp_path):
     common = ("eval", "--run", str(assets.run), "--n", "1", "-k", "1", "--steps", "3", "--device", "cpu")
     code, _, err = run_cli(*common, "--methods", "diffpir,ddrm", "-o", str(tmp_path / "swept"))
     assert code == 0, err

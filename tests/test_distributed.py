@@ -1,4 +1,5 @@
-"""torchrun data parallelism on CPU (gloo, 2 processes): same gradients as one process, one run folder, same eval table."""
+"""torchrun data parallelism on CPU (gloo, 2 processes): same gradients as one process, one run folder, same eval
+table."""
 
 import json
 import socket

@@ -172,7 +172,8 @@ def test_fine_tuning_with_a_likelihood_weight_samples_the_tempered_posterior():
     )
     shift = result["problem"]["posterior_mean_rel_distance_to_target"]  # p(x | y) against p(x) p(y | x)^4
     assert shift > 0.08
-    # scored against the tempered posterior; a run that ignored w (fine-tuned for p(x | y)) errs by ≈ the shift (0.094 here)
+    # scored against the tempered posterior; a run that ignored w (fine-tuned for p(x | y)) errs by ≈ the shift
+    # (0.094 here)
     assert result["deft"]["mean_rel_error"] < 0.7 * shift and result["exact_score"]["mean_rel_error"] < 0.5 * shift
 
 

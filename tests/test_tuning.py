@@ -1,4 +1,5 @@
-"""A prior's tuned defaults (tuning.json): what `deft finetune`, `deft sample` and `deft eval` take for the fields left unset."""
+"""A prior's tuned defaults (tuning.json): what `deft finetune`, `deft sample` and `deft eval` take for the fields
+left unset."""
 
 import json
 
