@@ -342,7 +342,7 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune an h-transform so the prior samples the posterior of an inverse problem."""
     from .finetune import finetune
-    from .runs import latest_run
+    from .runs import RESUME_STATE, latest_run
     from .specs import FinetuneSpec, build_spec, read_saved_spec
 
     overrides = {
@@ -376,7 +376,7 @@ def finetune_cmd(
         )
     base = None
     if resume:
-        folder = Path(run_dir) if run_dir else latest_run()
+        folder = Path(run_dir) if run_dir else latest_run(holding=RESUME_STATE)
         base = read_saved_spec(folder / "spec.json")
         overrides["run_dir"] = str(folder)
     resolved = build_spec(FinetuneSpec, spec, overrides, base=base)

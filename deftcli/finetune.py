@@ -36,6 +36,8 @@ from .images import image_grid, output_folder, read_measurement, save_image, ups
 from .operators import Operator
 from .priors import Prior, load_prior, state_dict_mismatch
 from .runs import (
+    HNET_CHECKPOINT,
+    RESUME_STATE,
     command_line,
     read_run_record,
     record_resumed_leg,
@@ -208,7 +210,7 @@ class Finetuner:
         }
 
     def _load_state(self) -> None:
-        path = self.run_dir / "state_last.safetensors"
+        path = self.run_dir / RESUME_STATE
         state = load_state(path)
         problem = state_dict_mismatch(self.htransform, state.get("htransform", {}))
         if problem:
@@ -229,10 +231,10 @@ class Finetuner:
         self.metrics.truncate_after(self.step_count)
 
     def save_checkpoint(self) -> None:
-        save_state(self._state(), self.run_dir / "state_last.safetensors")
+        save_state(self._state(), self.run_dir / RESUME_STATE)
         save_htransform(
             self.htransform,
-            self.run_dir / "hnet_last.safetensors",
+            self.run_dir / HNET_CHECKPOINT,
             {"step": self.step_count, "j_smooth": self.j_smooth},
         )
 
@@ -392,7 +394,7 @@ class Finetuner:
                 if self.bad_in_row >= spec.max_bad_steps:
                     kept = (
                         "last good checkpoint kept in"
-                        if (self.run_dir / "state_last.safetensors").exists()
+                        if (self.run_dir / RESUME_STATE).exists()
                         else "no checkpoint written yet; metrics in"
                     )
                     raise TrainingDiverged(
@@ -451,7 +453,7 @@ def finetune(
                 spec = refuse_problem_change(run_dir, spec)
             trainer = Finetuner(spec, run_dir, resume, quiet, ctx)  # checks prior, operator, measurement first
             fresh = not resume and ctx.is_main
-            cleared = cleared_on_failure(run_dir, run_dir / "state_last.safetensors", keep=(TrainingDiverged,))
+            cleared = cleared_on_failure(run_dir, run_dir / RESUME_STATE, keep=(TrainingDiverged,))
             with cleared if fresh else contextlib.nullcontext():
                 if ctx.is_main:
                     if resume:

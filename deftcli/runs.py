@@ -35,9 +35,9 @@ def default_run_dir(operator_name: str) -> Path:
 def resolve_run_dir(spec: FinetuneSpec, resume: bool) -> Path:
     """The run folder: an existing run to resume, or a new path that holds nothing yet (not created here)."""
     if resume:
-        run_dir = Path(spec.run_dir) if spec.run_dir else latest_run()
-        if not (run_dir / "state_last.safetensors").exists():
-            raise DeftError(f"{run_dir}: nothing to resume (no state_last.safetensors)")
+        run_dir = Path(spec.run_dir) if spec.run_dir else latest_run(holding=RESUME_STATE)
+        if not (run_dir / RESUME_STATE).exists():
+            raise DeftError(f"{run_dir}: nothing to resume (no {RESUME_STATE})")
         for stale in run_dir.glob(".*.tmp"):  # a write that a killed process left unfinished
             stale.unlink()
         return run_dir
@@ -87,14 +87,20 @@ def record_resumed_leg(run_dir: Path, spec: FinetuneSpec, at_step: int, command:
     write_json(info, run_dir / "run.json")
 
 
-def latest_run(root: Path = RUNS_ROOT) -> Path:
-    """The most recently started run folder under ``root`` that holds an h-network checkpoint."""
+HNET_CHECKPOINT = "hnet_last.safetensors"
+RESUME_STATE = "state_last.safetensors"
+
+
+def latest_run(root: Path = RUNS_ROOT, holding: str = HNET_CHECKPOINT) -> Path:
+    """The most recently started run folder under ``root`` that holds ``holding``: an h-network checkpoint to
+    sample with, or (``RESUME_STATE``) the state a resume needs, which a run killed during its first checkpoint
+    may have without the other."""
     candidates = (
-        [p for p in root.glob("*") if (p / "run.json").exists() and (p / "hnet_last.safetensors").exists()]
-        if root.is_dir()
-        else []
+        [p for p in root.glob("*") if (p / "run.json").exists() and (p / holding).exists()] if root.is_dir() else []
     )
     if not candidates:
+        if holding == RESUME_STATE:
+            raise DeftError(f"no run to resume under {root}/ (none holds {RESUME_STATE}; pass --run-dir DIR)")
         raise DeftError(f"no fine-tuned run found under {root}/ (run `deft finetune` first, or pass --run DIR)")
     return max(candidates, key=lambda p: (p / "run.json").stat().st_mtime)
 

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 9): every mistake a user can make with a path, an image, a spec, an operator,
+"""The bad-input matrix: every mistake a user can make with a path, an image, a spec, an operator,
 a run folder, a prior or an output location, driven through the real command line.
 
 Rules each case of :data:`MATRIX` must satisfy:

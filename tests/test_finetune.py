@@ -327,6 +327,25 @@ def test_the_latest_run_is_the_newest_with_a_checkpoint(tmp_path):
     assert latest_run(tmp_path) == tmp_path / "newer"
 
 
+def test_resume_finds_the_newest_run_with_a_resumable_state_even_without_its_h_network_checkpoint(tmp_path):
+    """A kill between the first checkpoint's two files leaves the state a resume needs, and no h-network yet."""
+    from deftcli.runs import RESUME_STATE, latest_run
+
+    started = {"older": 1_000, "killed-in-its-first-checkpoint": 2_000, "newest-not-resumable": 3_000}
+    for name, when in started.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text("{}")
+        os.utime(tmp_path / name / "run.json", (when, when))
+    (tmp_path / "older" / "state_last.safetensors").write_text("")
+    (tmp_path / "older" / "hnet_last.safetensors").write_text("")
+    (tmp_path / "killed-in-its-first-checkpoint" / "state_last.safetensors").write_text("")
+    (tmp_path / "newest-not-resumable" / "hnet_last.safetensors").write_text("")
+    assert latest_run(tmp_path, holding=RESUME_STATE) == tmp_path / "killed-in-its-first-checkpoint"
+    assert latest_run(tmp_path) == tmp_path / "newest-not-resumable"
+    with pytest.raises(DeftError, match="no run to resume"):
+        latest_run(tmp_path / "older", holding=RESUME_STATE)
+
+
 def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops_with_its_checkpoint_intact(
     gmm_problem, tmp_path, monkeypatch
 ):
