@@ -189,6 +189,19 @@ def test_a_second_signal_aborts_even_where_torch_reports_its_keyboard_interrupt_
             torch.as_tensor(SignalsWhenProbed())
 
 
+def test_ctrl_c_while_a_command_loads_a_checkpoint_is_an_interrupt_not_a_corrupt_file(run_cli, tmp_path, monkeypatch):
+    """torch turns a KeyboardInterrupt raised inside safetensors' reading into another error; deft exits 130."""
+
+    def open_and_get_interrupted(*args, **kwargs):
+        torch.as_tensor(SignalsWhenProbed())
+
+    monkeypatch.setattr("deftcli.checkpoint.safe_open", open_and_get_interrupted)
+    code, _, err = run_cli("sample", "--unconditional", "-n", "1", "--steps", "3", "-o", str(tmp_path / "out"))
+    assert code == 130, err
+    assert err.strip() == "deft: aborted" and "corrupt" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_trimming_the_metrics_log_for_a_resume_is_atomic_so_a_failure_midway_keeps_every_line(tmp_path, monkeypatch):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in (1, 2, 3):
