@@ -6,16 +6,15 @@ Every user mistake ends as one line on stderr and exit code 2 (``--debug`` shows
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import Annotated, Any, Optional
 
 import typer
 import yaml
 
 from .errors import DeftError
+from .interrupts import InterruptWins
 
 # Typer ≥ 0.20 vendors click (its exceptions derive from typer.TyperException); older ones use click.
 USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
@@ -639,36 +638,6 @@ def parse_ints(text: str | None, flag: str, length: int | None = None) -> list[i
 
 
 # ---------------------------------------------------------------- entry point
-class InterruptWins:
-    """While active, Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` as usual and is remembered, so that the block ends
-    in a ``KeyboardInterrupt`` even where a library caught it and raised another error instead: torch reports one
-    that lands while safetensors reads a file as a ``ValueError``, which would read as a corrupt checkpoint. (The
-    fine-tuning loop installs its own handler meanwhile, which saves a checkpoint on the first signal.)"""
-
-    def __init__(self) -> None:
-        self.seen = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.seen = True
-        raise KeyboardInterrupt
-
-    def __enter__(self) -> "InterruptWins":
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread
-            self._previous = None
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        if self.seen and isinstance(exc, Exception):
-            raise KeyboardInterrupt from exc
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2, an interrupt exit code 130."""
     args = list(sys.argv[1:] if argv is None else argv)

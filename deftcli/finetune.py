@@ -33,6 +33,7 @@ from .distributed import Distributed, setup, teardown
 from .errors import DeftError
 from .htransform import GaussianGuidance, HTransform, build_htransform, save_htransform
 from .images import image_grid, output_folder, read_measurement, save_image, upsample_to
+from .interrupts import GracefulInterrupt
 from .operators import Operator
 from .priors import Prior, load_prior, state_dict_mismatch
 from .runs import (
@@ -61,7 +62,6 @@ from .soc import (
 )
 from .specs import FinetuneSpec, read_saved_spec
 from .training import (
-    GracefulInterrupt,
     MetricsLog,
     TrainingProgress,
     cleared_on_failure,

@@ -107,10 +107,12 @@ class SamplingSetup:
         return self.steps - 1 + int(self.denoise_final)
 
 
-class NamedSettings:
-    """:meth:`settings` and :meth:`with_settings` from ``SETTINGS``: each knob's public name → its field."""
+class SamplerBase:
+    """What the sampler classes share: :meth:`settings` and :meth:`with_settings` from ``SETTINGS`` (each knob's
+    public name → its field), and that a sampler samples (``deterministic`` False) unless it says otherwise."""
 
     SETTINGS: ClassVar[dict[str, str]] = {}
+    deterministic: ClassVar[bool] = False
 
     def settings(self) -> dict[str, Any]:
         return {name: getattr(self, field) for name, field in self.SETTINGS.items()}
@@ -134,7 +136,7 @@ def operator_svd(method: str, operator: Operator) -> SingularValueDecomposition:
 
 
 @dataclass(frozen=True)
-class DeftSampler(NamedSettings):
+class DeftSampler(SamplerBase):
     """The fine-tuned posterior: s_θ + γ h over the ``sde`` or the ``renoise`` sampler."""
 
     setup: SamplingSetup
@@ -145,7 +147,6 @@ class DeftSampler(NamedSettings):
     renoise_zeta: float = 1.0
 
     method: ClassVar[SamplerName] = "deft"
-    deterministic: ClassVar[bool] = False
     SETTINGS: ClassVar[dict[str, str]] = {
         "guidance_scale": "guidance_scale",
         "sampler": "sampler",
@@ -198,7 +199,7 @@ class DPSGuidance:
 
 
 @dataclass(frozen=True)
-class DPSSampler(NamedSettings):
+class DPSSampler(SamplerBase):
     """DPS: the prior's reverse-SDE steps, each followed by DPS's shift (:class:`DPSGuidance`)."""
 
     setup: SamplingSetup
@@ -206,7 +207,6 @@ class DPSSampler(NamedSettings):
     zeta: float = DEFAULT_DPS_ZETA
 
     method: ClassVar[SamplerName] = "dps"
-    deterministic: ClassVar[bool] = False
     SETTINGS: ClassVar[dict[str, str]] = {"dps_zeta": "zeta"}
 
     def sample(self, y: Tensor, noise: NoiseSampler) -> Tensor:
@@ -220,7 +220,7 @@ class DPSSampler(NamedSettings):
 
 
 @dataclass(frozen=True)
-class DDRMSampler(NamedSettings):
+class DDRMSampler(SamplerBase):
     """DDRM on the operator's SVD (:mod:`deftcli.ddrm`)."""
 
     setup: SamplingSetup
@@ -229,7 +229,6 @@ class DDRMSampler(NamedSettings):
     eta_b: float = DEFAULT_DDRM_ETA_B
 
     method: ClassVar[SamplerName] = "ddrm"
-    deterministic: ClassVar[bool] = False
     SETTINGS: ClassVar[dict[str, str]] = {"ddrm_eta": "eta", "ddrm_eta_b": "eta_b"}
 
     def sample(self, y: Tensor, noise: NoiseSampler) -> Tensor:
@@ -254,7 +253,7 @@ class DDRMSampler(NamedSettings):
 
 
 @dataclass(frozen=True)
-class DiffPIRSampler(NamedSettings):
+class DiffPIRSampler(SamplerBase):
     """DiffPIR on the operator's SVD (:mod:`deftcli.diffpir`)."""
 
     setup: SamplingSetup
@@ -263,7 +262,6 @@ class DiffPIRSampler(NamedSettings):
     zeta: float = DEFAULT_DIFFPIR_ZETA
 
     method: ClassVar[SamplerName] = "diffpir"
-    deterministic: ClassVar[bool] = False
     SETTINGS: ClassVar[dict[str, str]] = {"diffpir_lambda": "lam", "diffpir_zeta": "zeta"}
 
     def sample(self, y: Tensor, noise: NoiseSampler) -> Tensor:
@@ -288,13 +286,12 @@ class DiffPIRSampler(NamedSettings):
 
 
 @dataclass(frozen=True)
-class PriorSampler(NamedSettings):
+class PriorSampler(SamplerBase):
     """Unconditional samples of the prior; as a reconstruction method it ignores y (but for its batch size)."""
 
     setup: SamplingSetup
 
     method: ClassVar[SamplerName] = "prior"
-    deterministic: ClassVar[bool] = False
 
     def unconditional(self, n: int, device: torch.device, noise: NoiseSampler) -> Tensor:
         """n samples of the prior."""
@@ -311,7 +308,7 @@ class PriorSampler(NamedSettings):
 
 
 @dataclass(frozen=True)
-class BackProjection(NamedSettings):
+class BackProjection(SamplerBase):
     """A†y: the operator's pseudo-inverse (or its own back-projection), no network, no noise."""
 
     operator: Operator

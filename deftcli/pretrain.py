@@ -34,12 +34,12 @@ from .data import open_dataset
 from .devices import resolve_device
 from .errors import DeftError
 from .images import image_grid, output_folder, save_image
+from .interrupts import GracefulInterrupt
 from .priors import GaussianScore, UNetPrior, unet_score
 from .samplers import GeneratorNoise, sample_reverse_sde
 from .sde import VPSDE, reverse_time_grid
 from .specs import PretrainSpec, read_saved_spec
 from .training import (
-    GracefulInterrupt,
     MetricsLog,
     TrainingProgress,
     cleared_on_failure,

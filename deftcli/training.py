@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -89,39 +87,6 @@ def cleared_on_failure(
             if not existed:
                 folder.rmdir()
         raise
-
-
-class GracefulInterrupt:
-    """While active, the first SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler's preemption, ``timeout``)
-    only sets ``requested``; the loop saves and stops. A second one aborts: the block ends in a
-    ``KeyboardInterrupt`` even where a library caught it and raised another error instead (torch, while
-    safetensors builds a tensor, reports it as a ``ValueError``, which would read as a corrupt file)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.aborted = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            self.aborted = True
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "GracefulInterrupt":
-        try:
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
-        except ValueError:  # not in the main thread
-            self._previous = {}
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        if self.aborted and exc is not None and not isinstance(exc, KeyboardInterrupt):
-            raise KeyboardInterrupt from exc
 
 
 class MetricsLog:

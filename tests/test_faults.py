@@ -16,8 +16,9 @@ from conftest import TINY_HNET
 from deftcli.checkpoint import PAUSE_HOOK, load_state
 from deftcli.errors import DeftError
 from deftcli.finetune import finetune
+from deftcli.interrupts import GracefulInterrupt
 from deftcli.specs import FinetuneSpec, build_spec
-from deftcli.training import GracefulInterrupt, MetricsLog
+from deftcli.training import MetricsLog
 
 
 def cli_args(problem, run_dir, iterations=6):

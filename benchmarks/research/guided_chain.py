@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from deftcli.htransform import HTransform
-from deftcli.methods import Cost, NamedSettings, SamplingSetup
+from deftcli.methods import Cost, SamplerBase, SamplingSetup
 from deftcli.operators import Operator
 from deftcli.samplers import NoiseSampler, ReverseStep, ScoreFn, denoise, sample_reverse_sde
 from deftcli.sde import VPSDE
@@ -83,7 +83,7 @@ def guided_chain(
 
 
 @dataclass(frozen=True)
-class GuidedChainSampler(NamedSettings, ABC):
+class GuidedChainSampler(SamplerBase, ABC):
     """A research sampler (the protocol of :class:`deftcli.methods.Sampler`): :func:`guided_chain` with
     :meth:`steer` as its guidance, then, with the setup's ``denoise_final``, Tweedie's x̂0 at t = ε under
     :meth:`final_score`."""
@@ -92,7 +92,6 @@ class GuidedChainSampler(NamedSettings, ABC):
     operator: Operator
 
     method: ClassVar[str]
-    deterministic: ClassVar[bool] = False
 
     @abstractmethod
     def steer(self, score_fn: ScoreFn, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
